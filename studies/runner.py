@@ -1,0 +1,196 @@
+# The driver side of one training run: prepare data, start the MLflow run, then run the worker loop either
+# through Ray Train's TorchTrainer (DDP over gloo/NCCL) or, for a single CPU worker inside a Tune trial,
+# in-process (identical numbers; see tests/test_train.py) to skip the worker group's start-up cost.
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import storage
+from studies import loop
+from studies.config import TrainConfig
+from studies.tracking import Tracker, git_commit, hardware
+
+
+def prepare_data(cfg: TrainConfig) -> str:
+    """Dataset URI for the run; built-in sources are prepared (or reused) once, on the driver."""
+    if cfg.dataset in storage.datasets.SOURCES:
+        params = dict(cfg.dataset_params)
+        seed = params.pop("seed", 0)
+        return storage.prepare_dataset(cfg.dataset, cfg.data_root, seed=seed, **params).uri
+    storage.open_dataset(cfg.dataset)  # validates the manifest, with storage's clear errors
+    return cfg.dataset
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def _set_threads(cfg: TrainConfig) -> None:
+    # Same thread count in-process and in a Ray worker, so both give the same numbers.
+    if not cfg.use_gpu:
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+
+
+def _mlflow_callbacks(tracking: dict[str, str] | None, rank: int):
+    if not tracking or rank != 0:
+        return (lambda m, s: None), (lambda m, s: None)
+    tr = Tracker(tracking["uri"], tracking["run_id"])
+    return tr.log_metrics, (lambda metrics, step: tr.log_metrics(metrics, step))
+
+
+def _worker_fn(config: dict[str, Any]) -> dict[str, Any]:
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig.from_dict(config["cfg"])
+    _set_threads(cfg)
+    tc = ray.train.get_context()
+    rank, world = tc.get_world_rank(), tc.get_world_size()
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    log_epoch, log_step = _mlflow_callbacks(config.get("tracking"), rank)
+
+    def report(metrics, ckpt_dir):
+        log_epoch(metrics, metrics["step"])
+        ckpt = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
+        ray.train.report(_scalars(metrics), checkpoint=ckpt)
+        if ckpt_dir:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    resume = None
+    ck = ray.train.get_checkpoint()
+    if ck is not None:
+        resume = ck.to_directory(tempfile.mkdtemp(prefix="nfnet-resume-"))
+    ctx = loop.WorkerContext(rank=rank, world_size=world, device=device, report=report, log_step=log_step,
+                             resume_from=resume, print=lambda s: print(s, flush=True))
+    return loop.train(cfg, config["dataset_uri"], ctx)
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}
+
+
+def run_in_process(cfg: TrainConfig, dataset_uri: str, tracking: dict[str, str] | None = None,
+                   in_tune: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """The same loop as a one-worker TorchTrainer, in this process (no worker group to start)."""
+    if cfg.num_workers != 1 or cfg.use_gpu:
+        raise ValueError("in-process runs are for one CPU worker; use TorchTrainer for more workers or GPUs")
+    threads = torch.get_num_threads()
+    _set_threads(cfg)
+    log_epoch, log_step = _mlflow_callbacks(tracking, 0)
+    resume = None
+    if in_tune:
+        import ray.tune
+
+        ck = ray.tune.get_checkpoint()
+        if ck is not None:
+            resume = ck.to_directory(tempfile.mkdtemp(prefix="nfnet-resume-"))
+
+    def report(metrics, ckpt_dir):
+        log_epoch(metrics, metrics["step"])
+        if in_tune:
+            import ray.tune
+
+            ckpt = ray.tune.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
+            ray.tune.report(_scalars(metrics), checkpoint=ckpt)
+        if ckpt_dir:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    ctx = loop.WorkerContext(report=report, log_step=log_step, resume_from=resume,
+                             print=(lambda s: None) if quiet else (lambda s: print(s, flush=True)))
+    try:
+        return loop.train(cfg, dataset_uri, ctx)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_torch_trainer(cfg: TrainConfig, dataset_uri: str, *, name: str, storage_path: str,
+                      tracking: dict[str, str] | None = None, in_tune: bool = False) -> dict[str, Any]:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    callbacks = []
+    if in_tune:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    trainer = TorchTrainer(
+        _worker_fn,
+        train_loop_config={"cfg": cfg.to_dict(), "dataset_uri": dataset_uri, "tracking": tracking},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None or result.return_value is None:
+        err = result.error
+        raise RuntimeError(f"training failed: {err}") from err
+    return result.return_value
+
+
+def train_and_track(cfg: TrainConfig, *, tracking_uri: str, experiment: str, run_name: str,
+                    storage_path: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
+                    reuse_key: str | None = None, in_process: bool | None = None, in_tune: bool = False,
+                    dataset_uri: str | None = None, quiet: bool = False) -> dict[str, Any]:
+    """One run end to end: MLflow run opened first, so failures and divergences are recorded too."""
+    from studies import analysis
+
+    dataset_uri = dataset_uri or prepare_data(cfg)
+    tracker = Tracker.create(
+        tracking_uri, experiment, run_name,
+        tags={"git_commit": git_commit(), "hardware": hardware(), "model": cfg.model, **(tags or {})},
+        parent_run_id=parent_run_id, reuse_tag=("trial_key", reuse_key) if reuse_key else None,
+    )
+    tracker.log_params(cfg.flat())
+    tracking = {"uri": tracking_uri, "run_id": tracker.run_id}
+    if in_process is None:
+        in_process = cfg.num_workers == 1 and not cfg.use_gpu and cfg.max_failures == 0
+    try:
+        if in_process:
+            summary = run_in_process(cfg, dataset_uri, tracking, in_tune=in_tune, quiet=quiet)
+        else:
+            summary = run_torch_trainer(cfg, dataset_uri, name=run_name, storage_path=storage_path,
+                                        tracking=tracking, in_tune=in_tune)
+    except Exception as e:  # a failed run is data too: record it, then let the caller decide
+        summary = {"status": "failed", "error": f"{type(e).__name__}: {e}",
+                   "traceback": traceback.format_exc()[-4000:]}
+    summary["mlflow_run_id"] = tracker.run_id
+    summary["dataset_uri"] = dataset_uri
+    tracker.log_dict(cfg.to_dict(), "config.json")
+    tracker.log_dict({k: v for k, v in summary.items() if k != "history"}, "final_metrics.json")
+    if summary.get("history"):
+        fig = analysis.plot_curves(summary["history"], title=run_name)
+        tracker.log_figure(fig, "curves.png")
+        analysis.close(fig)
+    tags = {"diverged_step": summary.get("diverged_step")} if summary["status"] == "diverged" else {}
+    if summary.get("error"):
+        tags["error"] = summary["error"][:500]
+    tracker.set_tags(tags)
+    tracker.end(summary["status"])
+    return summary
+
+
+def default_storage_path() -> str:
+    return str(Path(os.environ.get("NFNET_LAB_RESULTS", Path(__file__).resolve().parent.parent / "results")))

@@ -1,0 +1,145 @@
+# MLflow tracking through an explicit MlflowClient (no global active-run state), so the same code logs
+# from the driver, a Tune trial or Ray Train's rank-0 worker into one run id.
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+from studies.config import PROJECT_DIR
+
+# MLflow run status for each training status: a divergence is a result, not an error.
+RUN_STATUS = {"completed": "FINISHED", "diverged": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
+
+
+def default_tracking_uri() -> str:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return absolute_tracking_uri(env)
+    # Absolute path: Ray changes the working directory inside workers and trials.
+    return f"sqlite:///{PROJECT_DIR / 'mlflow.db'}"
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    if "://" not in uri:  # a plain directory: file store
+        return f"file://{Path(uri).resolve()}"
+    return uri
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail before any trial starts when the tracking store cannot be reached."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as e:
+            raise ConnectionError(
+                f"MLflow tracking server {uri} is unreachable ({e}); start it (see platform/mlflow/) or pass "
+                "--tracking-uri / MLFLOW_TRACKING_URI pointing at a running server"
+            ) from None
+    elif parsed.scheme == "sqlite":
+        db = Path(uri[len("sqlite:///"):])
+        if not db.parent.is_dir():
+            raise FileNotFoundError(f"MLflow sqlite store {uri}: directory {db.parent} does not exist; create it")
+    elif parsed.scheme not in ("file", "databricks", "postgresql", "mysql", ""):
+        raise ValueError(f"unsupported MLflow tracking URI {uri!r}; use http(s)://, sqlite:///ABS/PATH or a path")
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_DIR, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def hardware() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    return f"cpu x{os.cpu_count()}"
+
+
+class Tracker:
+    """One MLflow run, addressed by id."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+        self.client = _client(uri)
+
+    @classmethod
+    def create(cls, uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
+               parent_run_id: str | None = None, reuse_tag: tuple[str, str] | None = None) -> Tracker:
+        """A new run, or the existing one whose tag `reuse_tag` matches (a resumed study never duplicates)."""
+        client = _client(uri)
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        if reuse_tag is not None:
+            k, v = reuse_tag
+            found = client.search_runs([exp_id], filter_string=f"tags.`{k}` = '{v}'", max_results=1)
+            if found:
+                return cls(uri, found[0].info.run_id)
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        if reuse_tag is not None:
+            all_tags[reuse_tag[0]] = reuse_tag[1]
+        run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+        return cls(uri, run.info.run_id)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, d: dict[str, Any], name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / name
+            p.write_text(json.dumps(d, indent=2, default=str))
+            self.log_artifact(p)
+
+    def log_figure(self, fig, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / name
+            fig.savefig(p, dpi=120, bbox_inches="tight")
+            self.log_artifact(p)
+
+    def end(self, status: str) -> None:
+        self.set_tags({"status": status})
+        self.client.set_terminated(self.run_id, RUN_STATUS.get(status, "FINISHED"))

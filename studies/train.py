@@ -1,0 +1,58 @@
+"""One training run on the local Ray (or RAY_ADDRESS), tracked in MLflow.
+
+  python studies/train.py --model nf_resnet_cifar --batch-size 1024 --clipping agc --lambda 0.02
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from studies import cli, runner
+from studies.config import TrainConfig
+from studies.tracking import absolute_tracking_uri, check_tracking_uri, default_tracking_uri
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db)")
+    p.add_argument("--experiment", default="train", help="MLflow experiment name")
+    p.add_argument("--run-name", default=None, help="MLflow run name (default: from model/batch/clipping)")
+    p.add_argument("--storage-path", default=None,
+                   help="Ray Train storage for checkpoints (local path, s3://, gs://; default <project>/results)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run a one-CPU-worker training in this process instead of a Ray worker group")
+    cli.add_train_args(p)
+    args = p.parse_args(argv)
+    try:
+        cfg = TrainConfig(**cli.overrides_from_args(args))
+    except ValueError as e:
+        p.error(str(e))
+    uri = absolute_tracking_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
+    check_tracking_uri(uri)
+    name = args.run_name or f"{cfg.model}-b{cfg.batch_size}-{cfg.clipping}" + (
+        f"{cfg.clip_threshold:g}" if cfg.clipping != "none" else "") + f"-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not args.in_process:
+        runner.init_ray()
+    print(f"training {cfg.model} batch {cfg.batch_size} (lr {cfg.lr:g}) clipping {cfg.clipping} "
+          f"on {cfg.num_workers} worker(s); MLflow: {uri}", flush=True)
+    summary = runner.train_and_track(
+        cfg, tracking_uri=uri, experiment=args.experiment, run_name=name,
+        storage_path=args.storage_path or runner.default_storage_path(),
+        in_process=True if args.in_process else False,
+    )
+    print(f"status: {summary['status']}" + (f" at step {summary['diverged_step']} ({summary['diverged_reason']})"
+                                            if summary["status"] == "diverged" else ""))
+    if summary.get("error"):
+        print(f"error: {summary['error']}", file=sys.stderr)
+    if summary.get("best_val_acc") is not None:
+        print(f"best val acc {summary['best_val_acc']:.4f}, {summary.get('images_per_sec') or 0:.0f} img/s, "
+              f"gradient noise scale {summary.get('gns')}")
+    print(f"MLflow run {summary['mlflow_run_id']} in experiment '{args.experiment}' at {uri}\n"
+          f"  see it: mlflow ui --backend-store-uri {uri}")
+    return 0 if summary["status"] in ("completed", "diverged") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole test session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A small synthetic shard set shared by the training and study tests."""
+    import storage
+
+    root = tmp_path_factory.mktemp("data")
+    return storage.prepare_dataset("synthetic", str(root), seed=0, n_train=512, n_val=128).uri
