@@ -313,6 +313,8 @@ def train(cfg: TrainConfig, dataset_uri: str, ctx: WorkerContext) -> dict[str, A
             state["status"] = state["status"] if diverged else "completed"
         state["epoch"] = epoch + 1
         state["step"] = step
+        if not math.isnan(state["best_val_acc"]):
+            metrics["best_val_acc"] = state["best_val_acc"]
         metrics.update(status=state["status"], diverged_step=state["diverged_step"])
         state["history"].append({k: v for k, v in metrics.items() if k not in ("status", "diverged_step")})
         if ctx.rank == 0:

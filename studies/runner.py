@@ -3,6 +3,7 @@
 # in-process (identical numbers; see tests/test_train.py) to skip the worker group's start-up cost.
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -82,8 +83,18 @@ def _worker_fn(config: dict[str, Any]) -> dict[str, Any]:
     return loop.train(cfg, config["dataset_uri"], ctx)
 
 
+def objective(metrics: dict[str, Any]) -> float:
+    """What searches maximise: best validation top-1 so far; 0 once a run diverged or failed."""
+    v = metrics.get("best_val_acc")
+    if metrics.get("status") in ("diverged", "failed") or v is None or not math.isfinite(v):
+        return 0.0
+    return float(v)
+
+
 def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}
+    out = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}
+    out["objective"] = objective(metrics)
+    return out
 
 
 def run_in_process(cfg: TrainConfig, dataset_uri: str, tracking: dict[str, str] | None = None,
