@@ -146,8 +146,7 @@ def plot_stability_map(smap: StabilityMap, title: str = "AGC stability map"):
             if c.stable:
                 acc[i, j] = c.best_acc
     fig, ax = plt.subplots(figsize=(1.6 * nl + 3, 0.9 * nb + 2.2))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#d9d9d9")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#d9d9d9")
     finite = acc[np.isfinite(acc)]
     vmin, vmax = (finite.min(), finite.max()) if finite.size else (0, 1)
     im = ax.imshow(np.ma.masked_invalid(acc), cmap=cmap, vmin=vmin, vmax=max(vmax, vmin + 1e-6), aspect="auto")
@@ -251,7 +250,8 @@ def plot_batch_scaling(curves: dict[str, list[dict]], target: float, gns: float 
         a.grid(alpha=0.3)
         if gns and math.isfinite(gns):
             a.axvline(gns, ls="--", color="gray", label=f"gradient noise scale ≈ {gns:.0f}")
-        a.legend(fontsize=8)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=8)
     axes[0].set(xlabel="batch size", ylabel="best val top-1", title="accuracy vs batch size (✕ = all diverged)")
     axes[1].set_yscale("log", base=2)
     axes[1].set(xlabel="batch size", ylabel=f"steps to val acc ≥ {target:g}", title="steps to target")

@@ -16,6 +16,7 @@ HELP = {
     "dataset_params": 'JSON dict for the source, e.g. \'{"num_train": 5000}\' or \'{"path": "/data/cifar"}\'',
     "data_root": "where prepared shards are kept (local path, s3://, gs://)",
     "loader": "auto (by size), resident (whole split in memory/GPU) or streaming (Ray Data)",
+    "image_size": "training resolution in pixels (imagefolder data is resized/cropped to it)",
     "batch_size": "GLOBAL batch size, split evenly across workers",
     "num_workers": "Ray Train workers (DDP ranks)",
     "use_gpu": "one GPU per worker (NCCL); otherwise CPU workers with gloo",

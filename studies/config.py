@@ -26,6 +26,7 @@ class TrainConfig:
     dataset_params: dict[str, Any] = field(default_factory=dict)
     data_root: str = field(default_factory=default_data_root)
     loader: str = "auto"  # auto | resident | streaming
+    image_size: int | None = None  # train resolution; required for variable-size sources (imagefolder)
 
     batch_size: int = 256  # GLOBAL batch, split evenly over workers
     num_workers: int = 1

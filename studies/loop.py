@@ -145,13 +145,15 @@ def train(cfg: TrainConfig, dataset_uri: str, ctx: WorkerContext) -> dict[str, A
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
 
+    if man.image_shape is None and cfg.image_size is None:
+        raise ValueError(f"{dataset_uri} holds images of varying size; set image_size (--image-size) to train")
     loader = storage.make_loader(
         data, "train", batch_size=cfg.batch_size, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
-        device=device, mode=cfg.loader,
+        device=device, mode=cfg.loader, image_size=cfg.image_size,
     )
-    image_size = man.image_shape[-1] if man.image_shape else None
-    augment = nfnet.Augment(cfg.augment_strength, num_classes, image_size=image_size)
-    val_x, val_y = data.load_split("val")
+    # image_size None: pad-and-crop at the native (CIFAR-size) resolution; else random-resized crops to it.
+    augment = nfnet.Augment(cfg.augment_strength, num_classes, image_size=cfg.image_size).to(device)
+    val_x, val_y = data.load_split("val", image_size=cfg.image_size)
     val_x, val_y = val_x.to(device), val_y.to(device)
 
     steps_per_epoch = loader.steps_per_epoch
@@ -182,7 +184,7 @@ def train(cfg: TrainConfig, dataset_uri: str, ctx: WorkerContext) -> dict[str, A
         # Every random stream is re-seeded from (seed, epoch, rank): a run resumed at an epoch boundary
         # continues exactly as the uninterrupted one.
         torch.manual_seed(_seed_for(cfg.seed, epoch, ctx.rank))
-        gen = torch.Generator(device=device).manual_seed(_seed_for(cfg.seed, epoch, ctx.rank, 1))
+        gen = torch.Generator().manual_seed(_seed_for(cfg.seed, epoch, ctx.rank, 1))  # CPU: drives augmentation
         pending_loss, pending_small, pending_big = [], [], []
         correct = torch.zeros((), device=device)
         seen = 0

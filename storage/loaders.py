@@ -1,0 +1,197 @@
+"""Batch loaders yielding (uint8 images [b, C, H, W], int64 labels [b]) on a device; augmentation is the
+training loop's job (nfnet.augment.Augment, batched on the device).
+
+Both loaders shard a global batch B across ranks the same way: rank r of W takes
+perm[step*B + r*b : step*B + (r+1)*b] with b = B/W, so 1 x B and W x B/W see the same samples each step.
+`images_per_sec` = images this rank received / seconds spent inside the loader's iterator during the last
+epoch (the consumer's own time is excluded, so it is the loader's capacity).
+"""
+
+import hashlib
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from storage.datasets import ShardSet, decode_encoded, open_dataset
+from storage.uri import StorageError
+
+DEFAULT_MAX_RESIDENT_BYTES = 8 << 30
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Independent 63-bit seed per (seed, epoch) — seed + epoch would make (0, 1) and (1, 0) collide."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:8], "little") >> 1
+
+
+def _check(n: int, batch_size: int, rank: int, world_size: int, drop_last: bool, what: str) -> int:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size); got rank={rank}, world_size={world_size}")
+    if batch_size < 1 or batch_size % world_size:
+        raise ValueError(f"global batch_size {batch_size} must be a positive multiple of world_size {world_size}"
+                         f"; use e.g. {max(1, batch_size // world_size) * world_size}")
+    if drop_last and batch_size > n:
+        raise ValueError(f"batch_size {batch_size} > {n} rows in {what} with drop_last=True would give zero "
+                         "steps; lower batch_size or pass drop_last=False")
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+class _Timed:
+    images_per_sec: float = float("nan")
+    epoch_wall_s: float = float("nan")
+
+    def _timed(self, gen: Iterator) -> Iterator:
+        busy, count, t_start = 0.0, 0, time.perf_counter()
+        while True:
+            t0 = time.perf_counter()
+            try:
+                x, y = next(gen)
+            except StopIteration:
+                break
+            busy += time.perf_counter() - t0
+            count += len(y)
+            yield x, y
+        self.epoch_wall_s = time.perf_counter() - t_start
+        self.images_per_sec = count / busy if busy > 0 else float("nan")
+
+
+class ResidentLoader(_Timed):
+    """Whole split as one uint8 tensor on `device`; batches are index gathers with a seeded per-epoch perm."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1, device="cpu", shuffle: bool = True, drop_last: bool = True):
+        if images.dtype != torch.uint8 or images.ndim != 4 or len(images) != len(labels):
+            raise ValueError(f"need uint8 images [N, C, H, W] and N labels; got {tuple(images.shape)} "
+                             f"{images.dtype} and {len(labels)} labels")
+        self.steps_per_epoch = _check(len(labels), batch_size, rank, world_size, drop_last, "the split")
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device, torch.int64)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.local_batch = batch_size // world_size
+        self.shuffle, self.drop_last = shuffle, drop_last
+
+    def __len__(self):
+        return self.steps_per_epoch
+
+    def order(self, epoch: int) -> torch.Tensor:
+        n = len(self.labels)
+        if not self.shuffle:
+            return torch.arange(n)
+        return torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
+
+    def _epoch(self, epoch: int):
+        perm = self.order(epoch).to(self.device)
+        B, b, r = self.batch_size, self.local_batch, self.rank
+        for step in range(self.steps_per_epoch):
+            idx = perm[step * B:(step + 1) * B][r * b:(r + 1) * b]  # a short last batch is split the same way
+            yield self.images.index_select(0, idx), self.labels.index_select(0, idx)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self._timed(self._epoch(epoch))
+
+
+# ---------------------------------------------------------------- streaming (Ray Data)
+
+def _decode_batch(batch: dict, shape, encoding: str, image_size: int | None) -> dict:
+    """map_batches body (runs on CPU workers): image bytes -> uint8 [n, C, H, W] numpy."""
+    if encoding == "raw":
+        c, h, w = shape
+        flat = np.frombuffer(b"".join(batch["image"]), dtype=np.uint8) if len(batch["image"]) else \
+            np.empty(0, np.uint8)
+        if flat.size != len(batch["image"]) * c * h * w:
+            raise StorageError(f"a shard row does not hold {c}x{h}x{w} bytes; manifest and shards disagree")
+        images = flat.reshape(-1, h, w, c).transpose(0, 3, 1, 2)
+    else:
+        images = decode_encoded(list(batch["image"]), image_size, "streamed shard").numpy()
+    return {"image": np.ascontiguousarray(images), "label": np.asarray(batch["label"], dtype=np.int64)}
+
+
+def ray_dataset(uri, split: str, image_size: int | None = None):
+    """ray.data.Dataset of {'image': uint8 [C, H, W], 'label': int64} rows read from the split's shards.
+
+    Pass it to TorchTrainer(datasets={"train": ...}); workers read ray.train.get_dataset_shard("train") and
+    wrap it with iter_torch_batches. Checksums are not verified on this path (use load_split for that).
+    """
+    import ray.data
+
+    ss = open_dataset(uri)
+    m = ss.manifest
+    if m.encoding == "encoded" and image_size is None and m.image_shape is None:
+        raise StorageError(f"{ss.uri}: images have mixed sizes; pass image_size=<pixels> to stream them")
+    ds = ray.data.read_parquet(ss.shard_paths(split), filesystem=ss.fs).select_columns(["image", "label"])
+    ds.context.execution_options.preserve_order = True  # same seed -> same row order (this dataset only)
+    return ds.map_batches(_decode_batch, batch_format="numpy", zero_copy_batch=True,
+                          fn_kwargs={"shape": m.image_shape, "encoding": m.encoding, "image_size": image_size})
+
+
+def iter_torch_batches(data, batch_size: int, device="cpu", *, drop_last: bool = True,
+                       local_shuffle_buffer_size: int | None = None, local_shuffle_seed: int | None = None,
+                       prefetch_batches: int = 2) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Ray Dataset or DataIterator (get_dataset_shard) -> (uint8 images, int64 labels) batches on device.
+
+    Shuffling: either shuffle the Dataset per epoch (ds.random_shuffle(seed=...), a full global shuffle, what
+    StreamingLoader does) or pass a local shuffle buffer + seed here (cheaper, only mixes nearby rows).
+    """
+    for batch in data.iter_torch_batches(batch_size=batch_size, device=device, drop_last=drop_last,
+                                         dtypes={"image": torch.uint8, "label": torch.int64},
+                                         local_shuffle_buffer_size=local_shuffle_buffer_size,
+                                         local_shuffle_seed=local_shuffle_seed, prefetch_batches=prefetch_batches):
+        yield batch["image"], batch["label"]
+
+
+class StreamingLoader(_Timed):
+    """Ray Data pipeline; each epoch is a seeded global random_shuffle of the split.
+
+    Standalone multi-rank use reads every global batch and keeps this rank's slice (same samples as the
+    resident loader's rule); under Ray Train prefer get_dataset_shard, which splits the reading itself.
+    """
+
+    def __init__(self, uri, split: str, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 device="cpu", shuffle: bool = True, drop_last: bool = True, image_size: int | None = None):
+        self.shardset = open_dataset(uri)
+        n = self.shardset.manifest.splits.get(split)
+        if n is None:
+            raise StorageError(f"{self.shardset.uri}: no split {split!r}; available: "
+                               f"{sorted(self.shardset.manifest.splits)}")
+        self.steps_per_epoch = _check(n, batch_size, rank, world_size, drop_last, f"split {split!r}")
+        self.dataset = ray_dataset(self.shardset, split, image_size)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.local_batch = batch_size // world_size
+        self.device, self.shuffle, self.drop_last = torch.device(device), shuffle, drop_last
+
+    def __len__(self):
+        return self.steps_per_epoch
+
+    def _epoch(self, epoch: int):
+        ds = self.dataset.random_shuffle(seed=epoch_seed(self.seed, epoch) % (2**32)) if self.shuffle \
+            else self.dataset
+        b, r = self.local_batch, self.rank
+        batches = iter_torch_batches(ds, self.batch_size, "cpu", drop_last=self.drop_last)
+        for _, (x, y) in zip(range(self.steps_per_epoch), batches):
+            yield x[r * b:(r + 1) * b].to(self.device), y[r * b:(r + 1) * b].to(self.device)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self._timed(self._epoch(epoch))
+
+
+def make_loader(dataset, split: str, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                device="cpu", mode: str = "auto", shuffle: bool = True, drop_last: bool = True,
+                max_resident_bytes: int = DEFAULT_MAX_RESIDENT_BYTES, image_size: int | None = None,
+                verify: bool = True) -> "ResidentLoader | StreamingLoader":
+    """Resident when the decoded split fits in max_resident_bytes (or mode='resident'), else streaming."""
+    if mode not in ("auto", "resident", "streaming"):
+        raise ValueError(f"mode must be 'auto', 'resident' or 'streaming', got {mode!r}")
+    ss: ShardSet = open_dataset(dataset)
+    if split not in ss.manifest.splits:
+        raise StorageError(f"{ss.uri}: no split {split!r}; available: {sorted(ss.manifest.splits)}")
+    _check(ss.manifest.splits[split], batch_size, rank, world_size, drop_last, f"split {split!r}")
+    if mode == "auto":
+        mode = "resident" if ss.decoded_bytes(split, image_size) <= max_resident_bytes else "streaming"
+    common = dict(batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, device=device,
+                  shuffle=shuffle, drop_last=drop_last)
+    if mode == "streaming":
+        return StreamingLoader(ss, split, image_size=image_size, **common)
+    x, y = ss.load_split(split, verify=verify, image_size=image_size)
+    return ResidentLoader(x, y, **common)

@@ -1,0 +1,91 @@
+"""One place that turns a URI into (pyarrow FileSystem, path); everything else goes through it."""
+
+import os
+import uuid
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+
+class StorageError(ValueError):
+    """Bad data or location; the message names the file and the fix."""
+
+
+def _s3(bucket_and_key: str) -> tuple[pafs.FileSystem, str]:
+    # pyarrow reads credentials from the usual AWS chain; the endpoint override lets the same code talk
+    # to MinIO / moto / any S3-compatible server.
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    kwargs = {}
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else "https://" + endpoint)
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs), bucket_and_key
+
+
+def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """Local path, file://, s3://, gs:// (or anything pyarrow knows) -> (filesystem, path inside it)."""
+    uri = os.fspath(uri)
+    if not uri:
+        raise StorageError("empty URI: pass a local directory or an s3:// / gs:// location")
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    scheme, rest = uri.split("://", 1)
+    rest = rest.rstrip("/")
+    if scheme == "file":
+        return pafs.LocalFileSystem(), os.path.abspath(rest)
+    if scheme in ("s3", "s3a"):
+        return _s3(rest)
+    if scheme in ("gs", "gcs"):
+        return pafs.GcsFileSystem(), rest
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise StorageError(f"unsupported URI {uri!r}: use a local path, s3://bucket/key or gs://bucket/key") from e
+
+
+def join(base: str, *parts: str) -> str:
+    """Join a URI or filesystem path with '/' (object stores have no os.sep)."""
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def is_local(fs: pafs.FileSystem) -> bool:
+    return isinstance(fs, pafs.LocalFileSystem)
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as e:
+        raise StorageError(f"cannot reach {path!r} ({e}); check the URI, credentials and AWS_ENDPOINT_URL") from e
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise StorageError(f"{path}: file not found; check the URI or prepare the data again") from e
+    except OSError as e:
+        raise StorageError(f"{path}: cannot read ({e}); check the URI, credentials and AWS_ENDPOINT_URL") from e
+
+
+def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Local: write a temp name then rename (atomic). Object stores: one PUT is already all-or-nothing."""
+    parent = path.rsplit("/", 1)[0]
+    try:
+        fs.create_dir(parent, recursive=True)
+        if not is_local(fs):
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+            return
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise StorageError(f"cannot write {path!r} ({e}); check permissions / credentials") from e

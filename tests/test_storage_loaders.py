@@ -1,0 +1,158 @@
+import time
+
+import pytest
+import torch
+
+import storage
+from storage.loaders import ResidentLoader
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    # the lead's conftest will own a session-wide cluster; until then start one if none runs, never shut it down
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return storage.prepare_dataset("synthetic", str(tmp_path_factory.mktemp("d")), seed=0, n_train=1000, n_val=300,
+                                   rows_per_shard=250)
+
+
+def _batches(loader, epoch):
+    return list(loader.epoch(epoch))
+
+
+def test_resident_seeded_epochs_and_drop_last(synth):
+    a = storage.make_loader(synth.uri, "train", batch_size=64, seed=7, mode="resident")
+    b = storage.make_loader(synth.uri, "train", batch_size=64, seed=7, mode="resident")
+    c = storage.make_loader(synth.uri, "train", batch_size=64, seed=8, mode="resident")
+    assert isinstance(a, ResidentLoader) and a.steps_per_epoch == 15 == len(_batches(a, 0))
+    e0, e0b, e1, f0 = _batches(a, 0), _batches(b, 0), _batches(a, 1), _batches(c, 0)
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(e0, e0b))
+    assert not torch.equal(e0[0][1], e1[0][1]) and not torch.equal(e0[0][1], f0[0][1])
+    x, y = e0[0]
+    assert x.dtype == torch.uint8 and x.shape == (64, 3, 32, 32) and y.dtype == torch.int64
+    labels = torch.cat([bt[1] for bt in e0])
+    assert len(labels) == 960 and a.images_per_sec > 0
+    # within an epoch no sample repeats: compare image bytes
+    flat = torch.cat([bt[0] for bt in e0]).reshape(960, -1)
+    assert len({bytes(r.numpy()) for r in flat}) == 960
+
+
+def test_val_keeps_last_partial_batch(synth):
+    v = storage.make_loader(synth.uri, "val", batch_size=128, seed=0, shuffle=False, drop_last=False)
+    bs = _batches(v, 0)
+    assert v.steps_per_epoch == 3 and [len(b[1]) for b in bs] == [128, 128, 44]
+    x, y = storage.open_dataset(synth.uri).load_split("val")
+    assert torch.equal(torch.cat([b[0] for b in bs]), x) and torch.equal(torch.cat([b[1] for b in bs]), y)
+
+
+def test_rank_sharding_matches_single_rank(synth):
+    one = _batches(storage.make_loader(synth.uri, "train", batch_size=64, seed=3), 2)
+    ranks = [_batches(storage.make_loader(synth.uri, "train", batch_size=64, seed=3, rank=r, world_size=2), 2)
+             for r in range(2)]
+    assert len(ranks[0]) == len(one)
+    for step, (x, y) in enumerate(one):
+        assert ranks[0][step][0].shape[0] == 32
+        assert torch.equal(torch.cat([ranks[0][step][0], ranks[1][step][0]]), x)
+        assert torch.equal(torch.cat([ranks[0][step][1], ranks[1][step][1]]), y)
+
+
+def test_loader_argument_errors(synth):
+    with pytest.raises(ValueError, match="multiple of world_size"):
+        storage.make_loader(synth.uri, "train", batch_size=63, seed=0, world_size=2, rank=0)
+    with pytest.raises(ValueError, match="drop_last"):
+        storage.make_loader(synth.uri, "val", batch_size=512, seed=0)
+    with pytest.raises(ValueError, match="rank"):
+        storage.make_loader(synth.uri, "train", batch_size=64, seed=0, world_size=2, rank=2)
+    with pytest.raises(ValueError, match="mode"):
+        storage.make_loader(synth.uri, "train", batch_size=64, seed=0, mode="gpu")
+    with pytest.raises(storage.StorageError, match="no split 'test'"):
+        storage.make_loader(synth.uri, "test", batch_size=64, seed=0)
+
+
+def test_auto_mode_picks_by_size(synth, ray_cluster):
+    small = storage.make_loader(synth.uri, "train", batch_size=64, seed=0)
+    big = storage.make_loader(synth.uri, "train", batch_size=64, seed=0, max_resident_bytes=1000 * 3072 - 1)
+    assert type(small).__name__ == "ResidentLoader" and type(big).__name__ == "StreamingLoader"
+
+
+def _multiset(batches):
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    return sorted(zip([bytes(r.numpy()) for r in x.reshape(len(x), -1)], y.tolist()))
+
+
+def test_streaming_matches_resident_multiset(synth, ray_cluster):
+    kw = dict(batch_size=100, seed=5, shuffle=True, drop_last=False)
+    res = storage.make_loader(synth.uri, "train", mode="resident", **kw)
+    st = storage.make_loader(synth.uri, "train", mode="streaming", **kw)
+    assert st.steps_per_epoch == res.steps_per_epoch == 10
+    s0 = _batches(st, 0)
+    assert _multiset(s0) == _multiset(_batches(res, 0))  # every sample exactly once, pixels and labels intact
+    assert s0[0][0].dtype == torch.uint8 and s0[0][0].shape == (100, 3, 32, 32) and st.images_per_sec > 0
+    again, other = _batches(st, 0), _batches(st, 1)
+    assert torch.equal(again[0][1], s0[0][1]) and torch.equal(again[3][0], s0[3][0])  # same seed, same order
+    assert not torch.equal(torch.cat([b[1] for b in other]), torch.cat([b[1] for b in s0]))
+    # two ranks of the streaming loader split each global batch the same way as the resident rule
+    halves = [storage.make_loader(synth.uri, "train", mode="streaming", rank=r, world_size=2, **kw)
+              for r in range(2)]
+    h = [_batches(x, 0) for x in halves]
+    assert torch.equal(torch.cat([h[0][0][0], h[1][0][0]]), s0[0][0])
+
+
+def test_synthetic_is_learnable_by_a_small_cnn(tmp_path):
+    # one intra-op thread: these tiny convs gain nothing from more, and on a busy 2-core box they stall
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _learn(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _learn(tmp_path):
+    torch.manual_seed(0)
+    m = storage.prepare_dataset("synthetic", str(tmp_path), seed=0, n_train=5000, n_val=1000)
+    loader = storage.make_loader(m.uri, "train", batch_size=64, seed=0)
+    xv, yv = storage.open_dataset(m.uri).load_split("val")
+    norm = lambda x: (x.float() / 255 - 0.5) / 0.25
+    nn = torch.nn
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(64, 10))
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    t, steps, epoch = time.perf_counter(), 0, 0
+
+    def accuracy():
+        with torch.no_grad():
+            return (net(norm(xv)).argmax(1) == yv).float().mean().item()
+
+    first = None
+    while steps < 500:
+        for x, y in loader.epoch(epoch):
+            loss = torch.nn.functional.cross_entropy(net(norm(x)), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps += 1
+            if steps == 20:
+                first = accuracy()
+            if steps == 500:
+                break
+        epoch += 1
+    acc = accuracy()
+    # seen: ~0.10 after 20 steps, ~0.75 after 500 steps (10 classes, chance 0.10)
+    assert first < 0.3, f"too easy: {first:.2f} after 20 steps"
+    assert acc > 0.5, f"val accuracy {acc:.3f} after 500 steps"
+    print(f"synthetic learnability: {first:.3f} -> {acc:.3f} in {time.perf_counter() - t:.1f}s")
