@@ -32,6 +32,8 @@ class WorkerContext:
     # Step metrics every log_every_steps (rank 0 only, e.g. to MLflow).
     log_step: Callable[[dict[str, float], int], None] = lambda metrics, step: None
     resume_from: str | None = None  # a checkpoint directory
+    # Streaming under Ray Train: (n_train_rows) -> loader over this worker's get_dataset_shard("train").
+    train_loader: Callable[[int], Any] | None = None
     print: Callable[[str], None] = print
 
 
@@ -147,10 +149,13 @@ def train(cfg: TrainConfig, dataset_uri: str, ctx: WorkerContext) -> dict[str, A
 
     if man.image_shape is None and cfg.image_size is None:
         raise ValueError(f"{dataset_uri} holds images of varying size; set image_size (--image-size) to train")
-    loader = storage.make_loader(
-        data, "train", batch_size=cfg.batch_size, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
-        device=device, mode=cfg.loader, image_size=cfg.image_size,
-    )
+    if ctx.train_loader is not None:
+        loader = ctx.train_loader(man.splits["train"])
+    else:
+        loader = storage.make_loader(
+            data, "train", batch_size=cfg.batch_size, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
+            device=device, mode=cfg.loader, image_size=cfg.image_size,
+        )
     # image_size None: pad-and-crop at the native (CIFAR-size) resolution; else random-resized crops to it.
     augment = nfnet.Augment(cfg.augment_strength, num_classes, image_size=cfg.image_size).to(device)
     val_x, val_y = data.load_split("val", image_size=cfg.image_size)

@@ -74,13 +74,42 @@ def _worker_fn(config: dict[str, Any]) -> dict[str, Any]:
         if ckpt_dir:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
 
+    shard = ray.train.get_dataset_shard("train") if config.get("streaming") else None
+    train_loader = (lambda n_rows: ShardLoader(shard, n_rows, cfg, world, device)) if shard is not None else None
     resume = None
     ck = ray.train.get_checkpoint()
     if ck is not None:
         resume = ck.to_directory(tempfile.mkdtemp(prefix="nfnet-resume-"))
     ctx = loop.WorkerContext(rank=rank, world_size=world, device=device, report=report, log_step=log_step,
-                             resume_from=resume, print=lambda s: print(s, flush=True))
+                             resume_from=resume, train_loader=train_loader, print=lambda s: print(s, flush=True))
     return loop.train(cfg, config["dataset_uri"], ctx)
+
+
+class ShardLoader:
+    """This worker's share of a streamed split (Ray Data streaming_split via get_dataset_shard): CPU nodes decode,
+    GPUs train. Ray Train splits rows equally, so every rank runs the same number of steps."""
+
+    def __init__(self, shard, n_rows: int, cfg: TrainConfig, world: int, device):
+        self.shard, self.device, self.seed = shard, device, cfg.seed
+        self.local = cfg.local_batch_size
+        self.steps_per_epoch = (n_rows // world) // self.local
+        self.images_per_sec = float("nan")
+
+    def epoch(self, epoch: int):
+        batches = storage.iter_torch_batches(self.shard, self.local, self.device, drop_last=True,
+                                             local_shuffle_buffer_size=8 * self.local,
+                                             local_shuffle_seed=self.seed * 100003 + epoch)
+        for _, b in zip(range(self.steps_per_epoch), batches):
+            yield b
+
+
+def _streams(cfg: TrainConfig, dataset_uri: str) -> bool:
+    if cfg.loader == "streaming":
+        return True
+    if cfg.loader == "resident":
+        return False
+    return storage.open_dataset(dataset_uri).decoded_bytes("train", cfg.image_size) > storage.loaders.\
+        DEFAULT_MAX_RESIDENT_BYTES
 
 
 def objective(metrics: dict[str, Any]) -> float:
@@ -133,6 +162,7 @@ def run_in_process(cfg: TrainConfig, dataset_uri: str, tracking: dict[str, str] 
 
 def run_torch_trainer(cfg: TrainConfig, dataset_uri: str, *, name: str, storage_path: str,
                       tracking: dict[str, str] | None = None, in_tune: bool = False) -> dict[str, Any]:
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -141,9 +171,20 @@ def run_torch_trainer(cfg: TrainConfig, dataset_uri: str, *, name: str, storage_
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
+    streaming = _streams(cfg, dataset_uri)
+    if streaming:
+        free = ray.cluster_resources().get("CPU", 0) - cfg.num_workers * cfg.cpus_per_worker
+        if free < 0.5:  # Ray Data's decode tasks would never be scheduled: the run would hang, not fail
+            raise RuntimeError(
+                f"streaming needs spare CPUs for Ray Data's decode tasks, but {cfg.num_workers} workers × "
+                f"{cfg.cpus_per_worker:g} CPUs take the whole cluster ({ray.cluster_resources().get('CPU', 0):g}); "
+                "lower --cpus-per-worker, add CPU nodes, or use --loader resident")
+    datasets = {"train": storage.ray_dataset(dataset_uri, "train", cfg.image_size)} if streaming else None
     trainer = TorchTrainer(
         _worker_fn,
-        train_loop_config={"cfg": cfg.to_dict(), "dataset_uri": dataset_uri, "tracking": tracking},
+        datasets=datasets,
+        train_loop_config={"cfg": cfg.to_dict(), "dataset_uri": dataset_uri, "tracking": tracking,
+                           "streaming": streaming},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},

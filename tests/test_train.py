@@ -139,3 +139,14 @@ def test_in_process_equals_torch_trainer_and_resume_after_kill(ray_cluster, tmp_
     assert resumed["status"] == "completed" and resumed["steps"] == 24
     assert _losses(resumed) == _losses(ref)
     assert resumed["final_val_acc"] == ref["final_val_acc"]
+
+
+@pytest.mark.ray
+def test_streaming_through_ray_data_to_two_workers(ray_cluster, tmp_path, tiny_data):
+    # Ray Data decodes on CPU workers and streaming_split feeds each Train worker its half of every epoch.
+    # Half a CPU per Train worker leaves the 2-CPU test cluster room for the Ray Data decode tasks.
+    cfg = tiny_cfg(seed=5, num_workers=2, cpus_per_worker=0.5, loader="streaming", max_steps=16)
+    out = runner.run_torch_trainer(cfg, tiny_data, name="stream", storage_path=str(tmp_path / "ray"))
+    assert out["status"] == "completed" and out["steps"] == 16
+    assert all(math.isfinite(h["train_loss"]) for h in out["history"])
+    assert out["history"][-1]["train_loss"] < out["history"][0]["train_loss"] + 0.05
