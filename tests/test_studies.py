@@ -201,9 +201,8 @@ def test_resume_after_killing_the_driver(tmp_path):
         else:
             pytest.fail("no trial finished in time")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started (same process group)
         proc.wait()
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
     done_before = set(results.read().column("trial_id").to_pylist())
     assert 1 <= len(done_before) < 4
 
