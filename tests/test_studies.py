@@ -138,9 +138,8 @@ def test_two_by_two_map_end_to_end(tmp_path, ray_cluster):
         assert params["clipping"] == ("none" if r["sci_lambda"] == "none" else "agc")
         assert float(params["base_lr"]) == pytest.approx(r["nui_base_lr"])
     png = tmp_path / "out" / "grid" / "stability_map.png"
-    from PIL import Image
-
     import numpy as np
+    from PIL import Image
 
     img = np.asarray(Image.open(png).convert("L"))
     assert img.shape[1] > 400 and len(np.unique(img)) > 20  # a real picture, not a blank canvas
