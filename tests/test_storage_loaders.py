@@ -9,18 +9,6 @@ from storage.loaders import ResidentLoader
 torch.set_num_threads(2)
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    # the lead's conftest will own a session-wide cluster; until then start one if none runs, never shut it down
-    ray = pytest.importorskip("ray")
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    return ray
-
-
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     return storage.prepare_dataset("synthetic", str(tmp_path_factory.mktemp("d")), seed=0, n_train=1000, n_val=300,
