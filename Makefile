@@ -15,6 +15,7 @@ study: $(STAMP)
 	$(VENV)/bin/python studies/agc_lambda.py --preset laptop $(ARGS)
 
 test: $(STAMP)
+	bash platform/ci/install-test-deps.sh
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q $(ARGS)
 

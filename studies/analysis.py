@@ -175,7 +175,9 @@ def plot_stability_map(smap: StabilityMap, title: str = "AGC stability map"):
     ax.set_ylabel("batch size")
     ax.set_title(f"{title}\n{smap.metric} per cell (best lr); orange box = best λ per batch; ✕ = diverged",
                  fontsize=10)
-    fig.colorbar(im, ax=ax, label=smap.metric)
+    cbar = fig.colorbar(im, ax=ax, label=smap.metric)
+    cbar.formatter.set_useOffset(False)
+    cbar.update_ticks()
     fig.tight_layout()
     return fig
 

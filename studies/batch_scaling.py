@@ -16,10 +16,10 @@ from studies.search import run_cli
 PRESETS = {
     "laptop": dict(
         grid={"variant": ["bn_resnet", "nf_resnet", "nf_resnet+agc"], "batch_size": [64, 256, 1024]},
-        nuisance={"base_lr": (0.1, 1.6, True)}, centre={"base_lr": 0.4}, trials_per_cell=2, seeds=1,
+        nuisance={"base_lr": (0.1, 3.2, True)}, centre={"base_lr": 0.4}, trials_per_cell=2, seeds=1,
         options={"target_acc": 0.3},
         fixed=dict(model_overrides={"width": 8, "depth": 1}, dataset="synthetic", clip_threshold=0.04,
-                   dataset_params={"n_train": 6144, "n_val": 1024}, epochs=3, warmup_epochs=0.5,
+                   dataset_params={"n_train": 16384, "n_val": 2048, "image_size": 16}, epochs=3, warmup_epochs=0.5,
                    gns_every_steps=2, log_every_steps=2),
     ),
     "cifar10": dict(

@@ -16,7 +16,8 @@ PRESETS = {
         nuisance={"base_lr": (0.05, 1.6, True), "clip_threshold": (0.005, 0.32, True),
                   "augment_strength": (0.0, 1.0, False)},
         fixed=dict(model="nf_resnet_cifar", model_overrides={"width": 8, "depth": 1}, dataset="synthetic",
-                   clipping="agc", dataset_params={"n_train": 6144, "n_val": 1024}, epochs=3, warmup_epochs=0.5),
+                   clipping="agc", dataset_params={"n_train": 16384, "n_val": 2048, "image_size": 16}, epochs=3,
+                   warmup_epochs=0.5),
     ),
     "cifar10": dict(
         grid={"batch_size": [1024]}, trials_per_cell=64, seeds=1,

@@ -47,11 +47,11 @@ def _set_threads(cfg: TrainConfig) -> None:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
 
 
-def _mlflow_callbacks(tracking: dict[str, str] | None, rank: int):
+def _mlflow_logger(tracking: dict[str, str] | None, rank: int):
+    """log(metrics, step) into the run's MLflow run on rank 0; a no-op elsewhere."""
     if not tracking or rank != 0:
-        return (lambda m, s: None), (lambda m, s: None)
-    tr = Tracker(tracking["uri"], tracking["run_id"])
-    return tr.log_metrics, (lambda metrics, step: tr.log_metrics(metrics, step))
+        return lambda metrics, step: None
+    return Tracker(tracking["uri"], tracking["run_id"]).log_metrics
 
 
 def _worker_fn(config: dict[str, Any]) -> dict[str, Any]:
@@ -65,10 +65,10 @@ def _worker_fn(config: dict[str, Any]) -> dict[str, Any]:
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    log_epoch, log_step = _mlflow_callbacks(config.get("tracking"), rank)
+    log = _mlflow_logger(config.get("tracking"), rank)
 
     def report(metrics, ckpt_dir):
-        log_epoch(metrics, metrics["step"])
+        log(metrics, metrics["step"])
         ckpt = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
         ray.train.report(_scalars(metrics), checkpoint=ckpt)
         if ckpt_dir:
@@ -80,7 +80,7 @@ def _worker_fn(config: dict[str, Any]) -> dict[str, Any]:
     ck = ray.train.get_checkpoint()
     if ck is not None:
         resume = ck.to_directory(tempfile.mkdtemp(prefix="nfnet-resume-"))
-    ctx = loop.WorkerContext(rank=rank, world_size=world, device=device, report=report, log_step=log_step,
+    ctx = loop.WorkerContext(rank=rank, world_size=world, device=device, report=report, log_step=log,
                              resume_from=resume, train_loader=train_loader, print=lambda s: print(s, flush=True))
     return loop.train(cfg, config["dataset_uri"], ctx)
 
@@ -133,7 +133,7 @@ def run_in_process(cfg: TrainConfig, dataset_uri: str, tracking: dict[str, str] 
         raise ValueError("in-process runs are for one CPU worker; use TorchTrainer for more workers or GPUs")
     threads = torch.get_num_threads()
     _set_threads(cfg)
-    log_epoch, log_step = _mlflow_callbacks(tracking, 0)
+    log = _mlflow_logger(tracking, 0)
     resume = None
     if in_tune:
         import ray.tune
@@ -143,7 +143,7 @@ def run_in_process(cfg: TrainConfig, dataset_uri: str, tracking: dict[str, str] 
             resume = ck.to_directory(tempfile.mkdtemp(prefix="nfnet-resume-"))
 
     def report(metrics, ckpt_dir):
-        log_epoch(metrics, metrics["step"])
+        log(metrics, metrics["step"])
         if in_tune:
             import ray.tune
 
@@ -152,7 +152,7 @@ def run_in_process(cfg: TrainConfig, dataset_uri: str, tracking: dict[str, str] 
         if ckpt_dir:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
 
-    ctx = loop.WorkerContext(report=report, log_step=log_step, resume_from=resume,
+    ctx = loop.WorkerContext(report=report, log_step=log, resume_from=resume,
                              print=(lambda s: None) if quiet else (lambda s: print(s, flush=True)))
     try:
         return loop.train(cfg, dataset_uri, ctx)

@@ -34,6 +34,14 @@ def absolute_tracking_uri(uri: str) -> str:
     return uri
 
 
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a local store go beside its database, not into ./mlruns of whatever working directory a
+    Ray trial happens to have; servers choose their own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Fail before any trial starts when the tracking store cannot be reached."""
     parsed = urllib.parse.urlparse(uri)
@@ -90,7 +98,8 @@ class Tracker:
         """A new run, or the existing one whose tag `reuse_tag` matches (a resumed study never duplicates)."""
         client = _client(uri)
         exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment,
+                                                                        artifact_location=artifact_location(uri))
         if reuse_tag is not None:
             k, v = reuse_tag
             found = client.search_runs([exp_id], filter_string=f"tags.`{k}` = '{v}'", max_results=1)

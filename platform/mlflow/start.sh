@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The team MLflow server: PostgreSQL backend store, S3 (or GCS) artifact store proxied by the server, MLflow's
+# basic auth. Configured only through the environment, so no secret lives in a committed file:
+#   MLFLOW_BACKEND_STORE_URI       postgresql+psycopg://mlflow@db-host:5432/mlflow  (password: PGPASSWORD or ~/.pgpass)
+#   MLFLOW_AUTH_DATABASE_URI       users and permissions, e.g. postgresql+psycopg://mlflow@db-host:5432/mlflow_auth
+#   MLFLOW_ARTIFACTS_DESTINATION   s3://bucket/mlflow-artifacts or gs://bucket/mlflow-artifacts
+#   MLFLOW_AUTH_ADMIN_USERNAME / MLFLOW_AUTH_ADMIN_PASSWORD   admin created on the first start (password >= 12 chars)
+#   MLFLOW_FLASK_SERVER_SECRET_KEY  static key for the auth app's CSRF protection
+#   MLFLOW_HOST (default 127.0.0.1), MLFLOW_PORT (default 5000), MLFLOW_ALLOWED_HOSTS (needed when not loopback)
+#   MLFLOW_S3_ENDPOINT_URL, AWS_* / GOOGLE_APPLICATION_CREDENTIALS   how the server reaches the artifact store
+#   MLFLOW_AUTH_DEFAULT_PERMISSION (default READ: everyone reads everything, writes only their own experiments)
+# Extra arguments go to `mlflow server`.
+set -euo pipefail
+
+missing=()
+for v in MLFLOW_BACKEND_STORE_URI MLFLOW_AUTH_DATABASE_URI MLFLOW_ARTIFACTS_DESTINATION \
+         MLFLOW_AUTH_ADMIN_USERNAME MLFLOW_FLASK_SERVER_SECRET_KEY; do
+    [ -n "${!v:-}" ] || missing+=("$v")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "platform/mlflow/start.sh: set ${missing[*]} (see the comment at the top of this script)" >&2
+    exit 2
+fi
+
+host="${MLFLOW_HOST:-127.0.0.1}"
+port="${MLFLOW_PORT:-5000}"
+
+# The auth app reads its settings from an ini file; write it at run time (no secrets in it: the admin password
+# comes from MLFLOW_AUTH_ADMIN_PASSWORD, which MLflow reads itself).
+auth_dir="${MLFLOW_AUTH_CONFIG_DIR:-$(mktemp -d -t mlflow-auth.XXXXXX)}"
+mkdir -p "$auth_dir"
+export MLFLOW_AUTH_CONFIG_PATH="$auth_dir/basic_auth.ini"
+(umask 077 && cat > "$MLFLOW_AUTH_CONFIG_PATH" <<INI
+[mlflow]
+default_permission = ${MLFLOW_AUTH_DEFAULT_PERMISSION:-READ}
+database_uri = ${MLFLOW_AUTH_DATABASE_URI}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+grant_default_workspace_access = false
+INI
+)
+
+# One uvicorn worker and no job-execution workers (huey consumers): a handful of processes, not dozens.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
+
+args=(--app-name basic-auth --host "$host" --port "$port" --workers 1
+      --backend-store-uri "$MLFLOW_BACKEND_STORE_URI"
+      --serve-artifacts --artifacts-destination "$MLFLOW_ARTIFACTS_DESTINATION")
+if [ -n "${MLFLOW_ALLOWED_HOSTS:-}" ]; then
+    args+=(--allowed-hosts "$MLFLOW_ALLOWED_HOSTS")
+fi
+exec "${MLFLOW_BIN:-mlflow}" server "${args[@]}" "$@"
