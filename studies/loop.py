@@ -246,6 +246,7 @@ def train(cfg: TrainConfig, dataset_uri: str, ctx: WorkerContext) -> dict[str, A
                     last["grad_norm_before"] = stats.grad_norm_before
                     last["grad_norm_after"] = stats.grad_norm_after
                     last["agc_clipped_frac"] = stats.fraction_clipped()
+                    last.update({f"agc_clipped_frac.{k}": v for k, v in stats.per_stage().items()})
             elif cfg.clipping == "norm":
                 gn = torch.nn.utils.clip_grad_norm_(all_params, cfg.clip_threshold)
                 if log_now:
