@@ -36,11 +36,12 @@ def main():
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--strength", type=float, default=0.5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    # 1 intra-op thread by default: on a small shared CPU box extra OpenMP threads oversubscribe and stall
-    # (measured 10x slower at 2 threads under load); the baseline still gets its worker processes.
-    ap.add_argument("--threads", type=int, default=1)
+    # Same CPU budget on both sides by default: as many intra-op threads as the baseline has worker processes.
+    # On a loaded box extra OpenMP threads can stall (seen 10x slower at 2 threads under load): --threads 1.
+    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--root", default=None, help="where to write the synthetic shards (default: a temp dir)")
     args = ap.parse_args()
+    args.threads = args.threads or max(1, args.workers)
     torch.set_num_threads(args.threads)
     root = args.root or tempfile.mkdtemp(prefix="nfnet-bench-")
     m = storage.prepare_dataset("synthetic", root, seed=0, n_train=args.images, n_val=1)

@@ -62,7 +62,8 @@ class Augment(nn.Module):
             raise ValueError(f"images have {images.shape[1]} channels but mean/std have {self.mean.shape[1]}")
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.float().div_(255.0) - self.mean) / self.std
+        # (x/255 − mean)/std as one scale and one shift, in place on the fresh float copy.
+        return images.float().mul_(1.0 / (255.0 * self.std)).sub_(self.mean / self.std)
 
     def eval_transform(self, images: torch.Tensor) -> torch.Tensor:
         """Deterministic: resize to image_size+32 and centre-crop (when image_size is set), then normalize."""
@@ -97,14 +98,13 @@ class Augment(nn.Module):
             return self._random_resized_crop(images, gen)
         if self.pad == 0:
             return images
-        p = self.pad
+        p, dev = self.pad, images.device
         padded = F.pad(images, (p, p, p, p))
-        oy = torch.randint(0, 2 * p + 1, (n,), generator=gen).to(images.device)
-        ox = torch.randint(0, 2 * p + 1, (n,), generator=gen).to(images.device)
-        rows = (oy[:, None] + torch.arange(h, device=images.device))[:, :, None]  # [N, H, 1]
-        cols = (ox[:, None] + torch.arange(w, device=images.device))[:, None, :]  # [N, 1, W]
-        idx = torch.arange(n, device=images.device)[:, None, None]
-        return padded.permute(0, 2, 3, 1)[idx, rows, cols].permute(0, 3, 1, 2).contiguous()
+        oy = torch.randint(0, 2 * p + 1, (n,), generator=gen).to(dev)
+        ox = torch.randint(0, 2 * p + 1, (n,), generator=gen).to(dev)
+        # Every possible crop is a strided view [N, C, 2p+1, 2p+1, H, W]; one indexing copy picks each sample's.
+        windows = padded.unfold(2, h, 1).unfold(3, w, 1)
+        return windows[torch.arange(n, device=dev), :, oy, ox]
 
     def _random_resized_crop(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         # Inception-style crop (area 8-100 %, aspect 3/4-4/3) per sample, one batched grid_sample.
