@@ -1,4 +1,5 @@
-"""Per-trial overhead of a study: wall time of the laptop preset ÷ the time its trials spent training.
+"""Per-trial overhead of a study: wall time of the laptop preset ÷ the time its trials spent training (each
+training run's own wall time: data load, model build, steps, evaluation, checkpoints).
 
 The plain ratio (wall ÷ Σ training time) flatters a study that runs trials in parallel, so the RESULT line
 uses the stricter form: wall ÷ (Σ training time / concurrent trials), i.e. against a perfectly packed schedule
@@ -40,7 +41,7 @@ def main(argv):
         out = agc_lambda.main(flags + argv)
         wall = time.perf_counter() - t0
         rows = out["results"].to_pylist()
-        train = sum(r.get("metric_train_time_s") or 0.0 for r in rows)
+        train = sum(r.get("wall_time_s") or 0.0 for r in rows)  # each training run's own wall time
         conc = out["concurrency"]
     startup = torch_trainer_startup()
     ideal = train / conc

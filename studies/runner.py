@@ -29,16 +29,18 @@ def prepare_data(cfg: TrainConfig) -> str:
     return cfg.dataset
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
+    """Local Ray, or the cluster at RAY_ADDRESS. Studies turn worker logs off: their driver prints a line per
+    finished trial instead of every worker's chatter."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
 
 
 def _set_threads(cfg: TrainConfig) -> None:

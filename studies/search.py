@@ -136,6 +136,8 @@ def _make_searcher_class():
             super().__init__(metric=OBJECTIVE, mode="max")
             import optuna
 
+            optuna.logging.set_verbosity(optuna.logging.WARNING)  # one "study created" line per cell otherwise
+
             self.cells, self.trials_per_cell, self.seeds = cells, trials_per_cell, seeds
             space = _optuna_space(nuisance)
             self.searchers = [
@@ -240,6 +242,7 @@ def _results_writer_class():
         def __init__(self, study: Study, table: storage.ResultsTable, hw: str, commit: str):
             self.study, self.table, self.hw, self.commit = study, table, hw, commit
             self.epochs: dict[str, list[dict]] = {}
+            self.done = table.read().num_rows if study.resume else 0
             self.t0: dict[str, float] = {}
 
         def on_trial_start(self, iteration, trials, trial, **info):
@@ -273,6 +276,13 @@ def _results_writer_class():
                 row["error"] = error
             row.setdefault("wall_time_s", time.time() - self.t0.get(trial.trial_id, time.time()))
             self.table.append([row])
+            self.done += 1
+            acc = f" best val acc {row['best_val_acc']:.3f}" if row.get("best_val_acc") is not None else ""
+            extra = f" at step {row['diverged_step']}" if status == "diverged" else \
+                f": {row.get('error', '')[:120]}" if status == "failed" else ""
+            nui = " ".join(f"{k}={v:.3g}" for k, v in cfg["nuisance"].items())
+            print(f"[{self.done}/{self.study.n_trials}] {cell_label(cfg['cell'])} {nui} seed={row['seed']}: "
+                  f"{status}{extra}{acc} ({row['wall_time_s']:.0f} s)", flush=True)
             hist = json.loads(res["history_json"]) if res.get("history_json") else self.epochs.get(trial.trial_id, [])
             keep = ("epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_sec",
                     "grad_norm_before", "grad_norm_after", "agc_clipped_frac", "gns", "step_time_ms")
@@ -354,7 +364,7 @@ def run_study(study: Study) -> dict[str, Any]:
     check_tracking_uri(study.tracking_uri)
     dataset_uri = runner.prepare_data(study.fixed)
     validate(study, dataset_uri)
-    runner.init_ray()
+    runner.init_ray(log_to_driver=False)
     import ray
 
     check_cluster_paths(study, sum(1 for n in ray.nodes() if n.get("Alive")))
@@ -393,11 +403,14 @@ def run_study(study: Study) -> dict[str, Any]:
             max_concurrent=max_conc)
         scheduler = None
         if study.asha:
+            # max_t one past the budget: ASHA stops trials at max_t, which would cut off the final summary report.
             scheduler = tune.schedulers.ASHAScheduler(time_attr="epoch", metric=OBJECTIVE, mode="max",
-                                                      max_t=max(1, math.ceil(study.fixed.epochs)), grace_period=1)
+                                                      max_t=math.ceil(study.fixed.epochs) + 1, grace_period=1)
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=study.n_trials),
+            # reuse_actors: a finished trial's process runs the next one (no Python + torch start per trial).
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=study.n_trials,
+                                        reuse_actors=True),
             run_config=tune.RunConfig(name=study.name, storage_path=tune_path, callbacks=[writer],
                                       verbose=0, failure_config=tune.FailureConfig(max_failures=0)),
         )
@@ -421,12 +434,26 @@ def map_analysis(study: Study, results, epochs) -> tuple[dict[str, Any], str, di
     return {"stability_map.png": fig}, smap.summary(), {"map": smap}
 
 
+def _drop_orphan_runs(parent: Tracker, trial_ids: set[str]) -> None:
+    """A driver killed mid-study can leave a child run of a trial that Tune never recorded (it restarts under a
+    new trial id on --resume). Such runs are still RUNNING and have no results row: delete them so every trial
+    appears once."""
+    exp_id = parent.client.get_run(parent.run_id).info.experiment_id
+    children = parent.client.search_runs(
+        [exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}' and attributes.status = 'RUNNING'")
+    for run in children:
+        if run.data.tags.get("trial_id") not in trial_ids:
+            parent.client.delete_run(run.info.run_id)
+            print(f"removed MLflow run {run.info.run_id} of an interrupted trial that was rerun under a new id")
+
+
 def finish(study: Study, table: storage.ResultsTable, parent: Tracker, wall: float) -> dict[str, Any]:
     """Analysis from the Parquet tables (all trials, resumed ones included), written beside the results and
     logged on the parent MLflow run."""
     import pyarrow.parquet as pq
 
     results, epochs = table.read(), table.read_epochs()
+    _drop_orphan_runs(parent, set(results.column("trial_id").to_pylist()) if results.num_rows else set())
     figures, text, extra = (study.analyze or map_analysis)(study, results, epochs)
     summary = summary_text(study, results, text, wall)
     out: dict[str, Any] = {"results": results, "epochs": epochs, "wall_time_s": wall, "dir": study.study_dir,

@@ -223,3 +223,22 @@ def test_local_paths_refused_on_a_multi_node_cluster(tmp_path):
     with pytest.raises(ValueError, match="--output relative/results.*--tracking-uri") as e:
         search.check_cluster_paths(study, nodes=3)
     assert "--data-root s3://" not in str(e.value)  # remote data is fine
+
+
+@pytest.mark.ray
+def test_asha_early_stopping_rows_and_runs_are_closed(tmp_path, ray_cluster):
+    study = search.Study(
+        name="asha", scientific={"batch_size": [32, 64]}, nuisance={"base_lr": (0.05, 3.2, True)},
+        fixed=TrainConfig(model_overrides={"width": 8, "depth": 1}, epochs=3, dataset_params={"n_train": 256,
+                          "n_val": 64}, data_root=str(tmp_path / "data"), gns_every_steps=0),
+        trials_per_cell=3, output=str(tmp_path / "out"), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        max_concurrent=2, asha=True, analyze=lambda *a: ({}, "", {}))
+    out = search.run_study(study)
+    rows = out["results"].to_pylist()
+    assert len(rows) == 6 and {r["status"] for r in rows} <= {"completed", "diverged", "stopped"}
+    stopped = [r for r in rows if r["status"] == "stopped"]
+    epochs = out["epochs"].to_pylist()
+    for r in stopped:  # an early-stopped trial keeps the epochs it ran, fewer than the budget
+        assert 1 <= len([e for e in epochs if e["trial_id"] == r["trial_id"]]) < 3
+    _, _, children = mlflow_runs(tmp_path, "asha")
+    assert len(children) == 6 and all(c.info.status != "RUNNING" for c in children)
