@@ -32,9 +32,9 @@ PRESETS = {
     "imagenet": dict(  # a GPU cluster: the paper's setting (NF-ResNet-50, 90 epochs, best 4 of 5 seeds)
         grid={"batch_size": [256, 512, 1024, 2048, 4096], "lambda": LAMBDAS},
         nuisance={"base_lr": (0.025, 0.4, True)}, centre={"base_lr": 0.1}, trials_per_cell=3, seeds=5, best_k=4,
-        fixed=dict(model="nf_resnet50", dataset="imagefolder", use_gpu=True, num_workers=8, cpus_per_worker=8,
-                   epochs=90, warmup_epochs=5, precision="bf16", channels_last=True, loader="streaming",
-                   label_smoothing=0.1, max_failures=3),
+        fixed=dict(model="nf_resnet50", dataset="imagefolder", image_size=224, use_gpu=True, num_workers=8,
+                   cpus_per_worker=8, epochs=90, warmup_epochs=5, precision="bf16", channels_last=True,
+                   loader="streaming", label_smoothing=0.1, max_failures=3),
     ),
     "smoke": dict(  # --smoke-test: tiny model, one trial, a few steps
         grid={"batch_size": [64], "lambda": [0.04]},

@@ -34,8 +34,10 @@ def apply_cell(cfg: TrainConfig, sci: dict[str, Any], nui: dict[str, Any], seed:
     `variant` is a dict of config overrides (e.g. a model and its clipping); other keys are TrainConfig fields."""
     changes: dict[str, Any] = {"seed": seed, **nui}
     for k, v in sci.items():
-        if k == "lambda":
-            changes.update(clipping="none") if v is None else changes.update(clipping="agc", clip_threshold=v)
+        if k == "lambda" and v is None:
+            changes["clipping"] = "none"
+        elif k == "lambda":
+            changes.update(clipping="agc", clip_threshold=v)
         elif k == "variant":
             changes.update(VARIANTS[v] if isinstance(v, str) else v)
         else:
@@ -394,6 +396,8 @@ def run_study(study: Study) -> dict[str, Any]:
     if study.resume and tune.Tuner.can_restore(exp_path):
         print(f"resuming study {study.name} from {exp_path}", flush=True)
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        # Tuner.restore takes no callbacks and would revive the pickled writer of the dead driver.
+        tuner._local_tuner._run_config.callbacks = [writer]
     else:
         if study.resume:
             print(f"nothing to resume at {exp_path}; starting the study", flush=True)
@@ -414,8 +418,6 @@ def run_study(study: Study) -> dict[str, Any]:
             run_config=tune.RunConfig(name=study.name, storage_path=tune_path, callbacks=[writer],
                                       verbose=0, failure_config=tune.FailureConfig(max_failures=0)),
         )
-    if study.resume:
-        tuner._local_tuner._run_config.callbacks = [writer]  # the restored run gets a fresh results writer
     tuner.fit()
     wall = time.time() - t0
     return {**finish(study, table, parent, wall), "concurrency": max_conc}
