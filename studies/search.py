@@ -387,7 +387,8 @@ def run_study(study: Study) -> dict[str, Any]:
     table = storage.ResultsTable(storage.uri.join(study.study_dir, "results"))
     ctx = TrialContext(study.name, study.experiment, study.fixed.to_dict(), study.seed, dataset_uri,
                        study.tracking_uri, parent.run_id, storage.uri.join(study.study_dir, "train"))
-    res = {"CPU": 0} if not _in_process(study.fixed) else {"CPU": study.fixed.cpus_per_worker}
+    # A TorchTrainer trial only waits on its worker group: it holds no CPU (a bundle cannot be empty, so memory).
+    res = {"CPU": study.fixed.cpus_per_worker} if _in_process(study.fixed) else {"CPU": 0, "memory": 64 << 20}
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), res)
     writer = _results_writer_class()(study, table, hardware(), git_commit())
     tune_path = storage.uri.join(study.study_dir, "tune")

@@ -242,3 +242,13 @@ def test_asha_early_stopping_rows_and_runs_are_closed(tmp_path, ray_cluster):
         assert 1 <= len([e for e in epochs if e["trial_id"] == r["trial_id"]]) < 3
     _, _, children = mlflow_runs(tmp_path, "asha")
     assert len(children) == 6 and all(c.info.status != "RUNNING" for c in children)
+
+
+@pytest.mark.ray
+def test_multi_worker_trial_runs_as_torch_trainer_inside_tune(tmp_path, ray_cluster):
+    # The cluster path: the Tune trial holds no CPU and builds a 2-worker DDP TorchTrainer.
+    out = agc_lambda.main(["--smoke-test", *common_flags(tmp_path, "ddp"), "--num-workers", "2"])
+    (row,) = out["results"].to_pylist()
+    assert row["status"] == "completed" and row["steps"] == 6
+    c, _, (child,) = mlflow_runs(tmp_path, "ddp")
+    assert child.data.params["num_workers"] == "2" and "train_loss" in child.data.metrics
