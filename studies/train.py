@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = runner.train_and_track(
         cfg, tracking_uri=uri, experiment=args.experiment, run_name=name,
         storage_path=args.storage_path or runner.default_storage_path(),
-        in_process=True if args.in_process else False,
+        in_process=args.in_process,
     )
     print(f"status: {summary['status']}" + (f" at step {summary['diverged_step']} ({summary['diverged_reason']})"
                                             if summary["status"] == "diverged" else ""))

@@ -151,3 +151,27 @@ def test_streaming_through_ray_data_to_two_workers(ray_cluster, tmp_path, tiny_d
     assert out["status"] == "completed" and out["steps"] == 16
     assert all(math.isfinite(h["train_loss"]) for h in out["history"])
     assert out["history"][-1]["train_loss"] < out["history"][0]["train_loss"] + 0.05
+
+
+def test_train_command_line(tmp_path, tiny_data, capsys):
+    import dataclasses
+
+    from studies import train
+
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    help_text = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):  # --help explains every flag
+        assert "--" + f.name.replace("_", "-") in help_text
+    assert "--lambda" in help_text
+
+    with pytest.raises(SystemExit):
+        train.main(["--clipping", "agc", "--lambda", "-1"])
+    assert "clip_threshold" in capsys.readouterr().err
+
+    rc = train.main(["--in-process", "--dataset", tiny_data, "--model-overrides", '{"width": 8, "depth": 1}',
+                     "--batch-size", "64", "--max-steps", "8", "--lambda", "0.02",
+                     "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--experiment", "cli"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "status: completed" in out and "epoch 1/1" in out
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/m.db" in out
