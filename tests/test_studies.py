@@ -252,3 +252,16 @@ def test_multi_worker_trial_runs_as_torch_trainer_inside_tune(tmp_path, ray_clus
     assert row["status"] == "completed" and row["steps"] == 6
     c, _, (child,) = mlflow_runs(tmp_path, "ddp")
     assert child.data.params["num_workers"] == "2" and "train_loss" in child.data.metrics
+
+
+@pytest.mark.ray
+def test_same_seed_same_study_when_trials_run_one_at_a_time(tmp_path, ray_cluster):
+    def run(name):
+        out = agc_lambda.main(["--smoke-test", *common_flags(tmp_path, name), "--batch-sizes", "32", "64",
+                               "--trials-per-cell", "3", "--max-concurrent", "1", "--seed", "3"])
+        return sorted((r["cell"], r["nui_base_lr"], r["seed"], r["best_val_acc"], r["final_train_loss"])
+                      for r in out["results"].to_pylist())
+
+    first, second = run("a"), run("b")
+    assert len(first) == 6 and first == second
+    assert len({r[1] for r in first}) > 2  # TPE explored beyond each cell's centre point
