@@ -176,19 +176,26 @@ class StreamingLoader(_Timed):
         return self._timed(self._epoch(epoch))
 
 
+def loader_mode(dataset, split: str, mode: str = "auto", image_size: int | None = None,
+                max_resident_bytes: int = DEFAULT_MAX_RESIDENT_BYTES) -> str:
+    """'resident' or 'streaming': `mode` itself unless 'auto', then by whether the decoded split fits."""
+    if mode not in ("auto", "resident", "streaming"):
+        raise ValueError(f"mode must be 'auto', 'resident' or 'streaming', got {mode!r}")
+    if mode != "auto":
+        return mode
+    return "resident" if open_dataset(dataset).decoded_bytes(split, image_size) <= max_resident_bytes else "streaming"
+
+
 def make_loader(dataset, split: str, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                 device="cpu", mode: str = "auto", shuffle: bool = True, drop_last: bool = True,
                 max_resident_bytes: int = DEFAULT_MAX_RESIDENT_BYTES, image_size: int | None = None,
                 verify: bool = True) -> "ResidentLoader | StreamingLoader":
     """Resident when the decoded split fits in max_resident_bytes (or mode='resident'), else streaming."""
-    if mode not in ("auto", "resident", "streaming"):
-        raise ValueError(f"mode must be 'auto', 'resident' or 'streaming', got {mode!r}")
     ss: ShardSet = open_dataset(dataset)
     if split not in ss.manifest.splits:
         raise StorageError(f"{ss.uri}: no split {split!r}; available: {sorted(ss.manifest.splits)}")
     _check(ss.manifest.splits[split], batch_size, rank, world_size, drop_last, f"split {split!r}")
-    if mode == "auto":
-        mode = "resident" if ss.decoded_bytes(split, image_size) <= max_resident_bytes else "streaming"
+    mode = loader_mode(ss, split, mode, image_size, max_resident_bytes)
     common = dict(batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, device=device,
                   shuffle=shuffle, drop_last=drop_last)
     if mode == "streaming":

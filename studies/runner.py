@@ -105,13 +105,9 @@ class ShardLoader:
             yield b
 
 
-def _streams(cfg: TrainConfig, dataset_uri: str) -> bool:
-    if cfg.loader == "streaming":
-        return True
-    if cfg.loader == "resident":
-        return False
-    return storage.open_dataset(dataset_uri).decoded_bytes("train", cfg.image_size) > storage.loaders.\
-        DEFAULT_MAX_RESIDENT_BYTES
+def runs_in_process(cfg: TrainConfig) -> bool:
+    """One CPU worker with no failure recovery needs no worker group: the loop runs in the caller's process."""
+    return cfg.num_workers == 1 and not cfg.use_gpu and cfg.max_failures == 0
 
 
 def objective(metrics: dict[str, Any]) -> float:
@@ -173,7 +169,7 @@ def run_torch_trainer(cfg: TrainConfig, dataset_uri: str, *, name: str, storage_
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
-    streaming = _streams(cfg, dataset_uri)
+    streaming = storage.loaders.loader_mode(dataset_uri, "train", cfg.loader, cfg.image_size) == "streaming"
     if streaming:
         free = ray.cluster_resources().get("CPU", 0) - cfg.num_workers * cfg.cpus_per_worker
         if free < 0.5:  # Ray Data's decode tasks would never be scheduled: the run would hang, not fail
@@ -220,7 +216,7 @@ def train_and_track(cfg: TrainConfig, *, tracking_uri: str, experiment: str, run
     tracker.log_params(cfg.flat())
     tracking = {"uri": tracking_uri, "run_id": tracker.run_id}
     if in_process is None:
-        in_process = cfg.num_workers == 1 and not cfg.use_gpu and cfg.max_failures == 0
+        in_process = runs_in_process(cfg)
     try:
         if in_process:
             summary = run_in_process(cfg, dataset_uri, tracking, in_tune=in_tune, quiet=quiet)

@@ -388,7 +388,8 @@ def run_study(study: Study) -> dict[str, Any]:
     ctx = TrialContext(study.name, study.experiment, study.fixed.to_dict(), study.seed, dataset_uri,
                        study.tracking_uri, parent.run_id, storage.uri.join(study.study_dir, "train"))
     # A TorchTrainer trial only waits on its worker group: it holds no CPU (a bundle cannot be empty, so memory).
-    res = {"CPU": study.fixed.cpus_per_worker} if _in_process(study.fixed) else {"CPU": 0, "memory": 64 << 20}
+    res = ({"CPU": study.fixed.cpus_per_worker} if runner.runs_in_process(study.fixed)
+           else {"CPU": 0, "memory": 64 << 20})
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), res)
     writer = _results_writer_class()(study, table, hardware(), git_commit())
     tune_path = storage.uri.join(study.study_dir, "tune")
@@ -422,10 +423,6 @@ def run_study(study: Study) -> dict[str, Any]:
     tuner.fit()
     wall = time.time() - t0
     return {**finish(study, table, parent, wall), "concurrency": max_conc}
-
-
-def _in_process(cfg: TrainConfig) -> bool:
-    return cfg.num_workers == 1 and not cfg.use_gpu and cfg.max_failures == 0
 
 
 def map_analysis(study: Study, results, epochs) -> tuple[dict[str, Any], str, dict[str, Any]]:
