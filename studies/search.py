@@ -63,6 +63,10 @@ def cell_label(sci: dict[str, Any]) -> str:
     return ",".join(f"{k}={_sci_value(k, v)}" for k, v in sci.items())
 
 
+def trial_label(sci: dict[str, Any], nui: dict[str, Any], seed: int) -> str:
+    return f"{cell_label(sci)} " + " ".join(f"{k}={v:.3g}" for k, v in nui.items()) + f" seed={seed}"
+
+
 def sci_columns(sci: dict[str, Any]) -> dict[str, Any]:
     return {f"sci_{k}": _sci_value(k, v) for k, v in sci.items()}
 
@@ -222,7 +226,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     cfg = apply_cell(TrainConfig.from_dict(ctx.fixed), sci, nui, seed)
     summary = runner.train_and_track(
         cfg, tracking_uri=ctx.tracking_uri, experiment=ctx.experiment,
-        run_name=f"{cell_label(sci)} " + " ".join(f"{k}={v:.3g}" for k, v in nui.items()) + f" seed={seed}",
+        run_name=trial_label(sci, nui, seed),
         storage_path=ctx.storage_path, parent_run_id=ctx.parent_run_id, reuse_key=f"{ctx.study}:{trial_id}",
         tags={"study": ctx.study, "cell": cell_label(sci), "trial_id": trial_id, "seed": str(seed),
               **{f"sci.{k}": str(v) for k, v in sci.items()}},
@@ -282,8 +286,7 @@ def _results_writer_class():
             acc = f" best val acc {row['best_val_acc']:.3f}" if row.get("best_val_acc") is not None else ""
             extra = f" at step {row['diverged_step']}" if status == "diverged" else \
                 f": {row.get('error', '')[:120]}" if status == "failed" else ""
-            nui = " ".join(f"{k}={v:.3g}" for k, v in cfg["nuisance"].items())
-            print(f"[{self.done}/{self.study.n_trials}] {cell_label(cfg['cell'])} {nui} seed={row['seed']}: "
+            print(f"[{self.done}/{self.study.n_trials}] {trial_label(cfg['cell'], cfg['nuisance'], row['seed'])}: "
                   f"{status}{extra}{acc} ({row['wall_time_s']:.0f} s)", flush=True)
             hist = json.loads(res["history_json"]) if res.get("history_json") else self.epochs.get(trial.trial_id, [])
             keep = ("epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_sec",
