@@ -20,9 +20,14 @@ from storage.uri import StorageError
 DEFAULT_MAX_RESIDENT_BYTES = 8 << 30
 
 
+def derive_seed(*parts: int) -> int:
+    """The project's one seed mixer: an independent 63-bit seed per tuple of integers (seed, epoch, rank, …);
+    seed + epoch would make (0, 1) and (1, 0) collide."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
-    """Independent 63-bit seed per (seed, epoch) — seed + epoch would make (0, 1) and (1, 0) collide."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:8], "little") >> 1
+    return derive_seed(seed, epoch)
 
 
 def _check(n: int, batch_size: int, rank: int, world_size: int, drop_last: bool, what: str) -> int:

@@ -1,5 +1,5 @@
 """Study results as a directory of Parquet part-files: append = one new part (atomic), read = concat all parts
-and keep the LAST row per trial_id (per (trial_id, epoch) for epochs), so resumed studies never duplicate."""
+and keep the LAST row per key (per (key, epoch) for epochs), so resumed studies never duplicate."""
 
 import time
 import uuid
@@ -11,51 +11,25 @@ import pyarrow.parquet as pq
 
 from storage.uri import StorageError, join, read_bytes, resolve, write_bytes_atomic
 
-STATUSES = ("completed", "diverged", "failed", "stopped")
-PREFIXES = ("sci_", "nui_", "metric_")
-COLUMNS = {
-    "study": pa.string(), "trial_id": pa.string(), "cell": pa.string(), "seed": pa.int64(),
-    "status": pa.string(), "diverged_step": pa.int64(), "diverged_reason": pa.string(), "error": pa.string(),
-    "final_val_acc": pa.float64(), "best_val_acc": pa.float64(), "final_train_loss": pa.float64(),
-    "best_val_loss": pa.float64(), "steps": pa.int64(), "images_per_sec": pa.float64(),
-    "wall_time_s": pa.float64(), "hardware": pa.string(), "git_commit": pa.string(), "mlflow_run_id": pa.string(),
-}
-EPOCH_KEYS = {"trial_id": pa.string(), "epoch": pa.int64(), "study": pa.string(), "cell": pa.string()}
 
-
-def _column(name: str, values: list, typ: pa.DataType | None) -> pa.Array:
+def _column(name: str, values: list, typ: pa.DataType) -> pa.Array:
     try:
         return pa.array(values, typ)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as e:
-        raise StorageError(f"results column {name!r}: values {values[:3]}... do not fit {typ or 'one type'} ({e});"
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError) as e:
+        raise StorageError(f"results column {name!r}: values {values[:3]}... do not fit {typ} ({e});"
                            " pass one type per column") from e
 
 
-def _results_table(rows: list[dict]) -> pa.Table:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    for k in keys:
-        if k not in COLUMNS and not k.startswith(PREFIXES):
-            raise StorageError(f"unknown results column {k!r}; use one of {sorted(COLUMNS)} or a key starting "
-                               f"with {PREFIXES}")
+def _table(rows: list[dict], schema: pa.Schema, keys: list[str], what: str) -> pa.Table:
+    names = set(schema.names)
     for i, r in enumerate(rows):
-        if not r.get("trial_id"):
-            raise StorageError(f"results row {i} has no trial_id; every row needs one")
-        if r.get("status") not in STATUSES:
-            raise StorageError(f"results row {i} (trial {r['trial_id']}): status {r.get('status')!r} must be one "
-                               f"of {STATUSES}")
-    cols = {}
-    for k in [*COLUMNS, *[k for k in keys if k not in COLUMNS]]:
-        typ = COLUMNS.get(k) or (pa.float64() if k.startswith("metric_") else None)
-        cols[k] = _column(k, [r.get(k) for r in rows], typ)
-    return pa.table(cols)
-
-
-def _epochs_table(rows: list[dict]) -> pa.Table:
-    for i, r in enumerate(rows):
-        if r.get("trial_id") is None or r.get("epoch") is None:
-            raise StorageError(f"epoch row {i} needs trial_id and epoch; got keys {sorted(r)}")
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    return pa.table({k: _column(k, [r.get(k) for r in rows], EPOCH_KEYS.get(k, pa.float64())) for k in keys})
+        unknown = set(r) - names
+        if unknown:
+            raise StorageError(f"{what} row {i}: unknown column(s) {sorted(unknown)}; the table's columns are "
+                               f"{schema.names}")
+        if any(r.get(k) is None for k in keys):
+            raise StorageError(f"{what} row {i} needs {' and '.join(keys)}; got keys {sorted(r)}")
+    return pa.table({f.name: _column(f.name, [r.get(f.name) for r in rows], f.type) for f in schema}, schema=schema)
 
 
 def _keep_last(table: pa.Table, keys: list[str]) -> pa.Table:
@@ -67,10 +41,11 @@ def _keep_last(table: pa.Table, keys: list[str]) -> pa.Table:
 
 
 class ResultsTable:
-    """ResultsTable(uri): <uri>/results/part-*.parquet and <uri>/epochs/part-*.parquet."""
+    """<uri>/results/part-*.parquet (one row per `key`) and <uri>/epochs/part-*.parquet (one per key and epoch),
+    with the schemas the caller owns."""
 
-    def __init__(self, uri: str):
-        self.uri = uri
+    def __init__(self, uri: str, schema: pa.Schema, epochs_schema: pa.Schema | None = None, key: str = "trial_key"):
+        self.uri, self.schema, self.epochs_schema, self.key = uri, schema, epochs_schema, key
         self.fs, self.path = resolve(uri)
 
     def _write(self, sub: str, table: pa.Table) -> str:
@@ -107,24 +82,26 @@ class ResultsTable:
 
     def append(self, rows: list[dict]) -> None:
         if rows:
-            self._write("results", _results_table(rows))
+            self._write("results", _table(rows, self.schema, [self.key], "results"))
 
     def read(self) -> pa.Table:
-        t = self._read("results", ["trial_id"])
-        return t if t is not None else pa.schema(COLUMNS).empty_table()
+        t = self._read("results", [self.key])
+        return t.select(self.schema.names) if t is not None else self.schema.empty_table()
 
     def to_pandas(self):
         return self.read().to_pandas()
 
     def append_epochs(self, rows: list[dict]) -> None:
         if rows:
-            self._write("epochs", _epochs_table(rows))
+            self._write("epochs", _table(rows, self._epochs_schema(), [self.key, "epoch"], "epochs"))
 
     def read_epochs(self) -> pa.Table:
-        t = self._read("epochs", ["trial_id", "epoch"])
+        t = self._read("epochs", [self.key, "epoch"])
         if t is None:
-            return pa.schema({"trial_id": pa.string(), "epoch": pa.int64()}).empty_table()
-        return t.sort_by([("trial_id", "ascending"), ("epoch", "ascending")])
+            return self._epochs_schema().empty_table()
+        return t.sort_by([(self.key, "ascending"), ("epoch", "ascending")])
 
-
-EpochsTable = ResultsTable  # one object owns both tables; the alias is the name the spec uses
+    def _epochs_schema(self) -> pa.Schema:
+        if self.epochs_schema is None:
+            raise StorageError(f"{self.uri}: this results table was opened without an epochs schema")
+        return self.epochs_schema

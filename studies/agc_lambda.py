@@ -1,55 +1,68 @@
-"""The AGC stability map (Brock et al. 2021, Fig. 2): over batch size × clipping threshold λ, where does a
-normalizer-free ResNet train, and which λ is best at each batch size?
+"""The AGC stable region (Brock et al. 2021, Fig. 2): for every batch size × clipping threshold λ, the range of
+learning rates that trains — the frontier — and the accuracy inside it.
+
+  scientific  batch size × λ (None = no clipping, the control)          → the map's rows × columns
+  nuisance    learning rate: a fixed log grid scanned in EVERY cell (short runs), then full runs at each
+              cell's best stable lrs; lr = base_lr × batch / 256 (linear scaling)
+  fixed       everything else (model, data, budget, schedule)
 
   python studies/agc_lambda.py --preset laptop       # built-in synthetic data, ~6 min on 2 CPU cores
   python studies/agc_lambda.py --preset cifar10 --dataset-params '{"path": "/data/cifar10"}'
+  python studies/agc_lambda.py --preset paper-imagenet --dataset-params '{"path": "/data/imagenet"}'
 """
 from __future__ import annotations
 
 import sys
 
-from studies.search import parse_grid_value, run_cli
+from studies.cli import run_study_cli
+from studies.config import parse_lambda
+from studies.search import Preset, log_grid
 
-LAMBDAS = [0.01, 0.02, 0.04, 0.08, 0.16, None]  # None = no clipping: the paper's λ sweep plus its control
+LAMBDAS = [0.01, 0.02, 0.04, 0.08, 0.16, None]  # the paper's λ sweep plus its control
+BATCHES = [256, 512, 1024, 2048, 4096]
+LAPTOP_MODEL = dict(model="nf_resnet_cifar", model_overrides={"width": 8, "depth": 1}, dataset="synthetic")
 
 PRESETS = {
-    # scientific: "grid" (the map's axes). nuisance: searched by Optuna in EVERY cell (lr per 256 examples,
-    # log-uniform around the linear scaling rule's 0.1·B/256). fixed: everything else.
-    "laptop": dict(  # 2 CPU cores, ~6 min: 16 px synthetic images keep 3 epochs at batch 1024 at 48 steps
-        grid={"batch_size": [64, 256, 1024], "lambda": [0.01, 0.04, 0.16, None]},
-        nuisance={"base_lr": (0.1, 3.2, True)}, centre={"base_lr": 0.4}, trials_per_cell=3, seeds=1,
-        fixed=dict(model="nf_resnet_cifar", model_overrides={"width": 8, "depth": 1}, dataset="synthetic",
-                   dataset_params={"n_train": 16384, "n_val": 2048, "image_size": 16}, epochs=3,
-                   warmup_epochs=0.5, gns_every_steps=2, log_every_steps=2, checkpoint_every_epochs=1),
+    "laptop": Preset(  # 2 CPU cores, ~6 min; 16 px images keep batch 1024 cheap
+        grid={"batch_size": [64, 256, 1024], "clip_threshold": [0.01, 0.04, 0.16, None]},
+        lrs=log_grid(0.2, 12.8), scan_steps=40, full_top=2, seeds=1,
+        fixed=dict(**LAPTOP_MODEL, dataset_params={"n_train": 16384, "n_val": 2048, "image_size": 16}, epochs=2,
+                   warmup_steps=0, gns_every_steps=0, log_every_steps=2, checkpoint_every_epochs=0),
     ),
-    "cifar10": dict(  # one GPU node, real CIFAR-10 from a path
-        grid={"batch_size": [256, 512, 1024, 2048, 4096], "lambda": LAMBDAS},
-        nuisance={"base_lr": (0.025, 0.8, True)}, centre={"base_lr": 0.1}, trials_per_cell=4, seeds=1,
+    "cifar10": Preset(  # one GPU node, real CIFAR-10 from a path
+        grid={"batch_size": BATCHES, "clip_threshold": LAMBDAS}, lrs=log_grid(0.025, 1.6), scan_steps=200,
+        full_top=2, seeds=1,
         fixed=dict(model="nf_resnet_cifar", model_overrides={"width": 64, "depth": 2}, dataset="cifar10",
                    use_gpu=True, epochs=30, warmup_epochs=2, precision="bf16", channels_last=True,
                    augment_strength=0.2, label_smoothing=0.1),
     ),
-    "imagenet": dict(  # a GPU cluster: the paper's setting (NF-ResNet-50, 90 epochs, best 4 of 5 seeds)
-        grid={"batch_size": [256, 512, 1024, 2048, 4096], "lambda": LAMBDAS},
-        nuisance={"base_lr": (0.025, 0.4, True)}, centre={"base_lr": 0.1}, trials_per_cell=3, seeds=5, best_k=4,
+    # The paper's protocol (Fig. 2 as published): lr by the linear scaling rule (base 0.1), no lr search, 5 seeds,
+    # each point the mean of the best 4.
+    "paper-cifar10": Preset(
+        grid={"batch_size": BATCHES, "clip_threshold": LAMBDAS}, lrs=(0.1,), seeds=5, best_k=4,
+        fixed=dict(model="nf_resnet_cifar", model_overrides={"width": 64, "depth": 2}, dataset="cifar10",
+                   use_gpu=True, epochs=30, warmup_epochs=2, precision="bf16", channels_last=True,
+                   augment_strength=0.2, label_smoothing=0.1),
+    ),
+    "paper-imagenet": Preset(  # NF-ResNet-50, 90 epochs, 8 GPUs per trial
+        grid={"batch_size": BATCHES, "clip_threshold": LAMBDAS}, lrs=(0.1,), seeds=5, best_k=4,
         fixed=dict(model="nf_resnet50", dataset="imagefolder", image_size=224, use_gpu=True, num_workers=8,
                    cpus_per_worker=8, epochs=90, warmup_epochs=5, precision="bf16", channels_last=True,
                    loader="streaming", label_smoothing=0.1, max_failures=3),
     ),
-    "smoke": dict(  # --smoke-test: tiny model, one trial, a few steps
-        grid={"batch_size": [64], "lambda": [0.04]},
-        nuisance={"base_lr": (0.05, 0.4, True)}, centre={"base_lr": 0.1}, trials_per_cell=1, seeds=1,
-        fixed=dict(model="nf_resnet_cifar", model_overrides={"width": 8, "depth": 1}, dataset="synthetic",
-                   dataset_params={"n_train": 512, "n_val": 128}, max_steps=6, log_every_steps=2),
+    "smoke": Preset(  # --smoke-test: tiny model, one cell, two lrs, a few steps
+        grid={"batch_size": [64], "clip_threshold": [0.04]}, lrs=(0.1, 0.4), scan_steps=3, full_top=1,
+        fixed=dict(**LAPTOP_MODEL, dataset_params={"n_train": 512, "n_val": 128}, max_steps=6, log_every_steps=2),
     ),
 }
+PRESETS["imagenet"] = PRESETS["paper-imagenet"]
 
 GRID_FLAGS = {"batch_size": (int, "batch sizes (rows of the map)"),
-              "lambda": (parse_grid_value, "AGC λ values; 'none' = no clipping (columns of the map)")}
+              "clip_threshold": (parse_lambda, "AGC λ values; 'none' = no clipping (columns of the map)")}
 
 
 def main(argv: list[str] | None = None):
-    return run_cli("agc_lambda", PRESETS, argv, __doc__, GRID_FLAGS)
+    return run_study_cli("agc_lambda", PRESETS, argv, __doc__, GRID_FLAGS)
 
 
 if __name__ == "__main__":

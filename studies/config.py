@@ -1,6 +1,9 @@
+"""TrainConfig: every setting of one training run, validated on construction. The one spelling of each setting
+in config, results tables and MLflow params is its field name here; λ is `clip_threshold`."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -39,27 +42,28 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 5e-5  # never applied to gains, biases and skip gains
     warmup_epochs: float = 1.0
+    warmup_steps: int | None = None  # overrides warmup_epochs when set
     epochs: float = 5.0
     max_steps: int | None = None  # overrides epochs when set
+    # Length of the lr schedule when longer than the run: a stability scan runs the first max_steps of the full
+    # run's schedule, so it sees the same learning rates the full run would.
+    schedule_steps: int | None = None
 
     clipping: str = "agc"
-    clip_threshold: float = 0.02  # λ for AGC, max global norm for "norm"
+    clip_threshold: float | None = 0.02  # λ for AGC, max global norm for "norm"; None without clipping
     augment_strength: float = 0.0
     label_smoothing: float = 0.0
     precision: str = "fp32"
     channels_last: bool = False
+    compile: bool = False  # torch.compile the model
 
     seed: int = 0
     log_every_steps: int = 10  # divergence check + step metrics; one host sync per this many steps
-    eval_every_epochs: int = 1
+    eval_every_epochs: int = 1  # 0 = never (stability scans)
     checkpoint_every_epochs: int = 1
     max_failures: int = 0
     divergence_factor: float = 5.0  # diverged if loss > factor * initial loss (or non-finite)
     gns_every_steps: int = 10  # gradient noise scale measurement cadence; 0 disables
-
-    # Fault injection for the resume test: crash the worker once at this step (marker file keeps it once).
-    crash_at_step: int | None = None
-    crash_marker: str | None = None
 
     def __post_init__(self):
         from nfnet import list_models
@@ -80,7 +84,7 @@ class TrainConfig:
             )
         if self.clipping not in CLIPPING_MODES:
             bad(f"clipping must be one of {CLIPPING_MODES}, got {self.clipping!r}")
-        if self.clipping != "none" and not self.clip_threshold > 0:
+        if self.clipping != "none" and not (self.clip_threshold or 0) > 0:
             bad(f"clip_threshold (λ for AGC) must be > 0, got {self.clip_threshold}; use clipping='none' to disable")
         if self.precision not in PRECISIONS:
             bad(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
@@ -100,8 +104,22 @@ class TrainConfig:
             bad(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.loader not in ("auto", "resident", "streaming"):
             bad(f"loader must be auto, resident or streaming, got {self.loader!r}")
-        if self.log_every_steps < 1 or self.eval_every_epochs < 1 or self.checkpoint_every_epochs < 0:
-            bad("log_every_steps and eval_every_epochs must be >= 1, checkpoint_every_epochs >= 0")
+        if self.log_every_steps < 1 or self.eval_every_epochs < 0 or self.checkpoint_every_epochs < 0:
+            bad("log_every_steps must be >= 1, eval_every_epochs and checkpoint_every_epochs >= 0")
+        for name in ("warmup_steps", "schedule_steps"):
+            v = getattr(self, name)
+            if v is not None and v < (0 if name == "warmup_steps" else 1):
+                bad(f"{name} must be {'>= 0' if name == 'warmup_steps' else 'positive'}, got {v}")
+        if self.gns_every_steps < 0:
+            bad(f"gns_every_steps must be >= 0 (0 = off), got {self.gns_every_steps}")
+        if self.max_failures < 0:
+            bad(f"max_failures must be >= 0, got {self.max_failures}")
+        if self.image_size is not None and self.image_size <= 0:
+            bad(f"image_size must be positive, got {self.image_size}")
+        if self.cpus_per_worker <= 0:
+            bad(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.clipping == "none":
+            self.clip_threshold = None  # no clipping: no λ, so none is logged or stored
         if not self.divergence_factor > 1:
             bad(f"divergence_factor must be > 1, got {self.divergence_factor}")
 
@@ -113,8 +131,16 @@ class TrainConfig:
     def local_batch_size(self) -> int:
         return self.batch_size // self.num_workers
 
+    @property
+    def lambda_label(self) -> str:
+        return lambda_label(self.clip_threshold if self.clipping != "none" else None)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of every field: a checkpoint or a results row belongs to exactly this config."""
+        return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -131,6 +157,8 @@ class TrainConfig:
         # MLflow params: nested dicts flattened with dots, everything as text.
         out: dict[str, str] = {}
         for k, v in self.to_dict().items():
+            if v is None:
+                continue
             if isinstance(v, dict):
                 for kk, vv in v.items():
                     out[f"{k}.{kk}"] = json.dumps(vv) if isinstance(vv, (dict, list)) else str(vv)
@@ -138,3 +166,12 @@ class TrainConfig:
                 out[k] = str(v)
         out["lr"] = str(self.lr)
         return out
+
+
+def lambda_label(clip_threshold: float | None) -> str:
+    """λ as text, the one formatter for tables, tags and plots: '0.01', or 'none' without clipping."""
+    return "none" if clip_threshold is None else f"{clip_threshold:g}"
+
+
+def parse_lambda(text: str) -> float | None:
+    return None if text.lower() in ("none", "off", "no") else float(text)

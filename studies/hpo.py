@@ -1,54 +1,45 @@
 """Joint search at one batch size: Optuna (TPE) over learning rate, AGC λ and augmentation strength.
 Reports the best configuration, Optuna's parameter importances and the search history (plots in MLflow).
 
-  python studies/hpo.py --preset laptop --trials-per-cell 16
+  python studies/hpo.py --preset laptop --trials 16
 """
 from __future__ import annotations
 
-import math
 import sys
 
-from studies.search import OBJECTIVE, run_cli
+from studies import schema
+from studies.cli import run_study_cli
+from studies.runner import OBJECTIVE
+from studies.search import Preset
+from studies.tune_glue import tpe_space
 
+RANGES = {"base_lr": (0.05, 1.6, True), "clip_threshold": (0.005, 0.32, True), "augment_strength": (0.0, 1.0, False)}
+LAPTOP = dict(model="nf_resnet_cifar", model_overrides={"width": 8, "depth": 1}, dataset="synthetic", clipping="agc")
 PRESETS = {
-    "laptop": dict(
-        grid={"batch_size": [256]}, trials_per_cell=12, seeds=1,
-        nuisance={"base_lr": (0.05, 1.6, True), "clip_threshold": (0.005, 0.32, True),
-                  "augment_strength": (0.0, 1.0, False)},
-        fixed=dict(model="nf_resnet_cifar", model_overrides={"width": 8, "depth": 1}, dataset="synthetic",
-                   clipping="agc", dataset_params={"n_train": 16384, "n_val": 2048, "image_size": 16}, epochs=3,
-                   warmup_epochs=0.5),
-    ),
-    "cifar10": dict(
-        grid={"batch_size": [1024]}, trials_per_cell=64, seeds=1,
-        nuisance={"base_lr": (0.025, 0.8, True), "clip_threshold": (0.005, 0.32, True),
-                  "augment_strength": (0.0, 1.0, False)},
-        fixed=dict(model="nf_resnet_cifar", model_overrides={"width": 64, "depth": 2}, dataset="cifar10",
-                   clipping="agc", use_gpu=True, epochs=30, warmup_epochs=2, precision="bf16", channels_last=True),
-    ),
-    "smoke": dict(
-        grid={"batch_size": [64]}, trials_per_cell=2, seeds=1,
-        nuisance={"base_lr": (0.05, 0.4, True), "clip_threshold": (0.01, 0.16, True),
-                  "augment_strength": (0.0, 1.0, False)},
-        fixed=dict(model="nf_resnet_cifar", model_overrides={"width": 8, "depth": 1}, dataset="synthetic",
-                   clipping="agc", dataset_params={"n_train": 512, "n_val": 128}, max_steps=6, log_every_steps=2),
-    ),
+    "laptop": Preset(grid={"batch_size": [256]}, tpe=RANGES, trials=12,
+                     fixed=dict(**LAPTOP, dataset_params={"n_train": 16384, "n_val": 2048, "image_size": 16},
+                                epochs=3, warmup_epochs=0.5)),
+    "cifar10": Preset(grid={"batch_size": [1024]}, tpe={**RANGES, "base_lr": (0.025, 0.8, True)}, trials=64,
+                      fixed=dict(model="nf_resnet_cifar", model_overrides={"width": 64, "depth": 2},
+                                 dataset="cifar10", clipping="agc", use_gpu=True, epochs=30, warmup_epochs=2,
+                                 precision="bf16", channels_last=True)),
+    "smoke": Preset(grid={"batch_size": [64]}, tpe={**RANGES, "base_lr": (0.05, 0.4, True)}, trials=2,
+                    fixed=dict(**LAPTOP, dataset_params={"n_train": 512, "n_val": 128}, max_steps=6,
+                               log_every_steps=2)),
 }
 
 
-def optuna_study(results, nuisance: dict):
-    """Rebuild an Optuna study from the results table (offline, no Ray) for Optuna's own analyses."""
+def optuna_study(results, ranges: dict):
+    """Rebuild an Optuna study from the results table (offline, no Ray) for Optuna's own analyses. A trial's
+    value is RunSummary.objective(), exactly what the search was told."""
     import optuna
 
-    dists = {k: optuna.distributions.FloatDistribution(lo, hi, log=log) for k, (lo, hi, log) in nuisance.items()}
+    dists = tpe_space(ranges)
     st = optuna.create_study(direction="maximize")
     for r in results.to_pylist():
-        params = {k: r[f"nui_{k}"] for k in nuisance if r.get(f"nui_{k}") is not None}
-        if len(params) != len(nuisance):
-            continue
-        acc = r.get("best_val_acc")
-        value = acc if r["status"] == "completed" and acc is not None and math.isfinite(acc) else 0.0
-        st.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value))
+        if r["phase"] == "tpe" and all(r.get(k) is not None for k in ranges):
+            st.add_trial(optuna.trial.create_trial(params={k: r[k] for k in ranges}, distributions=dists,
+                                                   value=schema.RunSummary.from_scalars(r).objective()))
     return st
 
 
@@ -56,9 +47,12 @@ def analyze(study, results, epochs):
     import matplotlib.pyplot as plt
     import optuna
 
-    st = optuna_study(results, study.nuisance)
+    from studies import analysis
+
+    cells = analysis.frontier_table(results)
+    st = optuna_study(results, study.preset.tpe)
     if not st.trials:
-        return {}, "no finished trials", {}
+        return {}, "no finished trials", {}, cells
     importances = optuna.importance.get_param_importances(st) if len(st.trials) > 2 else {}
     values = [t.value for t in st.trials]
     fig_h, ax = plt.subplots(figsize=(7, 3.5))
@@ -74,11 +68,12 @@ def analyze(study, results, epochs):
     text = (f"best: val acc {best.value:.4f} with " + ", ".join(f"{k}={v:.4g}" for k, v in best.params.items())
             + "\nimportances: " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))
     return ({"search_history.png": fig_h, "importances.png": fig_i}, text,
-            {"best_params": best.params, "best_value": best.value, "importances": importances})
+            {"best_params": best.params, "best_value": best.value, "importances": importances}, cells)
 
 
 def main(argv: list[str] | None = None):
-    return run_cli("hpo", PRESETS, argv, __doc__, {"batch_size": (int, "the batch size to search at")}, analyze)
+    return run_study_cli("hpo", PRESETS, argv, __doc__, {"batch_size": (int, "the batch size to search at")},
+                         analyze)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-# The per-worker training loop. Plain PyTorch (+ torch.distributed when world_size > 1): no Ray here,
-# so it runs in-process, under a Tune trial, or on every Ray Train worker, and is unit-tested on CPU.
+"""The per-worker training loop. Plain PyTorch (+ torch.distributed when world_size > 1): no Ray here, so it runs
+in-process, under a Tune trial, or on every Ray Train worker, and is unit-tested on CPU.
+
+Read `train` top to bottom: set up, then per epoch `train_step` (forward, backward, clip, step), the divergence
+monitor every log window, and `end_of_epoch` (metrics, evaluation, checkpoint, report)."""
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 import nfnet
 import storage
 from studies.config import TrainConfig
+from studies.schema import RunSummary
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -35,6 +38,7 @@ class WorkerContext:
     # Streaming under Ray Train: (n_train_rows) -> loader over this worker's get_dataset_shard("train").
     train_loader: Callable[[int], Any] | None = None
     print: Callable[[str], None] = print
+    on_step: Callable[[int], None] | None = None  # test hook: called before each step (fault injection)
 
 
 class GradNoiseScale:
@@ -66,6 +70,56 @@ class GradNoiseScale:
         self.g2, self.s, self.n = d["g2"], d["s"], d["n"]
 
 
+class DivergenceMonitor:
+    """Diverged = a non-finite loss, or one above divergence_factor × the first step's loss. Losses stay on the
+    device and are checked once per log window (one host sync), all-reduced so every rank stops together."""
+
+    def __init__(self, factor: float, world_size: int):
+        self.factor, self.world_size = factor, world_size
+        self.pending: list[torch.Tensor] = []
+        self.losses: list[float] = []  # every step's loss, for final_train_loss
+        self.initial: float | None = None
+        self.step: int | None = None
+        self.reason: str | None = None
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.pending.append(loss)
+
+    def check(self, next_step: int) -> bool:
+        if not self.pending:
+            return self.step is not None
+        losses = all_reduce_mean(torch.stack(self.pending).float(), self.world_size).tolist()
+        self.pending = []
+        first = next_step - len(losses)
+        if self.initial is None:
+            self.initial = losses[0]
+        for i, lv in enumerate(losses):
+            self.losses.append(lv)
+            if not math.isfinite(lv):
+                self.step, self.reason = first + i, "non-finite loss"
+            elif lv > self.factor * self.initial:
+                self.step, self.reason = first + i, f"loss {lv:.3g} > {self.factor}x initial {self.initial:.3g}"
+            if self.step is not None:
+                return True
+        return False
+
+    @property
+    def diverged(self) -> bool:
+        return self.step is not None
+
+    def final_train_loss(self) -> float | None:
+        if not self.losses:
+            return None
+        tail = self.losses[-max(1, len(self.losses) // 10):]
+        return sum(tail) / len(tail)
+
+    def state_dict(self):
+        return {"initial": self.initial, "losses": self.losses}
+
+    def load_state_dict(self, d):
+        self.initial, self.losses = d["initial"], list(d["losses"])
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float):
     # No weight decay on gains, biases and skip gains (NFNet recipe).
     decay, no_decay = [], []
@@ -77,29 +131,95 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warmup, then cosine decay to 0 at `total`."""
     if warmup and step < warmup:
         return peak * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
     return 0.5 * peak * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def _grad_sq(params) -> torch.Tensor:
+def run_length(cfg: TrainConfig, steps_per_epoch: int) -> tuple[int, int, int]:
+    """(steps to run, lr schedule length, warmup steps)."""
+    total = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
+    schedule = max(total, cfg.schedule_steps or 0)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * steps_per_epoch)
+    return total, schedule, min(schedule, warmup)
+
+
+def grad_sq(params) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     return torch.stack(torch._foreach_norm(grads)).float().square().sum()
 
 
-def _all_reduce_mean(t: torch.Tensor, world_size: int) -> torch.Tensor:
+def all_reduce_mean(t: torch.Tensor, world_size: int) -> torch.Tensor:
     if world_size > 1:
         dist.all_reduce(t)
         t = t / world_size
     return t
 
 
-def _seed_for(*parts: int) -> int:
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (p + 0x9E3779B9)) * 1099511628211) % (1 << 63)
-    return h
+def has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def clip_gradients(cfg: TrainConfig, agc_params, all_params, want_metrics: bool) -> dict[str, Any]:
+    """Clip in place after backward (so after DDP's all-reduce) and before the optimizer step. Returns device
+    tensors (no sync) when `want_metrics`."""
+    out: dict[str, Any] = {}
+    if cfg.clipping == "agc":
+        stats = nfnet.adaptive_grad_clip_(agc_params, cfg.clip_threshold)
+        if want_metrics:
+            out = {"grad_norm_before": stats.grad_norm_before, "grad_norm_after": stats.grad_norm_after,
+                   "agc_clipped_frac": stats.fraction_clipped(),
+                   **{f"agc_clipped_frac.{k}": v for k, v in stats.per_stage().items()}}
+    elif cfg.clipping == "norm":
+        gn = torch.nn.utils.clip_grad_norm_(all_params, cfg.clip_threshold)
+        if want_metrics:
+            out = {"grad_norm_before": gn, "grad_norm_after": gn.clamp(max=cfg.clip_threshold)}
+    elif want_metrics:
+        gn = grad_sq(all_params).sqrt()
+        out = {"grad_norm_before": gn, "grad_norm_after": gn}
+    return out
+
+
+@dataclass
+class Step:
+    loss: torch.Tensor
+    logits: torch.Tensor
+    grad_sq_small: torch.Tensor | None = None  # gradient noise scale inputs, when measured this step
+    grad_sq_big: torch.Tensor | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def forward_backward(net, x, y_soft, cfg: TrainConfig, amp, scale: float = 1.0):
+    with amp():
+        logits = net(x)
+        loss = F.cross_entropy(logits.float(), y_soft, label_smoothing=cfg.label_smoothing)
+    (loss * scale).backward()
+    return loss.detach(), logits.detach()
+
+
+def train_step(net, opt, x, y_soft, cfg: TrainConfig, amp, params, agc_params, *, measure_gns: bool,
+               world_size: int, want_metrics: bool) -> Step:
+    opt.zero_grad(set_to_none=True)
+    if not measure_gns:
+        loss, logits = forward_backward(net, x, y_soft, cfg, amp)
+        small = big = None
+    else:
+        # The same batch as two micro-batches (gradients accumulate to the full-batch gradient): the first half's
+        # local gradient is the small-batch estimate, the all-reduced sum the big one. Only for models whose
+        # forward does not depend on the batch (no BatchNorm), so the training step itself is unchanged.
+        h, b = len(x) // 2, len(x)
+        sync_off = net.no_sync() if world_size > 1 else contextlib.nullcontext()
+        with sync_off:
+            l1, o1 = forward_backward(net, x[:h], y_soft[:h], cfg, amp, h / b)
+        small = grad_sq(params) * (b / h) ** 2
+        l2, o2 = forward_backward(net, x[h:], y_soft[h:], cfg, amp, (b - h) / b)
+        big = grad_sq(params)
+        loss, logits = (l1 * h + l2 * (b - h)) / b, torch.cat([o1, o2])
+    metrics = clip_gradients(cfg, agc_params, params, want_metrics)
+    opt.step()
+    return Step(loss, logits, small, big, metrics)
 
 
 @torch.no_grad()
@@ -125,252 +245,234 @@ def evaluate(model, images, labels, augment, ctx: WorkerContext, batch: int, cha
     return loss / max(n, 1), correct / max(n, 1)
 
 
-def train(cfg: TrainConfig, dataset_uri: str, ctx: WorkerContext) -> dict[str, Any]:
-    t_start = time.perf_counter()
+@dataclass
+class EpochTally:
+    """Device-side sums over one epoch (no sync until the epoch ends)."""
+
+    device: torch.device
+    loss: torch.Tensor = None
+    correct: torch.Tensor = None
+    seen: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+    last: dict[str, Any] = field(default_factory=dict)  # the last logged step metrics
+
+    def __post_init__(self):
+        self.loss = torch.zeros((), device=self.device)
+        self.correct = torch.zeros((), device=self.device)
+
+    def add(self, s: Step, labels: torch.Tensor) -> None:
+        self.loss += s.loss
+        self.correct += (s.logits.argmax(1) == labels).sum()
+        self.seen += len(labels)
+
+
+def build(cfg: TrainConfig, dataset_uri: str, ctx: WorkerContext):
+    """Model, optimizer, data and augmentation for one worker."""
     device = ctx.device
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP broadcasts it anyway)
     data = storage.open_dataset(dataset_uri)
     man = data.manifest
-    num_classes = man.num_classes
-
-    model = nfnet.create_model(cfg.model, num_classes=num_classes, **cfg.model_overrides).to(device)
+    model = nfnet.create_model(cfg.model, num_classes=man.num_classes, **cfg.model_overrides).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    agc_params = nfnet.agc_parameters(model) if cfg.clipping == "agc" else None
-    all_params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov
-    )
+    opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
+                          nesterov=cfg.nesterov, foreach=True)
     net = model
     if ctx.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
     if man.image_shape is None and cfg.image_size is None:
         raise ValueError(f"{dataset_uri} holds images of varying size; set image_size (--image-size) to train")
     if ctx.train_loader is not None:
         loader = ctx.train_loader(man.splits["train"])
     else:
-        loader = storage.make_loader(
-            data, "train", batch_size=cfg.batch_size, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
-            device=device, mode=cfg.loader, image_size=cfg.image_size,
-        )
+        loader = storage.make_loader(data, "train", batch_size=cfg.batch_size, seed=cfg.seed, rank=ctx.rank,
+                                     world_size=ctx.world_size, device=device, mode=cfg.loader,
+                                     image_size=cfg.image_size)
     # image_size None: pad-and-crop at the native (CIFAR-size) resolution; else random-resized crops to it.
-    augment = nfnet.Augment(cfg.augment_strength, num_classes, image_size=cfg.image_size).to(device)
-    val_x, val_y = data.load_split("val", image_size=cfg.image_size)
-    val_x, val_y = val_x.to(device), val_y.to(device)
+    augment = nfnet.Augment(cfg.augment_strength, man.num_classes, image_size=cfg.image_size).to(device)
+    val = [t.to(device) for t in data.load_split("val", image_size=cfg.image_size)] if cfg.eval_every_epochs \
+        else None
+    return model, net, opt, loader, augment, val
 
-    steps_per_epoch = loader.steps_per_epoch
-    total = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
-    n_epochs = math.ceil(total / steps_per_epoch)
-    warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
-    use_amp = cfg.precision == "bf16"
 
-    def amp():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
+@dataclass
+class Run:
+    """One worker's training run: what the loop and end_of_epoch share."""
 
-    gns = GradNoiseScale()
-    state = {"epoch": 0, "step": 0, "initial_loss": None, "history": [], "best_val_acc": float("nan"),
-             "best_val_loss": float("nan"), "status": "running", "diverged_step": None, "diverged_reason": None}
+    cfg: TrainConfig
+    ctx: WorkerContext
+    model: torch.nn.Module
+    net: torch.nn.Module  # the model as trained: DDP-wrapped and/or compiled
+    opt: torch.optim.Optimizer
+    augment: nfnet.Augment
+    val: list[torch.Tensor] | None
+    total: int  # steps to run
+    schedule: int  # lr schedule length
+    warmup: int
+    n_epochs: int
+    gns: GradNoiseScale = field(default_factory=GradNoiseScale)
+    monitor: DivergenceMonitor = None
+    state: dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "step": 0, "history": [],
+                                                           "best_val_acc": math.nan, "best_val_loss": math.nan})
+
+    def __post_init__(self):
+        self.monitor = self.monitor or DivergenceMonitor(self.cfg.divergence_factor, self.ctx.world_size)
+
+    def amp(self):
+        return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+
+
+def train(cfg: TrainConfig, dataset_uri: str, ctx: WorkerContext) -> RunSummary:
+    t_start = time.perf_counter()
+    model, net, opt, loader, augment, val = build(cfg, dataset_uri, ctx)
+    total, schedule, warmup = run_length(cfg, loader.steps_per_epoch)
+    run = Run(cfg, ctx, model, net, opt, augment, val, total, schedule, warmup,
+              n_epochs=math.ceil(total / loader.steps_per_epoch))
+    params = [p for p in model.parameters() if p.requires_grad]
+    agc_params = nfnet.agc_parameters(model) if cfg.clipping == "agc" else None
+    gns_on = cfg.gns_every_steps > 0 and cfg.local_batch_size >= 2 and not has_batchnorm(model)
+    monitor, state = run.monitor, run.state
     if ctx.resume_from:
-        ck = torch.load(Path(ctx.resume_from) / CHECKPOINT_FILE, map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        gns.load_state_dict(ck["gns"])
-        state.update(ck["state"])
+        restore_checkpoint(ctx.resume_from, run)
         ctx.print(f"resumed from epoch {state['epoch']} (step {state['step']})")
 
-    step = state["step"]
-    b_local = cfg.local_batch_size
-    metrics: dict[str, Any] = {}
-    train_time = 0.0
-    for epoch in range(state["epoch"], n_epochs):
+    step, train_time = state["step"], 0.0
+    for epoch in range(state["epoch"], run.n_epochs):
         # Every random stream is re-seeded from (seed, epoch, rank): a run resumed at an epoch boundary
         # continues exactly as the uninterrupted one.
-        torch.manual_seed(_seed_for(cfg.seed, epoch, ctx.rank))
-        gen = torch.Generator().manual_seed(_seed_for(cfg.seed, epoch, ctx.rank, 1))  # CPU: drives augmentation
-        pending_loss, pending_small, pending_big = [], [], []
-        correct = torch.zeros((), device=device)
-        seen = 0
-        loss_sum = torch.zeros((), device=device)
-        last = {}
-        t_epoch = time.perf_counter()
-        if device.type == "cuda":
+        torch.manual_seed(storage.derive_seed(cfg.seed, epoch, ctx.rank))
+        gen = torch.Generator().manual_seed(storage.derive_seed(cfg.seed, epoch, ctx.rank, 1))  # augmentation
+        tally, noise = EpochTally(ctx.device), []
+        if ctx.device.type == "cuda":
             torch.cuda.synchronize()
         for xb, yb in loader.epoch(epoch):
             if step >= total:
                 break
-            if cfg.crash_at_step is not None and step == cfg.crash_at_step and cfg.crash_marker:
-                if not os.path.exists(cfg.crash_marker):
-                    Path(cfg.crash_marker).write_text(str(step))
-                    os._exit(1)  # a killed worker, as far as Ray can tell
-            lr = lr_at(step, total, warmup, cfg.lr)
+            if ctx.on_step:
+                ctx.on_step(step)
+            lr = lr_at(step, schedule, warmup, cfg.lr)
             for g in opt.param_groups:
                 g["lr"] = lr
             x, y_soft = augment(xb, yb, generator=gen)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            opt.zero_grad(set_to_none=True)
-            measure_gns = cfg.gns_every_steps and step % cfg.gns_every_steps == 0 and b_local >= 2
-            if measure_gns:
-                # Two half micro-batches: the first half's local gradient is the small-batch estimate,
-                # the accumulated all-reduced gradient the big one.
-                h = b_local // 2
-                ctxm = net.no_sync() if ctx.world_size > 1 else contextlib.nullcontext()
-                with ctxm:
-                    with amp():
-                        out1 = net(x[:h])
-                        l1 = F.cross_entropy(out1.float(), y_soft[:h], label_smoothing=cfg.label_smoothing)
-                    (l1 * h / b_local).backward()
-                g_small = _grad_sq(all_params) * (b_local / h) ** 2
-                with amp():
-                    out2 = net(x[h:])
-                    l2 = F.cross_entropy(out2.float(), y_soft[h:], label_smoothing=cfg.label_smoothing)
-                ((l2 * (b_local - h)) / b_local).backward()
-                loss = (l1.detach() * h + l2.detach() * (b_local - h)) / b_local
-                logits = torch.cat([out1.detach(), out2.detach()])
-                pending_small.append(g_small)
-                pending_big.append(_grad_sq(all_params))
-            else:
-                with amp():
-                    logits = net(x)
-                    loss = F.cross_entropy(logits.float(), y_soft, label_smoothing=cfg.label_smoothing)
-                loss.backward()
-                loss = loss.detach()
             log_now = (step + 1) % cfg.log_every_steps == 0 or step + 1 == total
-            # AGC after backward (so after DDP's all-reduce) and before the optimizer step.
-            if cfg.clipping == "agc":
-                stats = nfnet.adaptive_grad_clip_(agc_params, cfg.clip_threshold)
-                if log_now:
-                    last["grad_norm_before"] = stats.grad_norm_before
-                    last["grad_norm_after"] = stats.grad_norm_after
-                    last["agc_clipped_frac"] = stats.fraction_clipped()
-                    last.update({f"agc_clipped_frac.{k}": v for k, v in stats.per_stage().items()})
-            elif cfg.clipping == "norm":
-                gn = torch.nn.utils.clip_grad_norm_(all_params, cfg.clip_threshold)
-                if log_now:
-                    last["grad_norm_before"] = gn
-                    last["grad_norm_after"] = gn.clamp(max=cfg.clip_threshold)
-            elif log_now:
-                gn = _grad_sq(all_params).sqrt()
-                last["grad_norm_before"] = last["grad_norm_after"] = gn
-            opt.step()
-            pending_loss.append(loss)
-            loss_sum += loss
-            correct += (logits.argmax(1) == yb).sum()
-            seen += len(yb)
+            s = train_step(net, opt, x, y_soft, cfg, run.amp, params, agc_params, world_size=ctx.world_size,
+                           measure_gns=gns_on and step % cfg.gns_every_steps == 0, want_metrics=log_now)
+            monitor.add(s.loss)
+            tally.add(s, yb)
+            tally.last.update(s.metrics)
+            if s.grad_sq_small is not None:
+                noise.append((s.grad_sq_small, s.grad_sq_big))
             step += 1
-
             if log_now:
-                # One host sync per log_every_steps: divergence check on the all-reduced losses.
-                losses = _all_reduce_mean(torch.stack(pending_loss).float(), ctx.world_size).tolist()
-                if pending_small:
-                    s = _all_reduce_mean(torch.stack(pending_small), ctx.world_size).tolist()
-                    b = torch.stack(pending_big).tolist()
-                    for gs, gb in zip(s, b):
-                        gns.update(gs, b_local // 2, gb, cfg.batch_size)
-                first = step - len(losses)
-                if state["initial_loss"] is None:
-                    state["initial_loss"] = losses[0]
-                for i, lv in enumerate(losses):
-                    if not math.isfinite(lv):
-                        state.update(status="diverged", diverged_step=first + i, diverged_reason="non-finite loss")
-                        break
-                    if lv > cfg.divergence_factor * state["initial_loss"]:
-                        state.update(status="diverged", diverged_step=first + i,
-                                     diverged_reason=f"loss {lv:.3g} > {cfg.divergence_factor}x initial "
-                                                     f"{state['initial_loss']:.3g}")
-                        break
-                pending_loss, pending_small, pending_big = [], [], []
+                stop = monitor.check(step)
+                update_gns(run.gns, noise, cfg.local_batch_size, cfg.batch_size, ctx.world_size)
+                noise = []
                 if ctx.rank == 0:
-                    sm = {"train_loss_step": losses[-1], "lr": lr, "gns": gns.value}
-                    sm.update({k: float(v) for k, v in last.items()})
+                    sm = {"train_loss_step": monitor.losses[-1], "lr": lr, "gns": run.gns.value,
+                          **{k: float(v) for k, v in tally.last.items()}}
                     ctx.log_step({k: v for k, v in sm.items() if math.isfinite(v)}, step)
-                if state["status"] == "diverged":
+                if stop:
                     break
-
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t_epoch
-        train_time += dt
-        epoch_steps = seen // max(1, b_local)
-        totals = torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=device)])
-        tl, tc, ts = _all_reduce_mean(totals, ctx.world_size).tolist()
-        metrics = {
-            "epoch": epoch + 1,
-            "step": step,
-            "lr": lr_at(max(0, step - 1), total, warmup, cfg.lr),
-            "train_loss": tl / max(1, epoch_steps),
-            "train_acc": tc / max(1.0, ts),
-            "images_per_sec": seen * ctx.world_size / dt if dt > 0 else float("nan"),
-            "step_time_ms": 1000 * dt / max(1, epoch_steps),
-            "gns": gns.value,
-        }
-        metrics.update({k: float(v) for k, v in last.items()})
-        diverged = state["status"] == "diverged"
-        final = diverged or step >= total
-        if not diverged and ((epoch + 1) % cfg.eval_every_epochs == 0 or final):
-            vl, va = evaluate(net, val_x, val_y, augment, ctx, max(256, b_local), cfg.channels_last, amp)
-            metrics.update(val_loss=vl, val_acc=va)
-            if not va <= state["best_val_acc"]:  # nan-safe max
-                state["best_val_acc"] = va
-            if not vl >= state["best_val_loss"]:
-                state["best_val_loss"] = vl
-        if final:
-            state["status"] = state["status"] if diverged else "completed"
-        state["epoch"] = epoch + 1
-        state["step"] = step
-        if not math.isnan(state["best_val_acc"]):
-            metrics["best_val_acc"] = state["best_val_acc"]
-        metrics.update(status=state["status"], diverged_step=state["diverged_step"])
-        state["history"].append({k: v for k, v in metrics.items() if k not in ("status", "diverged_step")})
-        if ctx.rank == 0:
-            ctx.print(_progress_line(metrics, n_epochs))
-
-        ckpt_dir = None
-        if cfg.checkpoint_every_epochs and not final and (epoch + 1) % cfg.checkpoint_every_epochs == 0:
-            ckpt_dir = _save_checkpoint(model, opt, gns, state) if ctx.rank == 0 else None
-        ctx.report(metrics, ckpt_dir)
-        if final:
+        train_time += end_of_epoch(run, epoch, step, tally)
+        if monitor.diverged or step >= total:
             break
 
     hist = state["history"]
     last_val = next((h for h in reversed(hist) if "val_acc" in h), {})
-    return {
-        "status": state["status"],
-        "diverged_step": state["diverged_step"],
-        "diverged_reason": state["diverged_reason"],
-        "final_val_acc": last_val.get("val_acc"),
-        "final_val_loss": last_val.get("val_loss"),
-        "best_val_acc": None if math.isnan(state["best_val_acc"]) else state["best_val_acc"],
-        "best_val_loss": None if math.isnan(state["best_val_loss"]) else state["best_val_loss"],
-        "final_train_loss": hist[-1]["train_loss"] if hist else None,
-        "steps": step,
-        "epochs": state["epoch"],
-        "images_per_sec": (sum(h["images_per_sec"] for h in hist) / len(hist)) if hist else None,
-        "train_time_s": train_time,
-        "wall_time_s": time.perf_counter() - t_start,
-        "gns": gns.value if gns.n else None,
-        "history": hist,
+
+    def finite(v):
+        return None if v is None or math.isnan(v) else v
+
+    return RunSummary(
+        status="diverged" if monitor.diverged else "completed", steps=step, epochs=state["epoch"],
+        diverged_step=monitor.step, diverged_reason=monitor.reason,
+        best_val_acc=finite(state["best_val_acc"]), final_val_acc=last_val.get("val_acc"),
+        best_val_loss=finite(state["best_val_loss"]), final_val_loss=last_val.get("val_loss"),
+        final_train_loss=monitor.final_train_loss(),
+        images_per_sec=(sum(h["images_per_sec"] for h in hist) / len(hist)) if hist else None,
+        train_time_s=train_time, wall_time_s=time.perf_counter() - t_start,
+        gns=run.gns.value if run.gns.n else None, history=hist)
+
+
+def update_gns(gns: GradNoiseScale, noise, b_local: int, batch: int, world_size: int) -> None:
+    if not noise:
+        return
+    small = all_reduce_mean(torch.stack([n[0] for n in noise]), world_size).tolist()
+    big = torch.stack([n[1] for n in noise]).tolist()
+    for gs, gb in zip(small, big):
+        gns.update(gs, b_local // 2, gb, batch)
+
+
+def end_of_epoch(run: Run, epoch: int, step: int, tally: EpochTally) -> float:
+    """Epoch metrics (one sync), validation, checkpoint and report. Returns the epoch's training time."""
+    cfg, ctx, state, monitor = run.cfg, run.ctx, run.state, run.monitor
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - tally.t0
+    epoch_steps = tally.seen // max(1, cfg.local_batch_size)
+    totals = torch.stack([tally.loss.float(), tally.correct.float(),
+                          torch.tensor(float(tally.seen), device=ctx.device)])
+    tl, tc, ts = all_reduce_mean(totals, ctx.world_size).tolist()
+    m: dict[str, Any] = {
+        "epoch": epoch + 1, "step": step, "lr": lr_at(max(0, step - 1), run.schedule, run.warmup, cfg.lr),
+        "train_loss": tl / max(1, epoch_steps), "train_acc": tc / max(1.0, ts),
+        "images_per_sec": tally.seen * ctx.world_size / dt if dt > 0 else math.nan,
+        "step_time_ms": 1000 * dt / max(1, epoch_steps), "gns": run.gns.value,
+        **{k: float(v) for k, v in tally.last.items()},
     }
+    final = monitor.diverged or step >= run.total
+    if run.val is not None and not monitor.diverged and ((epoch + 1) % cfg.eval_every_epochs == 0 or final):
+        vl, va = evaluate(run.net, *run.val, run.augment, ctx, max(256, cfg.local_batch_size), cfg.channels_last,
+                          run.amp)
+        m.update(val_loss=vl, val_acc=va)
+        if not va <= state["best_val_acc"]:  # nan-safe max
+            state["best_val_acc"] = va
+        if not vl >= state["best_val_loss"]:
+            state["best_val_loss"] = vl
+    state["epoch"], state["step"] = epoch + 1, step
+    if not math.isnan(state["best_val_acc"]):
+        m["best_val_acc"] = state["best_val_acc"]
+    state["history"].append(dict(m))
+    m.update(status="diverged" if monitor.diverged else "completed" if final else "running",
+             diverged_step=monitor.step)
+    if ctx.rank == 0:
+        ctx.print(progress_line(m, run.n_epochs))
+    ckpt_dir = None
+    if cfg.checkpoint_every_epochs and not final and (epoch + 1) % cfg.checkpoint_every_epochs == 0 and ctx.rank == 0:
+        ckpt_dir = save_checkpoint(run)
+    ctx.report(m, ckpt_dir)
+    return dt
 
 
-def _progress_line(m: dict[str, Any], n_epochs: int) -> str:
+def progress_line(m: dict[str, Any], n_epochs: int) -> str:
     val = f" val_acc {m['val_acc']:.3f} val_loss {m['val_loss']:.3f}" if "val_acc" in m else ""
-    return (
-        f"epoch {m['epoch']}/{n_epochs} step {m['step']} loss {m['train_loss']:.4f} acc {m['train_acc']:.3f}"
-        f"{val} lr {m['lr']:.4g} {m['images_per_sec']:.0f} img/s [{m['status']}]"
-    )
+    return (f"epoch {m['epoch']}/{n_epochs} step {m['step']} loss {m['train_loss']:.4f} acc {m['train_acc']:.3f}"
+            f"{val} lr {m['lr']:.4g} {m['images_per_sec']:.0f} img/s [{m['status']}]")
 
 
-def _save_checkpoint(model, opt, gns, state) -> str:
+def save_checkpoint(run: Run) -> str:
     import tempfile
 
     d = tempfile.mkdtemp(prefix="nfnet-ckpt-")
-    torch.save(
-        {"model": model.state_dict(), "optimizer": opt.state_dict(), "gns": gns.state_dict(), "state": state},
-        Path(d) / CHECKPOINT_FILE,
-    )
+    torch.save({"config_hash": run.cfg.fingerprint(), "model": run.model.state_dict(),
+                "optimizer": run.opt.state_dict(), "gns": run.gns.state_dict(), "monitor": run.monitor.state_dict(),
+                "state": run.state}, Path(d) / CHECKPOINT_FILE)
     return d
 
+
+def restore_checkpoint(path: str, run: Run) -> None:
+    # weights_only: a checkpoint from shared storage holds tensors and plain data, never code to run.
+    ck = torch.load(Path(path) / CHECKPOINT_FILE, map_location=run.ctx.device, weights_only=True)
+    if ck.get("config_hash") != run.cfg.fingerprint():
+        raise ValueError(f"checkpoint {path} was written by a run with another config (hash "
+                         f"{ck.get('config_hash')} ≠ {run.cfg.fingerprint()}); refusing to continue it under this one")
+    run.model.load_state_dict(ck["model"])
+    run.opt.load_state_dict(ck["optimizer"])
+    run.gns.load_state_dict(ck["gns"])
+    run.monitor.load_state_dict(ck["monitor"])
+    run.state.update(ck["state"])

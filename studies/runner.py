@@ -1,9 +1,9 @@
-# The driver side of one training run: prepare data, start the MLflow run, then run the worker loop either
-# through Ray Train's TorchTrainer (DDP over gloo/NCCL) or, for a single CPU worker inside a Tune trial,
-# in-process (identical numbers; see tests/test_train.py) to skip the worker group's start-up cost.
+"""The driver side of one training run: prepare data, start the MLflow run, then run the worker loop either
+through Ray Train's TorchTrainer (DDP over gloo/NCCL) or, for a single CPU worker inside a Tune trial,
+in-process (identical numbers; see tests/test_train.py) to skip the worker group's start-up cost."""
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -15,8 +15,9 @@ import torch
 
 import storage
 from studies import loop
-from studies.config import TrainConfig
-from studies.tracking import Tracker, git_commit, hardware
+from studies.config import PROJECT_DIR, TrainConfig
+from studies.schema import RunSummary
+from studies.tracking import MetricLogger, Tracker, git_commit, hardware
 
 
 def prepare_data(cfg: TrainConfig) -> str:
@@ -49,11 +50,42 @@ def _set_threads(cfg: TrainConfig) -> None:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
 
 
-def _mlflow_logger(tracking: dict[str, str] | None, rank: int):
-    """log(metrics, step) into the run's MLflow run on rank 0; a no-op elsewhere."""
+def _mlflow_logger(tracking: dict[str, str] | None, rank: int) -> MetricLogger | None:
+    """Metrics into the run's MLflow run on rank 0 (buffered: an outage never stops training); None elsewhere."""
     if not tracking or rank != 0:
-        return lambda metrics, step: None
-    return Tracker(tracking["uri"], tracking["run_id"]).log_metrics
+        return None
+    return MetricLogger(tracking["uri"], tracking["run_id"])
+
+
+def _crash_once(test_crash: tuple[int, str] | None):
+    """Test hook (never a config field): kill this worker once at a step; a marker file keeps it to once."""
+    if not test_crash:
+        return None
+    at, marker = test_crash
+
+    def on_step(step: int) -> None:
+        if step == at and not os.path.exists(marker):
+            Path(marker).write_text(str(step))
+            os._exit(1)  # a killed worker, as far as Ray can tell
+
+    return on_step
+
+
+def _reporter(log: MetricLogger | None, report_fn, checkpoint_cls):
+    def report(metrics, ckpt_dir):
+        if log:
+            log(metrics, metrics["step"])
+        ckpt = checkpoint_cls.from_directory(ckpt_dir) if ckpt_dir and checkpoint_cls else None
+        if report_fn:
+            report_fn(_scalars(metrics), checkpoint=ckpt)
+        if ckpt_dir:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    return report
+
+
+def _restored(checkpoint) -> str | None:
+    return checkpoint.to_directory(tempfile.mkdtemp(prefix="nfnet-resume-")) if checkpoint is not None else None
 
 
 def _worker_fn(config: dict[str, Any]) -> dict[str, Any]:
@@ -68,23 +100,22 @@ def _worker_fn(config: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     log = _mlflow_logger(config.get("tracking"), rank)
-
-    def report(metrics, ckpt_dir):
-        log(metrics, metrics["step"])
-        ckpt = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
-        ray.train.report(_scalars(metrics), checkpoint=ckpt)
-        if ckpt_dir:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-
     shard = ray.train.get_dataset_shard("train") if config.get("streaming") else None
     train_loader = (lambda n_rows: ShardLoader(shard, n_rows, cfg, world, device)) if shard is not None else None
-    resume = None
-    ck = ray.train.get_checkpoint()
-    if ck is not None:
-        resume = ck.to_directory(tempfile.mkdtemp(prefix="nfnet-resume-"))
-    ctx = loop.WorkerContext(rank=rank, world_size=world, device=device, report=report, log_step=log,
-                             resume_from=resume, train_loader=train_loader, print=lambda s: print(s, flush=True))
-    return loop.train(cfg, config["dataset_uri"], ctx)
+    resume = _restored(ray.train.get_checkpoint())
+    ctx = loop.WorkerContext(rank=rank, world_size=world, device=device,
+                             report=_reporter(log, ray.train.report, ray.train.Checkpoint),
+                             log_step=log or (lambda m, s: None), resume_from=resume, train_loader=train_loader,
+                             print=lambda s: print(s, flush=True), on_step=_crash_once(config.get("test_crash")))
+    try:
+        summary = loop.train(cfg, config["dataset_uri"], ctx)
+    finally:
+        if resume:
+            shutil.rmtree(resume, ignore_errors=True)
+        if log:
+            log.flush()
+    summary.node_id = ray.get_runtime_context().get_node_id()
+    return dataclasses.asdict(summary)
 
 
 class ShardLoader:
@@ -95,12 +126,11 @@ class ShardLoader:
         self.shard, self.device, self.seed = shard, device, cfg.seed
         self.local = cfg.local_batch_size
         self.steps_per_epoch = (n_rows // world) // self.local
-        self.images_per_sec = float("nan")
 
     def epoch(self, epoch: int):
         batches = storage.iter_torch_batches(self.shard, self.local, self.device, drop_last=True,
                                              local_shuffle_buffer_size=8 * self.local,
-                                             local_shuffle_seed=self.seed * 100003 + epoch)
+                                             local_shuffle_seed=storage.derive_seed(self.seed, epoch) % 2**32)
         for _, b in zip(range(self.steps_per_epoch), batches):
             yield b
 
@@ -110,56 +140,46 @@ def runs_in_process(cfg: TrainConfig) -> bool:
     return cfg.num_workers == 1 and not cfg.use_gpu and cfg.max_failures == 0
 
 
-def objective(metrics: dict[str, Any]) -> float:
-    """What searches maximise: best validation top-1 so far; 0 once a run diverged or failed."""
-    v = metrics.get("best_val_acc")
-    if metrics.get("status") in ("diverged", "failed") or v is None or not math.isfinite(v):
-        return 0.0
-    return float(v)
-
-
 def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}
-    out["objective"] = objective(metrics)
+    out[OBJECTIVE] = RunSummary(status=metrics.get("status", "running"),
+                                best_val_acc=metrics.get("best_val_acc")).objective()
     return out
 
 
+OBJECTIVE = "objective"  # the metric name Tune and Optuna see: RunSummary.objective()
+
+
 def run_in_process(cfg: TrainConfig, dataset_uri: str, tracking: dict[str, str] | None = None,
-                   in_tune: bool = False, quiet: bool = False) -> dict[str, Any]:
+                   in_tune: bool = False, quiet: bool = False) -> RunSummary:
     """The same loop as a one-worker TorchTrainer, in this process (no worker group to start)."""
     if cfg.num_workers != 1 or cfg.use_gpu:
         raise ValueError("in-process runs are for one CPU worker; use TorchTrainer for more workers or GPUs")
     threads = torch.get_num_threads()
     _set_threads(cfg)
     log = _mlflow_logger(tracking, 0)
-    resume = None
+    resume, report_fn, ckpt_cls = None, None, None
     if in_tune:
         import ray.tune
 
-        ck = ray.tune.get_checkpoint()
-        if ck is not None:
-            resume = ck.to_directory(tempfile.mkdtemp(prefix="nfnet-resume-"))
-
-    def report(metrics, ckpt_dir):
-        log(metrics, metrics["step"])
-        if in_tune:
-            import ray.tune
-
-            ckpt = ray.tune.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
-            ray.tune.report(_scalars(metrics), checkpoint=ckpt)
-        if ckpt_dir:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-
-    ctx = loop.WorkerContext(report=report, log_step=log, resume_from=resume,
-                             print=(lambda s: None) if quiet else (lambda s: print(s, flush=True)))
+        resume, report_fn, ckpt_cls = _restored(ray.tune.get_checkpoint()), ray.tune.report, ray.tune.Checkpoint
+    ctx = loop.WorkerContext(report=_reporter(log, report_fn, ckpt_cls), log_step=log or (lambda m, s: None),
+                             resume_from=resume, print=(lambda s: None) if quiet else (lambda s: print(s, flush=True)))
     try:
         return loop.train(cfg, dataset_uri, ctx)
     finally:
         torch.set_num_threads(threads)
+        if resume:
+            shutil.rmtree(resume, ignore_errors=True)
+        if log:
+            log.flush()
 
 
 def run_torch_trainer(cfg: TrainConfig, dataset_uri: str, *, name: str, storage_path: str,
-                      tracking: dict[str, str] | None = None, in_tune: bool = False) -> dict[str, Any]:
+                      tracking: dict[str, str] | None = None, in_tune: bool = False,
+                      test_crash: tuple[int, str] | None = None) -> RunSummary:
+    """Ray Train V2 hands a run the latest checkpoint of an earlier run with the same name and storage path:
+    callers name runs by their config's fingerprint, and the loop refuses a checkpoint of another config."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -182,7 +202,7 @@ def run_torch_trainer(cfg: TrainConfig, dataset_uri: str, *, name: str, storage_
         _worker_fn,
         datasets=datasets,
         train_loop_config={"cfg": cfg.to_dict(), "dataset_uri": dataset_uri, "tracking": tracking,
-                           "streaming": streaming},
+                           "streaming": streaming, "test_crash": test_crash},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
@@ -196,15 +216,21 @@ def run_torch_trainer(cfg: TrainConfig, dataset_uri: str, *, name: str, storage_
     result = trainer.fit()
     if result.error is not None or result.return_value is None:
         err = result.error
+        # A worker's own deterministic error (bad config or data) is re-raised as itself: no retry.
+        for e in getattr(err, "worker_failures", {}).values():
+            cause = getattr(e, "cause", None) or e
+            if isinstance(cause, DETERMINISTIC_ERRORS):
+                raise cause
         raise RuntimeError(f"training failed: {err}") from err
-    return result.return_value
+    return RunSummary(**result.return_value)
 
 
 def train_and_track(cfg: TrainConfig, *, tracking_uri: str, experiment: str, run_name: str,
                     storage_path: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
                     reuse_key: str | None = None, in_process: bool | None = None, in_tune: bool = False,
-                    dataset_uri: str | None = None, quiet: bool = False) -> dict[str, Any]:
-    """One run end to end: MLflow run opened first, so failures and divergences are recorded too."""
+                    dataset_uri: str | None = None, quiet: bool = False) -> RunSummary:
+    """One run end to end: MLflow run opened first, so failures and divergences are recorded too. A bad config or
+    bad data is a result (status failed); an infrastructure fault is raised, so Tune retries the trial."""
     from studies import analysis
 
     dataset_uri = dataset_uri or prepare_data(cfg)
@@ -220,27 +246,35 @@ def train_and_track(cfg: TrainConfig, *, tracking_uri: str, experiment: str, run
     try:
         if in_process:
             summary = run_in_process(cfg, dataset_uri, tracking, in_tune=in_tune, quiet=quiet)
+            if in_tune:
+                import ray
+
+                summary.node_id = ray.get_runtime_context().get_node_id()
         else:
-            summary = run_torch_trainer(cfg, dataset_uri, name=run_name, storage_path=storage_path,
-                                        tracking=tracking, in_tune=in_tune)
-    except Exception as e:  # a failed run is data too: record it, then let the caller decide
-        summary = {"status": "failed", "error": f"{type(e).__name__}: {e}",
-                   "traceback": traceback.format_exc()[-4000:]}
-    summary["mlflow_run_id"] = tracker.run_id
-    summary["dataset_uri"] = dataset_uri
+            summary = run_torch_trainer(cfg, dataset_uri, name=f"{run_name}-{cfg.fingerprint()}",
+                                        storage_path=storage_path, tracking=tracking, in_tune=in_tune)
+    except DETERMINISTIC_ERRORS as e:  # the same config would fail again: record it, do not retry
+        summary = RunSummary(status="failed", error=f"{type(e).__name__}: {e}")
+        tracker.log_text(traceback.format_exc()[-4000:], "traceback.txt")
+    summary.mlflow_run_id = tracker.run_id
     tracker.log_dict(cfg.to_dict(), "config.json")
-    tracker.log_dict({k: v for k, v in summary.items() if k != "history"}, "final_metrics.json")
-    if summary.get("history"):
-        fig = analysis.plot_curves(summary["history"], title=run_name)
+    tracker.log_dict(summary.scalars(), "final_metrics.json")
+    if summary.history:
+        fig = analysis.plot_curves(summary.history, title=run_name)
         tracker.log_figure(fig, "curves.png")
         analysis.close(fig)
-    tags = {"diverged_step": summary.get("diverged_step")} if summary["status"] == "diverged" else {}
-    if summary.get("error"):
-        tags["error"] = summary["error"][:500]
+    tags = {"diverged_step": summary.diverged_step} if summary.status == "diverged" else {}
+    if summary.error:
+        tags["error"] = summary.error[:500]
     tracker.set_tags(tags)
-    tracker.end(summary["status"])
+    tracker.end(summary.status)
     return summary
 
 
+# Errors that come from the config or the data, not the machine: a retry would fail the same way.
+DETERMINISTIC_ERRORS = (ValueError, TypeError, KeyError, IndexError, AssertionError, storage.StorageError,
+                        NotImplementedError, torch.OutOfMemoryError)
+
+
 def default_storage_path() -> str:
-    return str(Path(os.environ.get("NFNET_LAB_RESULTS", Path(__file__).resolve().parent.parent / "results")))
+    return str(Path(os.environ.get("NFNET_LAB_RESULTS", PROJECT_DIR / "results")))

@@ -1,5 +1,5 @@
-# MLflow tracking through an explicit MlflowClient (no global active-run state), so the same code logs
-# from the driver, a Tune trial or Ray Train's rank-0 worker into one run id.
+"""MLflow tracking through an explicit MlflowClient (no global active-run state), so the same code logs from the
+driver, a Tune trial or Ray Train's rank-0 worker into one run id."""
 from __future__ import annotations
 
 import json
@@ -60,6 +60,14 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             raise FileNotFoundError(f"MLflow sqlite store {uri}: directory {db.parent} does not exist; create it")
     elif parsed.scheme not in ("file", "databricks", "postgresql", "mysql", ""):
         raise ValueError(f"unsupported MLflow tracking URI {uri!r}; use http(s)://, sqlite:///ABS/PATH or a path")
+
+
+def redact(uri: str) -> str:
+    """The URI without a password: it goes into summaries, params and logs."""
+    p = urllib.parse.urlparse(uri)
+    if p.password is None:
+        return uri
+    return p._replace(netloc=f"{p.username}:***@{p.hostname}" + (f":{p.port}" if p.port else "")).geturl()
 
 
 def _client(uri: str):
@@ -149,6 +157,38 @@ class Tracker:
             fig.savefig(p, dpi=120, bbox_inches="tight")
             self.log_artifact(p)
 
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
     def end(self, status: str) -> None:
         self.set_tags({"status": status})
         self.client.set_terminated(self.run_id, RUN_STATUS.get(status, "FINISHED"))
+
+
+class MetricLogger:
+    """Step metrics into one run, buffered: while the tracking server is unreachable, metrics wait (up to
+    `max_pending` batches, oldest dropped first) and go out with the next call that gets through; training never
+    stops for tracking."""
+
+    def __init__(self, uri: str, run_id: str, max_pending: int = 10_000):
+        self.tracker = Tracker(uri, run_id)
+        self.pending: list[tuple[dict[str, Any], int]] = []
+        self.max_pending, self.failures = max_pending, 0
+
+    def __call__(self, metrics: dict[str, Any], step: int) -> None:
+        self.pending.append((dict(metrics), step))
+        del self.pending[: max(0, len(self.pending) - self.max_pending)]
+        self.flush()
+
+    def flush(self) -> bool:
+        while self.pending:
+            metrics, step = self.pending[0]
+            try:
+                self.tracker.log_metrics(metrics, step)
+            except Exception as e:  # any tracking error: keep the metrics, keep training
+                self.failures += 1
+                if self.failures == 1:
+                    print(f"warning: MLflow unreachable ({type(e).__name__}); buffering metrics", flush=True)
+                return False
+            self.pending.pop(0)
+        return True

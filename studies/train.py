@@ -10,7 +10,7 @@ import time
 
 from studies import cli, runner
 from studies.config import TrainConfig
-from studies.tracking import absolute_tracking_uri, check_tracking_uri, default_tracking_uri
+from studies.tracking import absolute_tracking_uri, check_tracking_uri, default_tracking_uri, redact
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,27 +31,28 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     uri = absolute_tracking_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
     check_tracking_uri(uri)
-    name = args.run_name or f"{cfg.model}-b{cfg.batch_size}-{cfg.clipping}" + (
-        f"{cfg.clip_threshold:g}" if cfg.clipping != "none" else "") + f"-{time.strftime('%Y%m%d-%H%M%S')}"
+    # The time in the name: Ray Train would otherwise hand this run an earlier same-named run's checkpoint.
+    name = (args.run_name or f"{cfg.model}-b{cfg.batch_size}-lambda{cfg.lambda_label}") + \
+        f"-{time.strftime('%Y%m%d-%H%M%S')}"
     if not args.in_process:
         runner.init_ray()
     print(f"training {cfg.model} batch {cfg.batch_size} (lr {cfg.lr:g}) clipping {cfg.clipping} "
-          f"on {cfg.num_workers} worker(s); MLflow: {uri}", flush=True)
+          f"on {cfg.num_workers} worker(s); MLflow: {redact(uri)}", flush=True)
     summary = runner.train_and_track(
         cfg, tracking_uri=uri, experiment=args.experiment, run_name=name,
         storage_path=args.storage_path or runner.default_storage_path(),
         in_process=args.in_process,
     )
-    print(f"status: {summary['status']}" + (f" at step {summary['diverged_step']} ({summary['diverged_reason']})"
-                                            if summary["status"] == "diverged" else ""))
-    if summary.get("error"):
-        print(f"error: {summary['error']}", file=sys.stderr)
-    if summary.get("best_val_acc") is not None:
-        print(f"best val acc {summary['best_val_acc']:.4f}, {summary.get('images_per_sec') or 0:.0f} img/s, "
-              f"gradient noise scale {summary.get('gns')}")
-    print(f"MLflow run {summary['mlflow_run_id']} in experiment '{args.experiment}' at {uri}\n"
-          f"  see it: mlflow ui --backend-store-uri {uri}")
-    return 0 if summary["status"] in ("completed", "diverged") else 1
+    print(f"status: {summary.status}" + (f" at step {summary.diverged_step} ({summary.diverged_reason})"
+                                         if summary.status == "diverged" else ""))
+    if summary.error:
+        print(f"error: {summary.error}", file=sys.stderr)
+    if summary.best_val_acc is not None:
+        print(f"best val acc {summary.best_val_acc:.4f}, {summary.images_per_sec or 0:.0f} img/s, "
+              f"gradient noise scale {summary.gns}")
+    print(f"MLflow run {summary.mlflow_run_id} in experiment '{args.experiment}' at {redact(uri)}\n"
+          f"  see it: mlflow ui --backend-store-uri {redact(uri)}")
+    return 0 if summary.status in ("completed", "diverged") else 1
 
 
 if __name__ == "__main__":

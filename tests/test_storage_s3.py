@@ -50,11 +50,15 @@ def test_s3_corruption_and_missing(s3_bucket):  # noqa: F811
 
 
 def test_results_table_on_s3(s3_bucket):  # noqa: F811
-    rt = storage.ResultsTable(s3_bucket + "/studies/s1")
+    import pyarrow as pa
+
+    cols = pa.schema({"trial_id": pa.string(), "status": pa.string(), "final_val_acc": pa.float64()})
+    eps = pa.schema({"trial_id": pa.string(), "epoch": pa.int64(), "val_acc": pa.float64()})
+    rt = storage.ResultsTable(s3_bucket + "/studies/s1", cols, eps, key="trial_id")
     rt.append([{"trial_id": "a", "status": "completed", "final_val_acc": 0.5}])
     rt.append([{"trial_id": "a", "status": "completed", "final_val_acc": 0.7},
                {"trial_id": "b", "status": "stopped"}])
     rt.append_epochs([{"trial_id": "a", "epoch": 0, "val_acc": 0.3}])
-    df = storage.ResultsTable(s3_bucket + "/studies/s1").to_pandas().set_index("trial_id")
+    df = storage.ResultsTable(s3_bucket + "/studies/s1", cols, key="trial_id").to_pandas().set_index("trial_id")
     assert df.loc["a", "final_val_acc"] == 0.7 and len(df) == 2
     assert rt.read_epochs().num_rows == 1

@@ -1,0 +1,102 @@
+"""Ray Tune glue of the studies: the driver's progress callback and the TPE search of hpo.py. Plain classes,
+public Ray API only."""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from ray import tune
+
+import storage
+from studies import runner, schema
+from studies.config import TrainConfig
+from studies.tracking import git_commit, hardware
+
+if TYPE_CHECKING:
+    from studies.search import Phases, Study, TrialContext
+
+
+class ProgressPrinter(tune.Callback):
+    """A line per finished trial. A trial that fails for good (its retries used up: a worker or node lost again
+    and again) gets a `failed` row here, since it could not write its own."""
+
+    def __init__(self, phase: str, total: int, ctx: TrialContext):
+        self.phase, self.total, self.ctx, self.done = phase, total, ctx, 0
+        self.t0: dict[str, float] = {}
+
+    def setup(self, **info):
+        self.done = 0  # a fresh count for every experiment this callback serves
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.t0.setdefault(trial.trial_id, time.time())
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        r = trial.last_result or {}
+        self._line(trial, r.get("status", "?"), r)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        from studies.search import Spec
+
+        spec = Spec(**trial.config["spec"]) if "spec" in trial.config else None
+        where = getattr(trial, "error_file", "") or "the Tune logs"
+        error = f"trial failed after {trial.num_failures} attempt(s); see {where}"
+        if spec is not None:
+            table = storage.ResultsTable(self.ctx.results_uri, schema.results_schema(), schema.epochs_schema())
+            table.append([schema.results_row(
+                {"study": self.ctx.study, "trial_key": spec.key, "phase": spec.phase, "cell": spec.cell},
+                TrainConfig.from_dict(spec.config), schema.RunSummary(status="failed", error=error), hardware(),
+                git_commit())])
+        self._line(trial, "failed", {"error": error})
+
+    def _line(self, trial, status: str, r: dict[str, Any]) -> None:
+        self.done += 1
+        spec = trial.config.get("spec")
+        from studies.search import Spec
+
+        label = Spec(**spec).label if spec else \
+            "tpe " + " ".join(f"{k}={v:.3g}" for k, v in trial.config.items() if isinstance(v, float))
+        extra = f" at step {r.get('diverged_step')}" if status == "diverged" else \
+            f": {str(r.get('error', ''))[:160]}" if status == "failed" else ""
+        acc = f" best val acc {r['best_val_acc']:.3f}" if r.get("best_val_acc") is not None else \
+            f" loss {r['final_train_loss']:.3f}" if r.get("final_train_loss") is not None and status == "completed" \
+            else ""
+        dt = time.time() - self.t0.get(trial.trial_id, time.time())
+        print(f"[{self.phase} {self.done}/{self.total}] {label}: {status}{extra}{acc} ({dt:.0f} s)", flush=True)
+
+
+def tpe_space(ranges: dict[str, tuple[float, float, bool]]):
+    import optuna
+
+    return {k: optuna.distributions.FloatDistribution(lo, hi, log=log) for k, (lo, hi, log) in ranges.items()}
+
+
+def run_tpe(study: Study, ctx: TrialContext, phases: Phases) -> bool:
+    """hpo: one cell, TPE over the preset's ranges. On --resume the finished trials are told to Optuna from the
+    results table (a data format, not a pickled searcher), then the remaining trials run."""
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from studies.search import cell_label
+
+    (cell,) = study.cells()
+    ctx.fixed, ctx.cell = study.config(cell, seed=study.seed).to_dict(), cell_label(cell)
+    space = tpe_space(study.preset.tpe)
+    rows = [r for r in phases.table.read().to_pylist() if r["phase"] == "tpe"]
+    remaining = study.preset.trials - len(rows)
+    if remaining <= 0:
+        return True
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    told = [{k: r[k] for k in space} for r in rows]
+    rewards = [schema.RunSummary.from_scalars(r).objective() for r in rows]
+    searcher = OptunaSearch(space=space, metric=runner.OBJECTIVE, mode="max",
+                            sampler=optuna.samplers.TPESampler(seed=study.seed, n_startup_trials=4),
+                            points_to_evaluate=told or None, evaluated_rewards=rewards or None)
+    tuner = tune.Tuner(
+        phases.trainable(),
+        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=phases.concurrency),
+                                    num_samples=remaining, reuse_actors=True),
+        run_config=phases.run_config("tpe", ProgressPrinter("tpe", remaining, ctx)))
+    tuner.fit()
+    return len([r for r in phases.table.read().to_pylist() if r["phase"] == "tpe"]) >= study.preset.trials
+
