@@ -12,7 +12,7 @@ its stream resets at each transition (torchvision's post-activation ResNet, wher
 The paper's plots are of 600-layer ResNetV2s at 512 px (α = 1 in Fig. 2); the default here is ResNet-50s with
 α = 0.2 at 224 px and batch 8, small enough for a laptop; --image-size, --batch-size and --models change it.
 
-  python studies/signal_prop.py                 # NF-ResNet-50s and BN ResNet-50, 224 px, batch 8: ~30 s, 2 cores
+  python studies/signal_prop.py                 # NF-ResNet-50s and BN ResNet-50, 224 px, batch 8: ~30 s on 2 idle cores
   python studies/signal_prop.py --smoke-test    # CIFAR-size nets (4 blocks per stage), 32 px: a few seconds
 
 Writes <output>/<name>/signal_prop.png, signal_prop.parquet and summary.txt, logged to one MLflow run.
@@ -40,7 +40,7 @@ from studies.runner import default_storage_path
 
 NO_WS = ":no_ws"
 PRESETS = {
-    # 224 px as in the paper's ImageNet nets; batch 8 keeps the three ResNet-50 passes to ~15 s on 2 CPU cores.
+    # 224 px as in the paper's ImageNet nets; batch 8 keeps the three ResNet-50 passes to ~20 s on 2 CPU cores.
     "default": dict(models=["nf_resnet50", "nf_resnet50" + NO_WS, "bn_resnet50"], image_size=224, batch_size=8,
                     overrides={}),
     "smoke": dict(models=["nf_resnet_cifar", "nf_resnet_cifar" + NO_WS, "bn_resnet_cifar"], image_size=32,
@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///<project>/mlflow.db)")
     args = p.parse_args(argv)
     preset = PRESETS["smoke" if args.smoke_test else "default"]
-    models, overrides = args.models or preset["models"], args.overrides or preset["overrides"]
+    models = args.models or preset["models"]
+    overrides = preset["overrides"] if args.overrides is None else args.overrides
     size, batch = args.image_size or preset["image_size"], args.batch_size or preset["batch_size"]
     if not isinstance(overrides, dict):
         p.error(f"--overrides must be a JSON object, got {overrides!r}")
