@@ -1,5 +1,6 @@
 """Signal Propagation Plots (Brock et al. ICLR 2021, Sec. 3): per residual block, statistics of the residual
-stream at the block's output and of its residual branch, from one forward pass at eval mode."""
+stream at the block's output and of its residual branch, from one forward pass at eval mode (BatchNorm may use
+the batch's statistics instead, as in training and in the paper's plots)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from nfnet.layers import NFBlock
+from nfnet.layers import NFBlock, ScaledStdConv2d
 
 
 @dataclass
@@ -42,7 +43,9 @@ def _channel_stats(t: torch.Tensor) -> tuple[float, float]:
     return float(mean.square().mean()), float(var.mean())
 
 
-def signal_propagation(model: nn.Module, x: torch.Tensor) -> list[BlockSignal]:
+def signal_propagation(model: nn.Module, x: torch.Tensor, batch_stats: bool = False) -> list[BlockSignal]:
+    """One forward pass of `x` at eval mode. `batch_stats=True` lets BatchNorm normalize with the batch's own
+    statistics, as it does in training (the paper's SPPs of BN-ResNets); its running statistics are kept."""
     blocks = residual_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no recognised residual blocks (NFBlock or torchvision "
@@ -56,12 +59,38 @@ def signal_propagation(model: nn.Module, x: torch.Tensor) -> list[BlockSignal]:
         handles.append(branch_out.register_forward_hook(
             lambda _m, _i, out, name=name: branch.__setitem__(name, _channel_stats(out)[1])))
     was_training = model.training
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if batch_stats else []
+    saved = [[b.clone() for b in m.buffers()] for m in bns]
     try:
         model.eval()
+        for m in bns:
+            m.train()
         with torch.no_grad():
             model(x)
     finally:
         model.train(was_training)
+        for m, bufs in zip(bns, saved):
+            for b, old in zip(m.buffers(), bufs):
+                b.copy_(old)
         for h in handles:
             h.remove()
     return [BlockSignal(name, stream[name][0], stream[name][1], branch[name]) for name, _, _ in blocks]
+
+
+def without_weight_standardization(model: nn.Module) -> nn.Module:
+    """`model` with every ScaledStdConv2d replaced by a plain conv holding its raw weight times gain·γ: the same
+    network, same He-initialised weights N(0, 1/fan_in), less Scaled WS. At init this is the NF-ResNet without
+    WS of the paper's Fig. 2, whose channel means drift (Sec. 4.1). Modified in place and returned."""
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, ScaledStdConv2d):
+            continue
+        conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+                         dilation=m.dilation, groups=m.groups, bias=m.bias is not None,
+                         device=m.weight.device, dtype=m.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(m.weight * (m.gain * m.gamma).reshape(-1, 1, 1, 1))
+            if m.bias is not None:
+                conv.bias.copy_(m.bias)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, conv)
+    return model

@@ -66,3 +66,38 @@ def test_bn_model_blocks_found():
 def test_rejects_model_without_residual_blocks():
     with pytest.raises(ValueError, match="residual blocks"):
         signal_propagation(torch.nn.Linear(3, 3), torch.randn(2, 3))
+
+
+def test_without_weight_standardization_is_the_same_net_less_ws():
+    from nfnet.layers import ScaledStdConv2d
+    from nfnet.signal import without_weight_standardization
+
+    torch.manual_seed(0)
+    model = create_model("nf_resnet_cifar", num_classes=10, width=8, depth=2).eval()
+    convs = [m for m in model.modules() if isinstance(m, ScaledStdConv2d)]
+    with torch.no_grad():  # raw weights already standardized: removing WS must then change nothing
+        for m in convs:
+            m.gain.uniform_(0.5, 2.0)
+            m.weight.copy_(m.standardized_weight() / (m.gain * m.gamma).reshape(-1, 1, 1, 1))
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        before = model(x)
+        plain = without_weight_standardization(model)
+        after = plain(x)
+    assert plain is model
+    assert not any(isinstance(m, ScaledStdConv2d) for m in model.modules())
+    assert sum(type(m) is torch.nn.Conv2d for m in model.modules()) == len(convs)
+    torch.testing.assert_close(after, before, rtol=1e-3, atol=1e-4)
+
+
+def test_batch_stats_normalize_bn_branches_and_keep_running_stats():
+    torch.manual_seed(0)
+    model = create_model("bn_resnet_cifar", num_classes=10, width=8, depth=2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = 3 + 2 * torch.randn(16, 3, 16, 16)
+    signals = signal_propagation(model, x, batch_stats=True)
+    assert all(s.residual_var == pytest.approx(1.0, abs=1e-3) for s in signals)  # the branch ends in BN
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # running stats untouched
+    assert model.training
+    eval_signals = signal_propagation(model, x)  # fresh running stats (0, 1) at eval: no normalization
+    assert not all(s.residual_var == pytest.approx(1.0, abs=0.1) for s in eval_signals)
