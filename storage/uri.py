@@ -12,11 +12,22 @@ class StorageError(ValueError):
     """Bad data or location; the message names the file and the fix."""
 
 
+def one_line(e: BaseException) -> str:
+    """An exception's text on one line (pyarrow's S3 errors span several)."""
+    return " ".join(str(e).split())
+
+
+def s3_settings() -> tuple[str | None, str | None]:
+    """(endpoint URL, region) from the environment; shared by pyarrow and boto3 so both talk to one server."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return endpoint, region
+
+
 def _s3(bucket_and_key: str) -> tuple[pafs.FileSystem, str]:
     # pyarrow reads credentials from the usual AWS chain; the endpoint override lets the same code talk
     # to MinIO / moto / any S3-compatible server.
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    endpoint, region = s3_settings()
     kwargs = {}
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else "https://" + endpoint)
@@ -61,7 +72,8 @@ def exists(fs: pafs.FileSystem, path: str) -> bool:
     try:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
     except OSError as e:
-        raise StorageError(f"cannot reach {path!r} ({e}); check the URI, credentials and AWS_ENDPOINT_URL") from e
+        raise StorageError(f"cannot reach {path!r} ({one_line(e)}); check the URI, credentials and "
+                           "AWS_ENDPOINT_URL") from e
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
@@ -71,7 +83,8 @@ def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
     except FileNotFoundError as e:
         raise StorageError(f"{path}: file not found; check the URI or prepare the data again") from e
     except OSError as e:
-        raise StorageError(f"{path}: cannot read ({e}); check the URI, credentials and AWS_ENDPOINT_URL") from e
+        raise StorageError(f"{path}: cannot read ({one_line(e)}); check the URI, credentials and "
+                           "AWS_ENDPOINT_URL") from e
 
 
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
@@ -88,4 +101,4 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
             f.write(data)
         os.replace(tmp, path)
     except OSError as e:
-        raise StorageError(f"cannot write {path!r} ({e}); check permissions / credentials") from e
+        raise StorageError(f"cannot write {path!r} ({one_line(e)}); check permissions / credentials") from e
