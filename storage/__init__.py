@@ -4,10 +4,10 @@ from storage.datasets import Manifest, ShardSet, open_dataset, prepare_dataset
 from storage.loaders import ResidentLoader, StreamingLoader, iter_torch_batches, make_loader, ray_dataset
 from storage.lock import acquire_lock
 from storage.results import EpochsTable, ResultsTable
-from storage.uri import StorageError, resolve
+from storage.uri import StorageError, check_writable, require_absolute, resolve
 
 __all__ = [
     "EpochsTable", "Manifest", "ResidentLoader", "ResultsTable", "ShardSet", "StorageError", "StreamingLoader",
-    "acquire_lock", "iter_torch_batches", "make_loader", "open_dataset", "prepare_dataset",
-    "ray_dataset", "resolve",
+    "acquire_lock", "check_writable", "iter_torch_batches", "make_loader", "open_dataset", "prepare_dataset",
+    "ray_dataset", "require_absolute", "resolve",
 ]

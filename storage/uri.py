@@ -1,6 +1,7 @@
 """One place that turns a URI into (pyarrow FileSystem, path); everything else goes through it."""
 
 import os
+import re
 import uuid
 from urllib.parse import urlparse
 
@@ -10,6 +11,11 @@ import pyarrow.fs as pafs
 
 class StorageError(ValueError):
     """Bad data or location; the message names the file and the fix."""
+
+
+# "s3:/bucket" (one slash) or "s3:bucket" would otherwise be a local folder named "s3:"
+_ONE_SLASH = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/(?!/)")
+_NO_SLASH = re.compile(r"^(s3|s3a|gs|gcs|file|hdfs):(?!/)")
 
 
 def one_line(e: BaseException) -> str:
@@ -43,6 +49,10 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     uri = os.fspath(uri)
     if not uri:
         raise StorageError("empty URI: pass a local directory or an s3:// / gs:// location")
+    bad = _ONE_SLASH.match(uri) or _NO_SLASH.match(uri)
+    if bad:
+        rest = uri[len(bad.group(1)) + 1:].lstrip("/")
+        raise StorageError(f"{uri!r} is not a URI (the scheme needs two slashes); write {bad.group(1)}://{rest}")
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
     scheme, rest = uri.split("://", 1)
@@ -102,3 +112,27 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as e:
         raise StorageError(f"cannot write {path!r} ({one_line(e)}); check permissions / credentials") from e
+
+
+def require_absolute(uri: str | os.PathLike, flag_name: str) -> str:
+    """Refuse a relative local path: Ray trials run in another working directory, where it names another folder."""
+    uri = os.fspath(uri)
+    resolve(uri)  # the URI checks (empty, one slash) come first
+    if "://" in uri or os.path.isabs(os.path.expanduser(uri)):
+        return uri
+    raise StorageError(f"{flag_name} {uri!r} is a relative path, which breaks inside Ray trials (they run in another "
+                       f"working directory); pass an absolute path, e.g. {flag_name} {os.path.abspath(uri)}")
+
+
+def check_writable(uri: str | os.PathLike) -> None:
+    """Write and delete a small probe object under uri, so a bad output fails before any work, not after it."""
+    fs, path = resolve(uri)
+    probe = join(path, f".write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(probe) as f:
+            f.write(b"probe")
+        fs.delete_file(probe)
+    except OSError as e:
+        raise StorageError(f"cannot write to {os.fspath(uri)} ({one_line(e)}); fix its permissions or credentials, "
+                           "or pass another location") from e

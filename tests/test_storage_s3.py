@@ -58,3 +58,13 @@ def test_results_table_on_s3(s3_bucket):  # noqa: F811
     df = storage.ResultsTable(s3_bucket + "/studies/s1").to_pandas().set_index("trial_id")
     assert df.loc["a", "final_val_acc"] == 0.7 and len(df) == 2
     assert rt.read_epochs().num_rows == 1
+
+
+def test_check_writable_on_s3(s3_bucket):  # noqa: F811
+    storage.check_writable(s3_bucket + "/studies/new")
+    fs, path = storage.resolve(s3_bucket + "/studies/new")
+    assert not [i for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                if i.base_name.startswith(".write-probe")]  # the probe was removed
+    with pytest.raises(StorageError, match=r"cannot write to s3://no-such-bucket/out \(.*\); fix its permissions "
+                                           r"or credentials, or pass another location$"):
+        storage.check_writable("s3://no-such-bucket/out")
