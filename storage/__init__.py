@@ -1,6 +1,6 @@
 """Data and results storage: Parquet shards + manifest, loaders, results tables; URIs via pyarrow.fs."""
 
-from storage.datasets import Manifest, ShardSet, open_dataset, prepare_dataset
+from storage.datasets import Manifest, ShardSet, open_dataset, prepare_dataset, source_params
 from storage.loaders import ResidentLoader, StreamingLoader, iter_torch_batches, make_loader, ray_dataset
 from storage.lock import acquire_lock
 from storage.results import EpochsTable, ResultsTable
@@ -9,5 +9,5 @@ from storage.uri import StorageError, check_writable, require_absolute, resolve
 __all__ = [
     "EpochsTable", "Manifest", "ResidentLoader", "ResultsTable", "ShardSet", "StorageError", "StreamingLoader",
     "acquire_lock", "check_writable", "iter_torch_batches", "make_loader", "open_dataset", "prepare_dataset",
-    "ray_dataset", "require_absolute", "resolve",
+    "ray_dataset", "require_absolute", "resolve", "source_params",
 ]

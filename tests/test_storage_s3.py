@@ -33,6 +33,8 @@ def test_dataset_roundtrip_on_s3(s3_bucket, tmp_path):  # noqa: F811
     again = storage.prepare_dataset("synthetic", s3_bucket + "/data", seed=1, n_train=300, n_val=100,
                                     rows_per_shard=128)
     assert again.uri == m.uri and again.shards == m.shards  # reused, not rewritten
+    fs, path = storage.resolve(m.uri)
+    assert fs.get_file_info(path + "/.lock").type == pafs.FileType.NotFound  # the writer's lease was released
     loader = storage.make_loader(m.uri, "val", batch_size=50, seed=0)
     assert sum(len(b[1]) for b in loader.epoch(0)) == 100
 
