@@ -57,6 +57,11 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
     scheme, rest = uri.split("://", 1)
     rest = rest.rstrip("/")
+    authority, _, key = rest.partition("/")
+    if "@" in authority:  # never echo the secret: the message shows the URI without it
+        shown = f"{scheme}://***@{authority.rsplit('@', 1)[1]}/{key}"
+        raise StorageError(f"{shown}: credentials in a URI end up in logs; remove them and use the environment "
+                           "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile or the instance role)")
     if scheme == "file":
         return pafs.LocalFileSystem(), os.path.abspath(rest)
     if scheme in ("s3", "s3a"):

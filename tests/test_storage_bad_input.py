@@ -32,6 +32,9 @@ CASES = {
     "gs no slash": (lambda t: storage.resolve("gs:bucket"), r"write gs://bucket"),
     "one slash as output": (lambda t: storage.require_absolute("s3:/b/results", "--output"), r"write s3://b/results"),
     "one slash as dataset": (lambda t: storage.open_dataset("s3:/b/data"), r"write s3://b/data"),
+    "credentials in URI": (lambda t: storage.resolve("s3://AKIAX:s3cr3t@bucket/results"),
+                           r"^s3://\*\*\*@bucket/results: credentials in a URI end up in logs; remove them and "
+                           r"use the environment"),
     "relative data root": (lambda t: storage.require_absolute("data", "--data-root"),
                            r"--data-root 'data' is a relative path, which breaks inside Ray trials .*; pass an "
                            r"absolute path, e\.g\. --data-root /"),
@@ -66,7 +69,7 @@ def test_bad_input_one_line_with_fix(tmp_path, case):
     with pytest.raises(StorageError) as e:
         call(tmp_path)
     msg = str(e.value)
-    assert "\n" not in msg
+    assert "\n" not in msg and "s3cr3t" not in msg
     assert re.search(pattern, msg), msg
     assert not (tmp_path / "out").exists()  # refused before any work
 
