@@ -3,16 +3,19 @@
 Layout under root/<source>-<hash>/:
   shards-<token>/<split>-00000.parquet   one attempt's shards (an interrupted attempt leaves an orphan dir)
   manifest.json                          written LAST: its presence is the commit marker
-Fixed-size sets store raw uint8 HWC bytes per row; imagefolder stores the encoded file bytes.
-"""
+  .lock                                  held while writing (storage.lock): a second writer waits, then reuses
+Fixed-size sets store raw uint8 HWC bytes per row; imagefolder stores the encoded file bytes. The hash covers
+the source, seed and parameters, and for imagefolder a fingerprint of the folder's listing. Every read checks
+a shard's sha256 against the manifest (unless verify=False), on the resident and streaming (Ray Data) paths alike."""
 
 import dataclasses
 import hashlib
 import json
 import os
-import pickle
+import socket
 import uuid
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,13 +25,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from storage import synthetic
-from storage.uri import StorageError, exists, join, read_bytes, resolve, write_bytes_atomic
+from storage import sources
+from storage.lock import acquire_lock
+from storage.sources import IMAGE_EXTS, SOURCES, SPLITS, source_params  # noqa: F401  (re-exported)
+from storage.uri import StorageError, exists, join, one_line, read_bytes, resolve, write_bytes_atomic
 
 SCHEMA_VERSION = 1
-SPLITS = ("train", "val")
-SOURCES = ("synthetic", "cifar10", "cifar100", "imagefolder")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+DEFAULT_MAX_SHARD_BYTES = 256 << 20  # bounds preparation memory (imagefolder) and keeps shards well below 2 GiB
 
 
 @dataclass
@@ -84,111 +87,6 @@ def _params_hash(source: str, seed: int, params: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-# ---------------------------------------------------------------- sources -> (split -> (images, labels))
-
-def _synthetic(seed: int, n_train: int = 20000, n_val: int = 5000, num_classes: int = 10,
-               image_size: int = 32, noise: float = 0.12):
-    out = {}
-    for i, (split, n) in enumerate((("train", n_train), ("val", n_val))):
-        x, y = synthetic.generate(n, seed * 2 + i, num_classes=num_classes, image_size=image_size, noise=noise)
-        out[split] = (x.numpy(), y.numpy())
-    return out, list(synthetic.CLASS_NAMES[:num_classes])
-
-
-def _unpickle(path: str) -> dict:
-    try:
-        with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
-    except FileNotFoundError as e:
-        raise StorageError(f"{path}: missing CIFAR batch file; point path= at the folder holding it "
-                           "(torchvision python format) or pass download=True") from e
-    except (pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise StorageError(f"{path}: not a readable CIFAR pickle ({e}); re-download the dataset") from e
-
-
-def _cifar(path: str | None, hundred: bool, download: bool = False):
-    if path is None:
-        raise StorageError("cifar needs path=<directory containing cifar-10-batches-py/ or cifar-100-python/>")
-    sub = "cifar-100-python" if hundred else "cifar-10-batches-py"
-    folder = path if os.path.basename(os.path.normpath(path)) == sub else os.path.join(path, sub)
-    if not os.path.isdir(folder):
-        if not download:
-            raise StorageError(f"{folder}: not found; pass the directory holding {sub}/ as path=, "
-                               "or download=True to fetch it")
-        import torchvision  # only when the user asked for a download
-
-        (torchvision.datasets.CIFAR100 if hundred else torchvision.datasets.CIFAR10)(path, download=True)
-    if hundred:
-        files = {"train": ["train"], "val": ["test"]}
-        meta, names_key, label_key = "meta", b"fine_label_names", b"fine_labels"
-    else:
-        files = {"train": [f"data_batch_{i}" for i in range(1, 6)], "val": ["test_batch"]}
-        meta, names_key, label_key = "batches.meta", b"label_names", b"labels"
-    names = [n.decode() for n in _unpickle(os.path.join(folder, meta))[names_key]]
-    out = {}
-    for split, fnames in files.items():
-        xs, ys = [], []
-        for fn in fnames:
-            d = _unpickle(os.path.join(folder, fn))
-            data = np.asarray(d[b"data"], dtype=np.uint8)
-            if data.ndim != 2 or data.shape[1] != 3072:
-                raise StorageError(f"{os.path.join(folder, fn)}: expected data of shape [N, 3072], got "
-                                   f"{data.shape}; the file is not CIFAR, re-download it")
-            xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # stored CHW planes -> HWC
-            ys.append(np.asarray(d[label_key], dtype=np.int64))
-        out[split] = (np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys))
-    return out, names
-
-
-def _imagefolder(path: str | None, seed: int, val_fraction: float = 0.1):
-    """Class sub-folders; if path has train/ and val/ sub-dirs they are the splits, else a seeded split."""
-    from PIL import Image  # header-only size reads
-
-    if path is None:
-        raise StorageError("imagefolder needs path=<directory with one sub-folder per class>")
-    if not os.path.isdir(path):
-        raise StorageError(f"{path}: not a directory; pass path= a folder with one sub-folder per class")
-    has_splits = all(os.path.isdir(os.path.join(path, s)) for s in SPLITS)
-    roots = {s: os.path.join(path, s) for s in SPLITS} if has_splits else {"all": path}
-    classes = sorted(d for d in os.listdir(next(iter(roots.values())))
-                     if os.path.isdir(os.path.join(next(iter(roots.values())), d)))
-    if not classes:
-        raise StorageError(f"{next(iter(roots.values()))}: no class sub-folders; put images in <class>/ folders")
-    rows = {}
-    for split, root in roots.items():
-        files, labels = [], []
-        for ci, c in enumerate(classes):
-            cdir = os.path.join(root, c)
-            for fn in sorted(os.listdir(cdir)) if os.path.isdir(cdir) else []:
-                if fn.lower().endswith(IMAGE_EXTS):
-                    files.append(os.path.join(cdir, fn))
-                    labels.append(ci)
-        if not files:
-            raise StorageError(f"{root}: no .png/.jpg images in the class folders; add images or fix path=")
-        rows[split] = (files, np.asarray(labels, dtype=np.int64))
-    if not has_splits:
-        files, labels = rows.pop("all")
-        perm = np.random.default_rng(seed).permutation(len(files))
-        n_val = max(1, int(round(len(files) * val_fraction)))
-        rows = {"val": ([files[i] for i in perm[:n_val]], labels[perm[:n_val]]),
-                "train": ([files[i] for i in perm[n_val:]], labels[perm[n_val:]])}
-    out, sizes = {}, set()
-    for split, (files, labels) in rows.items():
-        blobs, hw = [], []
-        for fp in files:
-            try:
-                with Image.open(fp) as im:
-                    w, h = im.size
-            except OSError as e:
-                raise StorageError(f"{fp}: not a readable image ({e}); remove or replace the file") from e
-            with open(fp, "rb") as f:
-                blobs.append(f.read())
-            hw.append((h, w))
-            sizes.add((h, w))
-        out[split] = (blobs, labels, np.asarray(hw, dtype=np.int32).reshape(-1, 2))
-    return out, classes, sizes
-
-
 # ---------------------------------------------------------------- writing
 
 def _shard_bytes(table: pa.Table) -> bytes:
@@ -198,84 +96,109 @@ def _shard_bytes(table: pa.Table) -> bytes:
 
 
 def _raw_table(images: np.ndarray, labels: np.ndarray) -> pa.Table:
+    # 64-bit offsets (large_binary): 32-bit ones wrap once a shard passes 2 GiB (10000 rows of 268 px images)
     n, row = len(images), int(np.prod(images.shape[1:]))
-    offsets = pa.py_buffer((np.arange(n + 1, dtype=np.int32) * row).tobytes())
+    offsets = pa.py_buffer((np.arange(n + 1, dtype=np.int64) * row).tobytes())
     values = pa.py_buffer(np.ascontiguousarray(images).reshape(-1))
-    image = pa.Array.from_buffers(pa.binary(), n, [None, offsets, values])
+    image = pa.Array.from_buffers(pa.large_binary(), n, [None, offsets, values])
     return pa.table({"image": image, "label": pa.array(labels, pa.int64())})
 
 
-def prepare_dataset(source: str, root: str, *, seed: int = 0, path: str | None = None,
-                    rows_per_shard: int = 10000, **params) -> Manifest:
-    """Write (or reuse) the shard set for source+params under root/<source>-<hash>/ and return its manifest."""
-    if source not in SOURCES:
-        if "://" in source or os.path.isdir(source):
-            return open_dataset(source).manifest  # an existing shard set
-        raise StorageError(f"unknown dataset source {source!r}; use one of {SOURCES} or an existing shard-set URI")
-    if rows_per_shard < 1:
-        raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
-    key = dict(params)
-    if path is not None:
-        key["path"] = os.path.abspath(os.path.expanduser(path))
-        path = key["path"]
-    download = bool(key.pop("download", False))
-    fs, base = resolve(root)
-    uri = join(root, f"{source}-{_params_hash(source, seed, key)}")
-    dpath = join(base, uri.rsplit("/", 1)[1])
-    if exists(fs, join(dpath, "manifest.json")):
-        return open_dataset(uri).manifest
+def _raw_tables(x: np.ndarray, y: np.ndarray, rows: int) -> Iterator[pa.Table]:
+    for start in range(0, max(len(y), 1), rows):  # an empty split still gets one (empty) shard
+        yield _raw_table(x[start:start + rows], y[start:start + rows])
 
-    sizes = set()
-    if source == "synthetic":
+
+def _write_split(fs, dpath: str, shard_dir: str, split: str, tables: Iterator[pa.Table],
+                 sizes: set | None = None) -> list[dict]:
+    """Write each table as one shard; -> manifest entries. Encoded tables add their (h, w) pairs to sizes."""
+    out = []
+    for i, table in enumerate(tables):
+        blob = _shard_bytes(table)
+        rel = f"{shard_dir}/{split}-{i:05d}.parquet"
         try:
-            data, names = _synthetic(seed, **params)
-        except TypeError as e:
-            raise StorageError(f"synthetic: bad parameter ({e}); accepted: n_train, n_val, num_classes, "
-                               "image_size, noise") from e
-        encoding = "raw"
-    elif source in ("cifar10", "cifar100"):
-        data, names = _cifar(path, source == "cifar100", download=download)
-        encoding = "raw"
-    else:
-        data, names, sizes = _imagefolder(path, seed, **params)
-        encoding = "encoded"
+            with fs.open_output_stream(join(dpath, rel)) as f:
+                f.write(blob)
+        except OSError as e:
+            raise StorageError(f"cannot write {join(dpath, rel)} ({one_line(e)}); check permissions / "
+                               "credentials") from e
+        out.append({"path": rel, "rows": table.num_rows, "sha256": hashlib.sha256(blob).hexdigest()})
+        if sizes is not None:
+            sizes.update(zip(table["height"].to_pylist(), table["width"].to_pylist()))
+    return out
 
-    if encoding == "raw":
-        h, w, c = next(iter(data.values()))[0].shape[1:]
-        image_shape = (int(c), int(h), int(w))
-    else:
-        image_shape = (3, *sizes.pop()) if len(sizes) == 1 else None
 
-    # clear orphans of earlier interrupted attempts (no manifest means nothing committed references them)
+def _clear_orphans(fs, dpath: str, uri: str) -> None:
+    """Shard dirs of attempts that died before their manifest; only called while holding the dataset's lock."""
     try:
         for info in fs.get_file_info(pafs.FileSelector(dpath, allow_not_found=True)):
             if info.base_name.startswith("shards-") and info.type == pafs.FileType.Directory:
                 fs.delete_dir(info.path)
     except OSError as e:
-        raise StorageError(f"cannot list {uri} ({e}); check the URI and credentials") from e
-    shard_dir = f"shards-{uuid.uuid4().hex[:8]}"
-    fs.create_dir(join(dpath, shard_dir), recursive=True)
-    shards = {}
-    for split in SPLITS:
-        shards[split] = []
-        x, y = data[split][0], data[split][1]
-        for i, start in enumerate(range(0, max(len(y), 1), rows_per_shard)):
-            sl = slice(start, start + rows_per_shard)
-            if encoding == "raw":
-                table = _raw_table(x[sl], y[sl])
+        raise StorageError(f"cannot list {uri} ({one_line(e)}); check the URI and credentials") from e
+
+
+def prepare_dataset(source: str, root: str, *, seed: int = 0, path: str | None = None,
+                    rows_per_shard: int = 10000, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                    progress_every: int = 10000, **params) -> Manifest:
+    """Write (or reuse) the shard set for source+params under root/<source>-<hash>/ and return its manifest.
+
+    A shard closes at rows_per_shard rows or max_shard_bytes of image bytes, whichever comes first. Writers of
+    the same dataset take its lock in turn: the second waits, then reuses what the first wrote.
+    """
+    if source not in SOURCES:
+        if "/" in source or os.path.isdir(source):
+            return open_dataset(source).manifest  # an existing shard set (or a clear error saying what it is)
+        raise StorageError(f"unknown dataset source {source!r}; use one of {SOURCES} or an existing shard-set URI")
+    sources.check_params(source, [*params, *(["path"] if path is not None else [])])
+    if source == "synthetic":
+        sources.synthetic_splits(seed, **params, check_only=True)
+    for name, v in (("rows_per_shard", rows_per_shard), ("max_shard_bytes", max_shard_bytes)):
+        if not isinstance(v, int) or v < 1:
+            raise StorageError(f"{name} must be a positive integer, got {v!r}")
+    key = dict(params)
+    if path is not None:
+        key["path"] = path = os.path.abspath(os.path.expanduser(path))
+    download = bool(key.pop("download", False))
+    listing = None
+    if source == "imagefolder":
+        listing = sources.list_imagefolder(path, seed, **params)
+        key["listing"] = listing.fingerprint  # touched, added or removed images -> another dataset
+    fs, base = resolve(root)
+    name = f"{source}-{_params_hash(source, seed, key)}"
+    uri = join(root if "://" in os.fspath(root) else base, name)  # local roots made absolute: trials run elsewhere
+    dpath = join(base, name)
+    if exists(fs, join(dpath, "manifest.json")):
+        return open_dataset(uri).manifest
+    owner = f"prepare_dataset {source} on {socket.gethostname()}"
+    with acquire_lock(uri, owner, wait_s=None) as lock:
+        if exists(fs, join(dpath, "manifest.json")):
+            return open_dataset(uri).manifest  # another writer finished it while we waited
+        _clear_orphans(fs, dpath, uri)
+        shard_dir = f"shards-{uuid.uuid4().hex[:8]}"
+        fs.create_dir(join(dpath, shard_dir), recursive=True)
+        if listing is None:
+            if source == "synthetic":
+                data, names = sources.synthetic_splits(seed, **params)
             else:
-                hw = data[split][2][sl]
-                table = pa.table({"image": pa.array(x[sl], pa.binary()), "label": pa.array(y[sl], pa.int64()),
-                                  "height": pa.array(hw[:, 0]), "width": pa.array(hw[:, 1])})
-            blob = _shard_bytes(table)
-            rel = f"{shard_dir}/{split}-{i:05d}.parquet"
-            with fs.open_output_stream(join(dpath, rel)) as f:
-                f.write(blob)
-            shards[split].append({"path": rel, "rows": table.num_rows, "sha256": hashlib.sha256(blob).hexdigest()})
-    manifest = Manifest(uri=uri, source=source, params={**key, "seed": seed}, num_classes=len(names),
-                        class_names=names, image_shape=image_shape,
-                        splits={s: len(data[s][1]) for s in SPLITS}, shards=shards, encoding=encoding)
-    write_bytes_atomic(fs, join(dpath, "manifest.json"), manifest.to_json().encode())  # the commit
+                data, names = sources.cifar_splits(path, source == "cifar100", download=download)
+            h, w, c = data["train"][0].shape[1:]
+            rows = max(1, min(rows_per_shard, max_shard_bytes // (h * w * c)))
+            shards = {s: _write_split(fs, dpath, shard_dir, s, _raw_tables(*data[s], rows)) for s in SPLITS}
+            image_shape, encoding = (int(c), int(h), int(w)), "raw"
+        else:
+            progress = sources.Progress(sum(len(f) for f in listing.splits.values()), progress_every, name)
+            sizes = set()
+            shards = {s: _write_split(fs, dpath, shard_dir, s, sources.imagefolder_tables(
+                listing.splits[s], rows_per_shard, max_shard_bytes, progress, s), sizes) for s in SPLITS}
+            names, encoding = listing.classes, "encoded"
+            image_shape = (3, *sizes.pop()) if len(sizes) == 1 else None
+        manifest = Manifest(uri=uri, source=source, params={**key, "seed": seed}, num_classes=len(names),
+                            class_names=names, image_shape=image_shape,
+                            splits={s: sum(x["rows"] for x in shards[s]) for s in SPLITS}, shards=shards,
+                            encoding=encoding)
+        lock.check()  # an object-store lease lost mid-way means another writer may have cleared our shards
+        write_bytes_atomic(fs, join(dpath, "manifest.json"), manifest.to_json().encode())  # the commit
     return manifest
 
 
@@ -324,6 +247,46 @@ def decode_encoded(blobs, image_size: int | None, where: str) -> torch.Tensor:
     return torch.stack(out) if out else torch.empty(0, 3, image_size or 0, image_size or 0, dtype=torch.uint8)
 
 
+def read_verified_shard(fs: pafs.FileSystem, path: str, sha256: str | None, rows: int, dataset: str) -> pa.Table:
+    """One shard's table, its bytes checked against the manifest's sha256 first (skipped when sha256 is None).
+
+    Both the resident path (ShardSet.read_shard) and Ray Data's streaming reads go through here, so a flipped
+    byte fails the run with the shard's name instead of training on it.
+    """
+    blob = read_bytes(fs, path)
+    if sha256 is not None and hashlib.sha256(blob).hexdigest() != sha256:
+        raise StorageError(f"{path}: checksum mismatch (corrupt or truncated shard); delete {dataset} and run "
+                           "storage.prepare_dataset again")
+    try:
+        table = pq.read_table(pa.BufferReader(blob))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise StorageError(f"{path}: unreadable parquet ({one_line(e)}); delete {dataset} and prepare again") from e
+    if "image" not in table.column_names or "label" not in table.column_names:
+        raise StorageError(f"{path}: columns {table.column_names} lack 'image'/'label'; the manifest does not "
+                           "match the shards, prepare the data again")
+    if table.num_rows != rows:
+        raise StorageError(f"{path}: {table.num_rows} rows, manifest says {rows}; prepare again")
+    return table
+
+
+def _looks_like_image_folder(fs: pafs.FileSystem, path: str) -> bool:
+    """A few class sub-folders (maybe under train/) hold .jpg/.png files: raw images, not shards."""
+    try:
+        for depth in range(2):
+            dirs = [i for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.Directory]
+            for d in sorted(dirs, key=lambda i: i.path)[:3]:
+                files = fs.get_file_info(pafs.FileSelector(d.path))
+                if any(f.base_name.lower().endswith(IMAGE_EXTS) for f in files):
+                    return True
+            train = [d for d in dirs if d.base_name == "train"]
+            if depth or not train:
+                return False
+            path = train[0].path
+    except OSError:
+        return False
+    return False
+
+
 class ShardSet:
     """A committed shard set: manifest + readers."""
 
@@ -334,6 +297,9 @@ class ShardSet:
         if not exists(self.fs, mpath):
             if not exists(self.fs, self.path):
                 raise StorageError(f"{uri}: does not exist; prepare it with storage.prepare_dataset or fix the URI")
+            if _looks_like_image_folder(self.fs, self.path):
+                raise StorageError(f"{uri} is a folder of images, not a prepared dataset; use the imagefolder "
+                                   f'source: dataset "imagefolder" with dataset_params {{"path": "{uri}"}}')
             raise StorageError(f"{mpath}: no manifest (empty directory or an interrupted write); "
                                "run storage.prepare_dataset again")
         self.manifest = Manifest.from_json(read_bytes(self.fs, mpath).decode(), uri)
@@ -354,21 +320,8 @@ class ShardSet:
 
     def read_shard(self, split: str, index: int, verify: bool = True) -> pa.Table:
         info = self._shards(split)[index]
-        p = join(self.path, info["path"])
-        blob = read_bytes(self.fs, p)
-        if verify and hashlib.sha256(blob).hexdigest() != info["sha256"]:
-            raise StorageError(f"{p}: checksum mismatch (corrupt or truncated shard); delete {self.uri} and run "
-                               "storage.prepare_dataset again")
-        try:
-            table = pq.read_table(pa.BufferReader(blob))
-        except (pa.ArrowInvalid, OSError) as e:
-            raise StorageError(f"{p}: unreadable parquet ({e}); delete {self.uri} and prepare again") from e
-        if "image" not in table.column_names or "label" not in table.column_names:
-            raise StorageError(f"{p}: columns {table.column_names} lack 'image'/'label'; the manifest does not "
-                               "match the shards, prepare the data again")
-        if table.num_rows != info["rows"]:
-            raise StorageError(f"{p}: {table.num_rows} rows, manifest says {info['rows']}; prepare again")
-        return table
+        return read_verified_shard(self.fs, join(self.path, info["path"]), info["sha256"] if verify else None,
+                                   info["rows"], self.uri)
 
     def load_split(self, split: str, verify: bool = True,
                    image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from storage.datasets import ShardSet, decode_encoded, open_dataset
+from storage.datasets import ShardSet, decode_encoded, open_dataset, read_verified_shard
 from storage.uri import StorageError
 
 DEFAULT_MAX_RESIDENT_BYTES = 8 << 30
@@ -113,11 +113,19 @@ def _decode_batch(batch: dict, shape, encoding: str, image_size: int | None) -> 
     return {"image": np.ascontiguousarray(images), "label": np.asarray(batch["label"], dtype=np.int64)}
 
 
-def ray_dataset(uri, split: str, image_size: int | None = None):
+def read_shards(batch, fs, dataset: str, verify: bool = True) -> Iterator:
+    """map_batches body (runs on CPU workers): rows naming shards (path, sha256, rows) -> each shard's
+    image/label rows, its checksum verified first; a corrupt shard fails the read with its name."""
+    for path, sha, rows in zip(batch["path"].to_pylist(), batch["sha256"].to_pylist(), batch["rows"].to_pylist()):
+        yield read_verified_shard(fs, path, sha if verify else None, rows, dataset).select(["image", "label"])
+
+
+def ray_dataset(uri, split: str, image_size: int | None = None, verify: bool = True):
     """ray.data.Dataset of {'image': uint8 [C, H, W], 'label': int64} rows read from the split's shards.
 
     Pass it to TorchTrainer(datasets={"train": ...}); workers read ray.train.get_dataset_shard("train") and
-    wrap it with iter_torch_batches. Checksums are not verified on this path (use load_split for that).
+    wrap it with iter_torch_batches. Each shard is read whole and checked against the manifest's sha256
+    (shards are at most max_shard_bytes, 256 MiB by default, so a read task holds about that much).
     """
     import ray.data
 
@@ -125,8 +133,12 @@ def ray_dataset(uri, split: str, image_size: int | None = None):
     m = ss.manifest
     if m.encoding == "encoded" and image_size is None and m.image_shape is None:
         raise StorageError(f"{ss.uri}: images have mixed sizes; pass image_size=<pixels> to stream them")
-    ds = ray.data.read_parquet(ss.shard_paths(split), filesystem=ss.fs).select_columns(["image", "label"])
+    shards = [{"path": p, "sha256": s["sha256"], "rows": s["rows"]}
+              for p, s in zip(ss.shard_paths(split), ss.manifest.shards[split])]
+    ds = ray.data.from_items(shards, override_num_blocks=max(1, len(shards)))
     ds.context.execution_options.preserve_order = True  # same seed -> same row order (this dataset only)
+    ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow",
+                        fn_kwargs={"fs": ss.fs, "dataset": ss.uri, "verify": verify})
     return ds.map_batches(_decode_batch, batch_format="numpy", zero_copy_batch=True,
                           fn_kwargs={"shape": m.image_shape, "encoding": m.encoding, "image_size": image_size})
 

@@ -48,13 +48,20 @@ def _mask(k: int, u: torch.Tensor, v: torch.Tensor, freq: torch.Tensor) -> torch
     return torch.minimum(t * 0.5, box)
 
 
+def check_args(n: int, num_classes: int, image_size: int) -> None:
+    """The generator's limits, checked apart so a dataset preparation can refuse before doing any work."""
+    if not 2 <= num_classes <= len(CLASS_NAMES):
+        raise ValueError(f"synthetic num_classes must be in 2..{len(CLASS_NAMES)}, got {num_classes}; pass a "
+                         "value in that range")
+    if n < 0 or image_size < 8:
+        raise ValueError(f"synthetic needs n >= 0 and image_size >= 8, got n={n}, image_size={image_size}; "
+                         "pass values in those ranges")
+
+
 def generate(n: int, seed: int, *, num_classes: int = 10, image_size: int = 32, noise: float = 0.12,
              jitter: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (uint8 images [n, H, W, 3] (HWC, the stored layout), int64 labels [n]); fully determined by seed."""
-    if not 2 <= num_classes <= len(CLASS_NAMES):
-        raise ValueError(f"synthetic num_classes must be in 2..{len(CLASS_NAMES)}, got {num_classes}")
-    if n < 0 or image_size < 8:
-        raise ValueError(f"synthetic needs n >= 0 and image_size >= 8, got n={n}, image_size={image_size}")
+    check_args(n, num_classes, image_size)
     g = torch.Generator().manual_seed(int(seed))
     s = image_size
     labels = torch.randint(0, num_classes, (n,), generator=g)

@@ -1,6 +1,7 @@
 """One place that turns a URI into (pyarrow FileSystem, path); everything else goes through it."""
 
 import os
+import re
 import uuid
 from urllib.parse import urlparse
 
@@ -12,11 +13,27 @@ class StorageError(ValueError):
     """Bad data or location; the message names the file and the fix."""
 
 
+# "s3:/bucket" (one slash) or "s3:bucket" would otherwise be a local folder named "s3:"
+_ONE_SLASH = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/(?!/)")
+_NO_SLASH = re.compile(r"^(s3|s3a|gs|gcs|file|hdfs):(?!/)")
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's text on one line (pyarrow's S3 errors span several)."""
+    return " ".join(str(e).split())
+
+
+def s3_settings() -> tuple[str | None, str | None]:
+    """(endpoint URL, region) from the environment; shared by pyarrow and boto3 so both talk to one server."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return endpoint, region
+
+
 def _s3(bucket_and_key: str) -> tuple[pafs.FileSystem, str]:
     # pyarrow reads credentials from the usual AWS chain; the endpoint override lets the same code talk
     # to MinIO / moto / any S3-compatible server.
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    endpoint, region = s3_settings()
     kwargs = {}
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else "https://" + endpoint)
@@ -32,10 +49,19 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     uri = os.fspath(uri)
     if not uri:
         raise StorageError("empty URI: pass a local directory or an s3:// / gs:// location")
+    bad = _ONE_SLASH.match(uri) or _NO_SLASH.match(uri)
+    if bad:
+        rest = uri[len(bad.group(1)) + 1:].lstrip("/")
+        raise StorageError(f"{uri!r} is not a URI (the scheme needs two slashes); write {bad.group(1)}://{rest}")
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
     scheme, rest = uri.split("://", 1)
     rest = rest.rstrip("/")
+    authority, _, key = rest.partition("/")
+    if "@" in authority:  # never echo the secret: the message shows the URI without it
+        shown = f"{scheme}://***@{authority.rsplit('@', 1)[1]}/{key}"
+        raise StorageError(f"{shown}: credentials in a URI end up in logs; remove them and use the environment "
+                           "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile or the instance role)")
     if scheme == "file":
         return pafs.LocalFileSystem(), os.path.abspath(rest)
     if scheme in ("s3", "s3a"):
@@ -61,7 +87,8 @@ def exists(fs: pafs.FileSystem, path: str) -> bool:
     try:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
     except OSError as e:
-        raise StorageError(f"cannot reach {path!r} ({e}); check the URI, credentials and AWS_ENDPOINT_URL") from e
+        raise StorageError(f"cannot reach {path!r} ({one_line(e)}); check the URI, credentials and "
+                           "AWS_ENDPOINT_URL") from e
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
@@ -71,7 +98,8 @@ def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
     except FileNotFoundError as e:
         raise StorageError(f"{path}: file not found; check the URI or prepare the data again") from e
     except OSError as e:
-        raise StorageError(f"{path}: cannot read ({e}); check the URI, credentials and AWS_ENDPOINT_URL") from e
+        raise StorageError(f"{path}: cannot read ({one_line(e)}); check the URI, credentials and "
+                           "AWS_ENDPOINT_URL") from e
 
 
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
@@ -88,4 +116,28 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
             f.write(data)
         os.replace(tmp, path)
     except OSError as e:
-        raise StorageError(f"cannot write {path!r} ({e}); check permissions / credentials") from e
+        raise StorageError(f"cannot write {path!r} ({one_line(e)}); check permissions / credentials") from e
+
+
+def require_absolute(uri: str | os.PathLike, flag_name: str) -> str:
+    """Refuse a relative local path: Ray trials run in another working directory, where it names another folder."""
+    uri = os.fspath(uri)
+    resolve(uri)  # the URI checks (empty, one slash) come first
+    if "://" in uri or os.path.isabs(os.path.expanduser(uri)):
+        return uri
+    raise StorageError(f"{flag_name} {uri!r} is a relative path, which breaks inside Ray trials (they run in another "
+                       f"working directory); pass an absolute path, e.g. {flag_name} {os.path.abspath(uri)}")
+
+
+def check_writable(uri: str | os.PathLike) -> None:
+    """Write and delete a small probe object under uri, so a bad output fails before any work, not after it."""
+    fs, path = resolve(uri)
+    probe = join(path, f".write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(probe) as f:
+            f.write(b"probe")
+        fs.delete_file(probe)
+    except OSError as e:
+        raise StorageError(f"cannot write to {os.fspath(uri)} ({one_line(e)}); fix its permissions or credentials, "
+                           "or pass another location") from e

@@ -131,7 +131,7 @@ def test_bad_inputs(tmp_path):
         storage.prepare_dataset("imagefolder", str(tmp_path / "out"), path=str(tmp_path / "empty"))
     with pytest.raises(StorageError, match="cifar-10-batches-py"):
         storage.prepare_dataset("cifar10", str(tmp_path / "out"), path=str(tmp_path / "empty"))
-    with pytest.raises(StorageError, match="bad parameter"):
+    with pytest.raises(StorageError, match="unknown parameter 'colour' for synthetic"):
         storage.prepare_dataset("synthetic", str(tmp_path / "out"), colour="red")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("manifest.json"))
 

@@ -33,6 +33,8 @@ def test_dataset_roundtrip_on_s3(s3_bucket, tmp_path):  # noqa: F811
     again = storage.prepare_dataset("synthetic", s3_bucket + "/data", seed=1, n_train=300, n_val=100,
                                     rows_per_shard=128)
     assert again.uri == m.uri and again.shards == m.shards  # reused, not rewritten
+    fs, path = storage.resolve(m.uri)
+    assert fs.get_file_info(path + "/.lock").type == pafs.FileType.NotFound  # the writer's lease was released
     loader = storage.make_loader(m.uri, "val", batch_size=50, seed=0)
     assert sum(len(b[1]) for b in loader.epoch(0)) == 100
 
@@ -62,3 +64,13 @@ def test_results_table_on_s3(s3_bucket):  # noqa: F811
     df = storage.ResultsTable(s3_bucket + "/studies/s1", cols, key="trial_id").to_pandas().set_index("trial_id")
     assert df.loc["a", "final_val_acc"] == 0.7 and len(df) == 2
     assert rt.read_epochs().num_rows == 1
+
+
+def test_check_writable_on_s3(s3_bucket):  # noqa: F811
+    storage.check_writable(s3_bucket + "/studies/new")
+    fs, path = storage.resolve(s3_bucket + "/studies/new")
+    assert not [i for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                if i.base_name.startswith(".write-probe")]  # the probe was removed
+    with pytest.raises(StorageError, match=r"cannot write to s3://no-such-bucket/out \(.*\); fix its permissions "
+                                           r"or credentials, or pass another location$"):
+        storage.check_writable("s3://no-such-bucket/out")
