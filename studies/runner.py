@@ -237,7 +237,7 @@ def train_and_track(cfg: TrainConfig, *, tracking_uri: str, experiment: str, run
     tracker = Tracker.create(
         tracking_uri, experiment, run_name,
         tags={"git_commit": git_commit(), "hardware": hardware(), "model": cfg.model, **(tags or {})},
-        parent_run_id=parent_run_id, reuse_tag=("trial_key", reuse_key) if reuse_key else None,
+        parent_run_id=parent_run_id, reuse_tag=("run_key", reuse_key) if reuse_key else None,
     )
     tracker.log_params(cfg.flat())
     tracking = {"uri": tracking_uri, "run_id": tracker.run_id}

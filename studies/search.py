@@ -266,6 +266,14 @@ def check_cluster_paths(study: Study, nodes: int) -> None:
               "(http://…) for --tracking-uri; see platform/README.md")
 
 
+def check_paths(study: Study) -> None:
+    """Paths every trial must reach the same way as the driver; an output the study can write."""
+    storage.require_absolute(study.fixed.data_root, "--data-root")
+    if study.fixed.dataset not in storage.datasets.SOURCES:
+        storage.require_absolute(study.fixed.dataset, "--dataset")
+    storage.check_writable(study.study_dir)
+
+
 def validate(study: Study, dataset_uri: str) -> int:
     """Everything that would make the grid unrunnable, before any trial starts. Returns the train split's size."""
     n_train = storage.open_dataset(dataset_uri).manifest.splits["train"]
@@ -355,6 +363,13 @@ class Phases:
 def run_study(study: Study) -> dict[str, Any]:
     """Run (or resume) the study; returns its tables, figures, summary and where things are."""
     check_tracking_uri(study.tracking_uri)
+    check_paths(study)
+    # One study per output at a time: a second would share its tables and MLflow runs.
+    with storage.acquire_lock(study.study_dir, owner=f"study {study.name}"):
+        return _run_locked(study)
+
+
+def _run_locked(study: Study) -> dict[str, Any]:
     dataset_uri = runner.prepare_data(study.fixed)
     n_train = validate(study, dataset_uri)
     runner.init_ray(log_to_driver=False)
