@@ -27,7 +27,7 @@ PRESETS = {
         grid={"batch_size": [64, 256, 1024], "clip_threshold": [0.01, 0.04, 0.16, None]},
         lrs=log_grid(0.2, 12.8), scan_steps=40, full_top=2, seeds=1,
         fixed=dict(**LAPTOP_MODEL, dataset_params={"n_train": 16384, "n_val": 2048, "image_size": 16}, epochs=2,
-                   warmup_steps=0, gns_every_steps=0, log_every_steps=2, checkpoint_every_epochs=0),
+                   warmup_steps=0, gns_every_steps=0, log_every_steps=4, checkpoint_every_epochs=0),
     ),
     "cifar10": Preset(  # one GPU node, real CIFAR-10 from a path
         grid={"batch_size": BATCHES, "clip_threshold": LAMBDAS}, lrs=log_grid(0.025, 1.6), scan_steps=200,
@@ -66,4 +66,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(0 if main(sys.argv[1:])["complete"] else 130)  # 130: interrupted, as after Ctrl-C

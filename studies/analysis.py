@@ -150,6 +150,18 @@ def lr_text(lr: float | None, at_edge: bool = False) -> str:
     return "none" if lr is None else ("≥" if at_edge else "") + f"{lr:g}"
 
 
+def frontier_text(c: dict) -> str:
+    if c["max_stable_lr"] is None:
+        return "no stable lr"
+    return f"lr {'≥' if c['max_stable_lr_at_edge'] else '≤'} {c['max_stable_lr']:g}"
+
+
+def _lr_axis(ax, lrs) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(lrs), [f"{lr:g}" for lr in sorted(lrs)], fontsize=8)
+    ax.minorticks_off()
+
+
 def _grid(cells: pa.Table):
     rows = cells.to_pylist()
     batches = sorted({c["batch_size"] for c in rows})
@@ -188,8 +200,7 @@ def findings(cells: pa.Table) -> list[str]:
     out = ["findings:"]
     most = {b: max((at[b, c] for c in cols if (b, c) in at), key=_stability_key) for b in batches}
     out.append("most stable setting per batch size: " + ", ".join(
-        f"{b}: {column_of(most[b])[1]} (lr ≤ {lr_text(most[b]['max_stable_lr'], most[b]['max_stable_lr_at_edge'])})"
-        for b in batches))
+        f"{b}: {column_of(most[b])[1]} ({frontier_text(most[b])})" for b in batches))
     if "no clipping" not in cols or len(batches) < 2:
         return out
     base = [at[b, "no clipping"]["max_stable_lr"] if (b, "no clipping") in at else None for b in batches]
@@ -251,7 +262,7 @@ def plot_stable_region(results: pa.Table | list[dict], cells: pa.Table, title: s
         if front:
             ax.plot([f[0] for f in front], [f[1] for f in front], "-", color="black", lw=2, label="frontier")
         ax.set_title(col, fontsize=10)
-        ax.set_xscale("log", base=2)
+        _lr_axis(ax, {float(r["base_lr"]) for r in rows})
         ax.set_yscale("log", base=2)
         ax.set_yticks(batches, [str(b) for b in batches])
         ax.grid(alpha=0.3)
@@ -295,7 +306,7 @@ def plot_stability_map(cells: pa.Table, title: str = ""):
                                            lw=0))
             light = norm is not None and c["max_stable_lr"] is not None and \
                 norm(c["max_stable_lr"]) > 0.6
-            ax.text(j, i, f"lr ≤ {lr_text(c['max_stable_lr'], c['max_stable_lr_at_edge'])}{acc}", ha="center",
+            ax.text(j, i, f"{frontier_text(c)}{acc}", ha="center",
                     va="center", fontsize=9, color="black" if light or c["max_stable_lr"] is None else "white")
     ax.set_xticks(range(len(cols)), cols)
     ax.set_yticks(range(len(batches)), [str(b) for b in batches])
@@ -327,7 +338,7 @@ def plot_lr_sensitivity(results: pa.Table | list[dict], best_k: int | None = Non
             line, = ax.plot(lrs, [top_k_mean(pts[lr], best_k) for lr in lrs], "o-", label=col)
             bad = [lr for lr in lrs if all(v == 0.0 for v in pts[lr])]
             ax.plot(bad, [0.0] * len(bad), "x", color=line.get_color(), ms=9, mew=2)
-        ax.set_xscale("log", base=2)
+        _lr_axis(ax, {float(r["base_lr"]) for r in rows if r["batch_size"] == b})
         ax.set_title(f"batch {b}", fontsize=10)
         ax.set_xlabel("base lr (per 256)")
         ax.grid(alpha=0.3)

@@ -205,7 +205,7 @@ def run_study_cli(name: str, presets: dict, argv: list[str] | None, doc: str,
           f" MLflow {redact(study.tracking_uri)}", flush=True)
     try:
         out = search.run_study(study)
-    except (ValueError, ConnectionError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, ConnectionError, PermissionError, FileNotFoundError, RuntimeError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
     print(out["summary"], flush=True)
     return out

@@ -77,4 +77,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(0 if main(sys.argv[1:])["complete"] else 130)  # 130: interrupted, as after Ctrl-C

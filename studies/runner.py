@@ -259,7 +259,7 @@ def train_and_track(cfg: TrainConfig, *, tracking_uri: str, experiment: str, run
     summary.mlflow_run_id = tracker.run_id
     tracker.log_dict(cfg.to_dict(), "config.json")
     tracker.log_dict(summary.scalars(), "final_metrics.json")
-    if summary.history:
+    if len(summary.history) > 1:  # a curve needs two epochs; a scan has one
         fig = analysis.plot_curves(summary.history, title=run_name)
         tracker.log_figure(fig, "curves.png")
         analysis.close(fig)

@@ -274,10 +274,19 @@ def check_paths(study: Study) -> None:
     storage.check_writable(study.study_dir)
 
 
+def check_cells(study: Study) -> None:
+    """Every cell makes a valid TrainConfig and model config (before any data is prepared)."""
+    import nfnet
+
+    for cell in study.cells():
+        cfg = study.config(cell)
+        nfnet.model_config(cfg.model, **cfg.model_overrides)
+
+
 def validate(study: Study, dataset_uri: str) -> int:
-    """Everything that would make the grid unrunnable, before any trial starts. Returns the train split's size."""
+    """Everything the data decides, before any trial starts. Returns the train split's size."""
     n_train = storage.open_dataset(dataset_uri).manifest.splits["train"]
-    for cell in study.cells():  # every cell must make a valid TrainConfig
+    for cell in study.cells():
         cfg = study.config(cell)
         if cfg.batch_size > n_train:
             raise ValueError(f"batch size {cfg.batch_size} is larger than the training split ({n_train} images of "
@@ -362,6 +371,7 @@ class Phases:
 
 def run_study(study: Study) -> dict[str, Any]:
     """Run (or resume) the study; returns its tables, figures, summary and where things are."""
+    check_cells(study)
     check_tracking_uri(study.tracking_uri)
     check_paths(study)
     # One study per output at a time: a second would share its tables and MLflow runs.
@@ -449,7 +459,8 @@ def frontier_analysis(study: Study, results, epochs):
 
 def summary_text(study: Study, results, analysis_text: str, wall: float, complete: bool) -> str:
     statuses = results.column("status").to_pylist()
-    state = "" if complete else "INTERRUPTED — partial results; continue with --resume. "
+    state = "" if complete else ("INTERRUPTED — partial results (trials stopped, or lost to infrastructure "
+                                 "after their retries); continue with --resume. ")
     lines = [f"{state}study {study.name}: {results.num_rows} trials in {wall / 60:.1f} min ("
              + ", ".join(f"{s} {statuses.count(s)}" for s in schema.STATUSES) + ")"]
     if analysis_text:

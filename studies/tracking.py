@@ -27,6 +27,11 @@ def default_tracking_uri() -> str:
 
 
 def absolute_tracking_uri(uri: str) -> str:
+    if uri.startswith("sqlite:") and not uri.startswith("sqlite:///"):
+        raise ValueError(f"tracking URI {uri!r}: a SQLite URI takes three slashes and a path, e.g. "
+                         f"sqlite:///{Path(uri.split(':', 1)[1].lstrip('/') or 'mlflow.db').resolve()}")
+    if "://" not in uri and uri.endswith((".db", ".sqlite")):
+        raise ValueError(f"tracking URI {uri!r} looks like a SQLite file; use sqlite:///{Path(uri).resolve()}")
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
     if "://" not in uri:  # a plain directory: file store
@@ -51,15 +56,42 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             socket.create_connection((host, port), timeout=timeout).close()
         except OSError as e:
             raise ConnectionError(
-                f"MLflow tracking server {uri} is unreachable ({e}); start it (see platform/mlflow/) or pass "
-                "--tracking-uri / MLFLOW_TRACKING_URI pointing at a running server"
+                f"MLflow tracking server {redact(uri)} is unreachable ({e}); start it (see platform/mlflow/) or "
+                "pass --tracking-uri / MLFLOW_TRACKING_URI pointing at a running server"
             ) from None
+        check_credentials(uri, timeout)
     elif parsed.scheme == "sqlite":
         db = Path(uri[len("sqlite:///"):])
         if not db.parent.is_dir():
             raise FileNotFoundError(f"MLflow sqlite store {uri}: directory {db.parent} does not exist; create it")
     elif parsed.scheme not in ("file", "databricks", "postgresql", "mysql", ""):
         raise ValueError(f"unsupported MLflow tracking URI {uri!r}; use http(s)://, sqlite:///ABS/PATH or a path")
+
+
+def check_credentials(uri: str, timeout: float = 5.0) -> None:
+    """One authenticated request, so wrong credentials fail before any trial (not as a late traceback)."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    p = urllib.parse.urlparse(uri)
+    user = p.username or os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = p.password or os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    base = p._replace(netloc=p.hostname + (f":{p.port}" if p.port else "")).geturl().rstrip("/")
+    req = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default")
+    if user:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password or ''}".encode()).decode())
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        req.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
+    try:
+        urllib.request.urlopen(req, timeout=timeout).close()
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise PermissionError(
+                f"MLflow server {redact(uri)} refused the credentials (HTTP {e.code}); set MLFLOW_TRACKING_USERNAME "
+                "and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account of that server") from None
+    except OSError:
+        pass  # reachable a moment ago: a slow or odd server is left to MLflow's own retries
 
 
 def redact(uri: str) -> str:
@@ -139,8 +171,10 @@ class Tracker:
             self.client.log_batch(self.run_id, metrics=items)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        from mlflow.entities import RunTag
+
+        if tags:  # one request, not one per tag
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)

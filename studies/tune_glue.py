@@ -7,18 +7,14 @@ from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
-import storage
 from studies import runner, schema
-from studies.config import TrainConfig
-from studies.tracking import git_commit, hardware
 
 if TYPE_CHECKING:
     from studies.search import Phases, Study, TrialContext
 
 
 class ProgressPrinter(tune.Callback):
-    """A line per finished trial. A trial that fails for good (its retries used up: a worker or node lost again
-    and again) gets a `failed` row here, since it could not write its own."""
+    """A line per finished trial."""
 
     def __init__(self, phase: str, total: int, ctx: TrialContext):
         self.phase, self.total, self.ctx, self.done = phase, total, ctx, 0
@@ -35,18 +31,11 @@ class ProgressPrinter(tune.Callback):
         self._line(trial, r.get("status", "?"), r)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        from studies.search import Spec
-
-        spec = Spec(**trial.config["spec"]) if "spec" in trial.config else None
+        # No row: a trial that failed on infrastructure (after its retries) is rerun by --resume. A bad config or
+        # bad data never gets here: the trial records it as a `failed` row itself.
         where = getattr(trial, "error_file", "") or "the Tune logs"
-        error = f"trial failed after {trial.num_failures} attempt(s); see {where}"
-        if spec is not None:
-            table = storage.ResultsTable(self.ctx.results_uri, schema.results_schema(), schema.epochs_schema())
-            table.append([schema.results_row(
-                {"study": self.ctx.study, "trial_key": spec.key, "phase": spec.phase, "cell": spec.cell},
-                TrainConfig.from_dict(spec.config), schema.RunSummary(status="failed", error=error), hardware(),
-                git_commit())])
-        self._line(trial, "failed", {"error": error})
+        self._line(trial, "failed", {"error": f"after {trial.num_failures} attempt(s), see {where}; --resume "
+                                              "reruns it"})
 
     def _line(self, trial, status: str, r: dict[str, Any]) -> None:
         self.done += 1

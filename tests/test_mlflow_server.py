@@ -176,6 +176,13 @@ def test_team_server_postgres_s3_basic_auth(postgres, s3, tmp_path):
                                cwd=tmp_path, env=study_env, capture_output=True, text=True, timeout=300)
         assert study.returncode == 0, study.stdout[-3000:] + study.stderr[-3000:]
 
+        # Wrong credentials: one clear line before any trial, not a late traceback.
+        wrong = subprocess.run([sys.executable, str(ROOT / "studies/agc_lambda.py"), "--smoke-test",
+                                "--output", str(tmp_path / "out2")], cwd=tmp_path, capture_output=True, text=True,
+                               env={**study_env, "MLFLOW_TRACKING_PASSWORD": "wrong"}, timeout=120)
+        assert wrong.returncode == 2 and "refused the credentials" in wrong.stderr, wrong.stderr[-2000:]
+        assert "Traceback" not in wrong.stderr and "wrong" not in wrong.stderr
+
         code, exp = http(f"{api}/experiments/get-by-name?experiment_name=agc_lambda", auth=worker)
         assert code == 200, exp
         search = {"experiment_ids": [exp["experiment"]["experiment_id"]], "max_results": 100}
@@ -187,8 +194,8 @@ def test_team_server_postgres_s3_basic_auth(postgres, s3, tmp_path):
         assert len(parents) == 1, tags
         parent_id = parents[0]["info"]["run_id"]
         children = [r for r, t in zip(runs, tags) if t.get("mlflow.parentRunId") == parent_id]
-        assert len(children) == 1, tags  # the smoke study has exactly one trial
-        params = {p["key"] for p in children[0]["data"]["params"]}
+        assert len(children) == 3, tags  # the smoke study: two scan trials, one full run
+        params = {p["key"] for p in children[-1]["data"]["params"]}
         assert {"batch_size", "clip_threshold", "base_lr"} <= params
         # Credentials travel in a header only, never as logged params or tags.
         for r in runs:

@@ -122,12 +122,12 @@ def test_cluster_launcher_config(cloud):
         assert t.get("min_workers", 0) == 0 < t["max_workers"] <= cfg["max_workers"], name
 
     # The imagenet preset: one trial = 8 GPU workers × 8 CPUs must fit on the 8-GPU node type.
-    cpus, gpus = per_trial(presets()["imagenet"]["fixed"])
+    cpus, gpus = per_trial(presets()["imagenet"].fixed)
     assert (cpus, gpus) == (64, 8)
     big = [t["resources"] for t in workers.values() if t["resources"].get("GPU", 0) == 8]
     assert big and all(r["CPU"] >= cpus for r in big), f"8-GPU node type needs >= {cpus} CPUs: {big}"
     # The cifar10 preset: one GPU worker per trial, on the single-GPU node type.
-    cifar = presets()["cifar10"]["fixed"]
+    cifar = presets()["cifar10"].fixed
     assert cifar["use_gpu"] is True and cifar.get("num_workers", 1) == 1
     cpus1, gpus1 = per_trial(cifar)
     small = [t["resources"] for t in workers.values() if t["resources"].get("GPU", 0) == 1]
@@ -161,7 +161,7 @@ def test_kuberay(name):
     head, groups = spec["headGroupSpec"], spec["workerGroupSpecs"]
     assert head["rayStartParams"].get("num-cpus") == "0"
     assert container_resources(head)[1] == 0
-    cpus, gpus = per_trial(presets()["imagenet"]["fixed"])
+    cpus, gpus = per_trial(presets()["imagenet"].fixed)
     big = [container_resources(g) for g in groups if container_resources(g)[1] >= gpus]
     assert big and all(c >= cpus for c, _ in big), f"a worker group with >= {gpus} GPUs and {cpus} CPUs"
     for g in groups:

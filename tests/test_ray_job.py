@@ -153,13 +153,13 @@ def test_ray_job_submit_smoke_study(ray_head):
     assert info["runtime_env"]["working_dir"].startswith("gcs://_ray_pkg_")  # this checkout, uploaded
 
     import mlflow
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
-    import storage
-
-    results = storage.ResultsTable(f"{out}/agc_lambda/results").read()
+    results = pq.read_table(out / "agc_lambda" / "results.parquet").filter(pc.field("phase") == "full")
     assert results.num_rows == 1
     assert results.column("status")[0].as_py() in ("completed", "diverged", "failed", "stopped")
-    assert (out / "agc_lambda" / "stability_map.png").stat().st_size > 1000
+    assert (out / "agc_lambda" / "stable_region.png").stat().st_size > 1000
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
     exp = client.get_experiment_by_name("agc_lambda")
@@ -167,5 +167,6 @@ def test_ray_job_submit_smoke_study(ray_head):
     parents = [r for r in runs if r.data.tags.get("role") == "study"]
     assert len(parents) == 1
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(children) == 1
-    assert results.column("mlflow_run_id")[0].as_py() == children[0].info.run_id
+    full = [c for c in children if c.data.tags.get("phase") == "full"]
+    assert len(full) == 1 and len(children) == 3  # the smoke preset: 2 scan trials and 1 full run
+    assert results.column("mlflow_run_id")[0].as_py() == full[0].info.run_id

@@ -131,13 +131,23 @@ def test_specs_scan_then_full_and_paper_protocol():
     (["--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
     (["--dataset", "cifar10", "--dataset-params", '{"path": "/no/such/dir"}'], "/no/such/dir"),
     (["--use-gpu", "true"], "GPU"),
+    (["--batch-sizes", "100", "--num-workers", "8"], "not divisible by num_workers 8"),
+    (["--dataset-params", '{"num_train": 5000}'], "did you mean n_train"),
+    (["--model-overrides", '{"widht": 16}'], "widht"),
+    (["--data-root", "data"], "relative path"),
+    (["--output", "s3:/bucket"], "s3:/bucket"),
+    (["--output", "/proc/no-such-dir"], "cannot write"),
+    (["--tracking-uri", "sqlite://mlflow.db"], "three slashes"),
+    (["--tracking-uri", "mlflow.db"], "looks like a SQLite file"),
 ])
 def test_bad_study_input_fails_before_any_trial(tmp_path, flags, msg, ray_cluster, capsys):
     base = ["--smoke-test", *common_flags(tmp_path)]
+    t0 = time.time()
     with pytest.raises(SystemExit) as e:
-        agc_lambda.main(base + [f for f in flags if f])
+        agc_lambda.main(base + flags)
     err = capsys.readouterr().err
     assert e.value.code == 2 and msg in err and "Traceback" not in err
+    assert len(err.strip().splitlines()[-1]) > 30 and time.time() - t0 < 30  # one clear line, at once
     assert not (tmp_path / "out" / "s" / "results").exists()
 
 

@@ -1,0 +1,166 @@
+"""Faults injected into a running study: the driver killed (SIGKILL, at two moments), interrupted (SIGINT), a trial's
+process killed. After each, the study is resumed (or recovers by itself) and must hold exactly one row and one
+MLflow run per trial, none left RUNNING, with the numbers of an uninterrupted run."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from studies import agc_lambda, search
+from studies.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("shared-data"))  # one data root: the same configs, the same trial keys
+
+
+def flags(tmp_path, name, data_root, *extra):
+    return ["--smoke-test", "--output", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+            "--data-root", data_root, "--name", name, "--model-overrides", '{"width": 8, "depth": 1}',
+            "--dataset-params", '{"n_train": 512, "n_val": 128}', "--batch-sizes", "32", "--lambdas", "0.04", "none",
+            "--lrs", "0.1", "0.4", "25.6", "--scan-steps", "6", "--max-steps", "24", "--full-top", "1",
+            "--max-concurrent", "1", *extra]
+
+
+def table(tmp_path, name):
+    return search.Study(name, search.Preset(grid={"batch_size": [1]}, fixed={}), TrainConfig(),
+                        output=str(tmp_path / "out")).table()
+
+
+def numbers(results):
+    keep = ("trial_key", "phase", "status", "steps", "diverged_step", "best_val_acc", "final_train_loss")
+    return sorted(tuple(r[k] for k in keep) for r in results.to_pylist())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_root, ray_cluster):
+    tmp = tmp_path_factory.mktemp("reference")
+    out = agc_lambda.main(flags(tmp, "ref", data_root))
+    assert out["complete"] and out["results"].num_rows >= 7
+    return numbers(out["results"])
+
+
+def check_whole(tmp_path, name, reference):
+    from mlflow.tracking import MlflowClient
+
+    res = table(tmp_path, name).read()
+    keys = res.column("trial_key").to_pylist()
+    assert len(keys) == len(set(keys))  # nothing duplicated
+    assert numbers(res) == reference  # nothing lost, and the same numbers as an uninterrupted run
+    c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = c.get_experiment_by_name(name)
+    runs = c.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("role") == "study"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(ch.data.tags["trial_key"] for ch in children) == sorted(keys)
+    assert all(ch.info.status != "RUNNING" for ch in children)
+
+
+def run_until(tmp_path, name, data_root, ready, sig):
+    """Start the study as its own process (and its own local Ray), send `sig` once `ready(rows)` holds."""
+    cmd = [sys.executable, str(ROOT / "studies" / "agc_lambda.py"), *flags(tmp_path, name, data_root)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    t = table(tmp_path, name)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if ready(t.read().to_pylist()):
+                    break
+            except Exception:
+                pass
+            time.sleep(0.3)
+        assert proc.poll() is None, "the study finished before the fault"
+        if sig == signal.SIGKILL:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+            proc.wait()
+            return ""
+        os.kill(proc.pid, sig)
+        out, _ = proc.communicate(timeout=240)
+        return out
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def resume(tmp_path, name, data_root):
+    cmd = [sys.executable, str(ROOT / "studies" / "agc_lambda.py"), *flags(tmp_path, name, data_root, "--resume")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.parametrize("moment", ["mid-scan", "mid-full"])
+def test_driver_killed_then_resumed(tmp_path, data_root, reference, moment):
+    if moment == "mid-scan":
+        ready = lambda rows: len(rows) >= 2  # noqa: E731
+    else:
+        ready = lambda rows: len([r for r in rows if r["phase"] == "scan"]) == 6  # noqa: E731
+    run_until(tmp_path, "killed", data_root, ready, signal.SIGKILL)
+    before = table(tmp_path, "killed").read().num_rows
+    assert 2 <= before < len(reference)
+    out = resume(tmp_path, "killed", data_root)
+    assert "already done" in out
+    check_whole(tmp_path, "killed", reference)
+
+
+def test_ctrl_c_leaves_a_resumable_study_marked_interrupted(tmp_path, data_root, reference):
+    from mlflow.tracking import MlflowClient
+
+    out = run_until(tmp_path, "sigint", data_root, lambda rows: len(rows) >= 2, signal.SIGINT)
+    assert "INTERRUPTED" in out and "--resume" in out
+    summary = (tmp_path / "out" / "sigint" / "summary.txt").read_text()
+    assert summary.startswith("INTERRUPTED")
+    c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (parent,) = [r for r in c.search_runs([c.get_experiment_by_name("sigint").experiment_id])
+                 if r.data.tags.get("role") == "study"]
+    assert parent.info.status == "KILLED" and parent.data.tags["status"] == "interrupted"
+    resume(tmp_path, "sigint", data_root)
+    check_whole(tmp_path, "sigint", reference)
+
+
+def test_a_killed_trial_process_is_retried_not_recorded_failed(tmp_path, data_root, reference):
+    # The trial's process dies (OOM killer, a lost node): Tune retries the trial; the study completes by itself.
+    killed = []
+
+    def trial_processes():
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if b"ImplicitFunc" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    yield int(pid)
+            except OSError:
+                pass
+
+    def killer():
+        deadline = time.time() + 200
+        while time.time() < deadline and not killed:
+            for pid in trial_processes():
+                time.sleep(1.0)  # mid-trial
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                except OSError:
+                    pass
+                break
+            time.sleep(0.2)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    out = agc_lambda.main(flags(tmp_path, "trialkill", data_root))
+    th.join(timeout=1)
+    assert killed and out["complete"]
+    assert "failed" not in out["results"].column("status").to_pylist()
+    check_whole(tmp_path, "trialkill", reference)
