@@ -113,7 +113,8 @@ def test_driver_killed_then_resumed(tmp_path, data_root, reference, moment):
     before = table(tmp_path, "killed").read().num_rows
     assert 2 <= before < len(reference)
     out = resume(tmp_path, "killed", data_root)
-    assert "already done" in out
+    # Finished trials are not rerun: mid-scan, the scan continues; after it, only full runs are left.
+    assert ("already done" in out) if moment == "mid-scan" else ("scan:" not in out and "full:" in out)
     check_whole(tmp_path, "killed", reference)
 
 
@@ -164,3 +165,66 @@ def test_a_killed_trial_process_is_retried_not_recorded_failed(tmp_path, data_ro
     assert killed and out["complete"]
     assert "failed" not in out["results"].column("status").to_pylist()
     check_whole(tmp_path, "trialkill", reference)
+
+
+def test_tracking_server_down_for_seconds_mid_study(tmp_path, data_root, reference):
+    # The team server goes away for a few seconds (a restart, a network blip): training goes on, MLflow's client
+    # retries, metrics are buffered; every run ends up on the server once, none left RUNNING.
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+    def start():
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+                return proc
+            except OSError:
+                time.sleep(0.3)
+        raise AssertionError("mlflow server did not start")
+
+    servers = [start()]
+    outage = []
+
+    def blip():
+        t = table(tmp_path, "outage")
+        deadline = time.time() + 200
+        while time.time() < deadline:
+            try:
+                if t.read().num_rows >= 2:
+                    break
+            except Exception:
+                pass
+            time.sleep(0.3)
+        os.killpg(servers[0].pid, signal.SIGKILL)
+        servers[0].wait()
+        outage.append(time.time())
+        time.sleep(4)
+        servers.append(start())
+        outage.append(time.time())
+
+    th = threading.Thread(target=blip, daemon=True)
+    th.start()
+    try:
+        study = flags(tmp_path, "outage", data_root)
+        study[study.index("--tracking-uri") + 1] = f"http://127.0.0.1:{port}"
+        out = agc_lambda.main(study)
+        th.join(timeout=120)
+    finally:
+        for p in servers:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert len(outage) == 2 and outage[1] - outage[0] >= 4  # the server really was down mid-study
+    assert out["complete"] and "failed" not in out["results"].column("status").to_pylist()
+    check_whole(tmp_path, "outage", reference)
