@@ -46,6 +46,7 @@ HELP = {
     "log_every_steps": "step metrics and divergence check every N steps",
     "eval_every_epochs": "validate every N epochs and at the end (0 = never)",
     "checkpoint_every_epochs": "checkpoint every N epochs (0 = never)",
+    "checkpoint_every_minutes": "also checkpoint mid-epoch every N minutes (a lost worker costs at most that; 0 = off)",
     "max_failures": "worker failures to recover from (restarts from the last checkpoint)",
     "divergence_factor": "diverged when the loss exceeds this multiple of its starting value, or is not finite",
     "gns_every_steps": "measure the gradient noise scale every N steps (0 = off)",

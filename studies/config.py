@@ -61,6 +61,7 @@ class TrainConfig:
     log_every_steps: int = 10  # divergence check + step metrics; one host sync per this many steps
     eval_every_epochs: int = 1  # 0 = never (stability scans)
     checkpoint_every_epochs: int = 1
+    checkpoint_every_minutes: float = 0.0  # also mid-epoch, at the first log window this long after the last; 0 = off
     max_failures: int = 0
     divergence_factor: float = 5.0  # diverged if loss > factor * initial loss (or non-finite)
     gns_every_steps: int = 10  # gradient noise scale measurement cadence; 0 disables
@@ -112,6 +113,8 @@ class TrainConfig:
                 bad(f"{name} must be {'>= 0' if name == 'warmup_steps' else 'positive'}, got {v}")
         if self.gns_every_steps < 0:
             bad(f"gns_every_steps must be >= 0 (0 = off), got {self.gns_every_steps}")
+        if self.checkpoint_every_minutes < 0:
+            bad(f"checkpoint_every_minutes must be >= 0 (0 = off), got {self.checkpoint_every_minutes}")
         if self.max_failures < 0:
             bad(f"max_failures must be >= 0, got {self.max_failures}")
         if self.image_size is not None and self.image_size <= 0:

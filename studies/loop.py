@@ -315,6 +315,7 @@ class Run:
     n_epochs: int
     gns: GradNoiseScale = field(default_factory=GradNoiseScale)
     monitor: DivergenceMonitor = None
+    last_checkpoint: float = field(default_factory=time.monotonic)
     state: dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "step": 0, "history": [],
                                                            "best_val_acc": math.nan, "best_val_loss": math.nan})
 
@@ -342,13 +343,16 @@ def train(cfg: TrainConfig, dataset_uri: str, ctx: WorkerContext) -> RunSummary:
     step, train_time = state["step"], 0.0
     for epoch in range(state["epoch"], run.n_epochs):
         # Every random stream is re-seeded from (seed, epoch, rank): a run resumed at an epoch boundary
-        # continues exactly as the uninterrupted one.
+        # continues exactly as the uninterrupted one (mid-epoch: from the saved streams, see resume_mid_epoch).
         torch.manual_seed(storage.derive_seed(cfg.seed, epoch, ctx.rank))
         gen = torch.Generator().manual_seed(storage.derive_seed(cfg.seed, epoch, ctx.rank, 1))  # augmentation
         tally, noise = EpochTally(ctx.device), []
+        skip = resume_mid_epoch(run, tally, gen)
         if ctx.device.type == "cuda":
             torch.cuda.synchronize()
-        for xb, yb in loader.epoch(epoch):
+        for i, (xb, yb) in enumerate(loader.epoch(epoch)):
+            if i < skip:  # trained before the mid-epoch checkpoint
+                continue
             if step >= total:
                 break
             if ctx.on_step:
@@ -369,15 +373,11 @@ def train(cfg: TrainConfig, dataset_uri: str, ctx: WorkerContext) -> RunSummary:
                 noise.append((s.grad_sq_small, s.grad_sq_big))
             step += 1
             if log_now:
-                stop = monitor.check(step)
-                update_gns(run.gns, noise, cfg.local_batch_size, cfg.batch_size, ctx.world_size)
-                noise = []
-                if ctx.rank == 0:
-                    sm = {"train_loss_step": monitor.losses[-1], "lr": lr, "gns": run.gns.value,
-                          **{k: float(v) for k, v in tally.last.items()}}
-                    ctx.log_step({k: v for k, v in sm.items() if math.isfinite(v)}, step)
-                if stop:
+                if log_window(run, step, lr, tally, noise):
                     break
+                noise = []
+                if step < total and checkpoint_due(run):
+                    save_mid_epoch(run, epoch, i + 1, step, tally, gen)
         train_time += end_of_epoch(run, epoch, step, tally)
         if monitor.diverged or step >= total:
             break
@@ -397,6 +397,59 @@ def train(cfg: TrainConfig, dataset_uri: str, ctx: WorkerContext) -> RunSummary:
         images_per_sec=(sum(h["images_per_sec"] for h in hist) / len(hist)) if hist else None,
         train_time_s=train_time, wall_time_s=time.perf_counter() - t_start,
         gns=run.gns.value if run.gns.n else None, history=hist)
+
+
+def log_window(run: Run, step: int, lr: float, tally: EpochTally, noise) -> bool:
+    """Once per log_every_steps: the divergence check (one sync), the noise scale, step metrics. True: stop."""
+    cfg, ctx = run.cfg, run.ctx
+    stop = run.monitor.check(step)
+    update_gns(run.gns, noise, cfg.local_batch_size, cfg.batch_size, ctx.world_size)
+    if ctx.rank == 0:
+        sm = {"train_loss_step": run.monitor.losses[-1], "lr": lr, "gns": run.gns.value,
+              **{k: float(v) for k, v in tally.last.items()}}
+        ctx.log_step({k: v for k, v in sm.items() if math.isfinite(v)}, step)
+    return stop
+
+
+def checkpoint_due(run: Run) -> bool:
+    """Rank 0's clock decides, so every rank checkpoints at the same step."""
+    minutes = run.cfg.checkpoint_every_minutes
+    if not minutes:
+        return False
+    due = torch.tensor(float(time.monotonic() - run.last_checkpoint >= 60 * minutes), device=run.ctx.device)
+    if run.ctx.world_size > 1:
+        dist.broadcast(due, 0)
+    return bool(due.item())
+
+
+def save_mid_epoch(run: Run, epoch: int, epoch_step: int, step: int, tally: EpochTally, gen) -> None:
+    """A checkpoint inside an epoch: where in it, its partial sums and the random streams, so a resumed run
+    continues exactly."""
+    rng = {"torch": torch.get_rng_state(), "augment": gen.get_state()}
+    if run.ctx.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.ctx.device)
+    run.state.update(epoch=epoch, step=step, mid_epoch={
+        "epoch_step": epoch_step, "loss": tally.loss.item(), "correct": tally.correct.item(), "seen": tally.seen,
+        "last": {k: float(v) for k, v in tally.last.items()}, "rng": rng})
+    ckpt = save_checkpoint(run) if run.ctx.rank == 0 else None
+    run.state.pop("mid_epoch")
+    run.ctx.report({"step": step, "epoch": epoch + 1, "status": "running", "mid_epoch_checkpoint": 1.0}, ckpt)
+
+
+def resume_mid_epoch(run: Run, tally: EpochTally, gen) -> int:
+    """Batches of this epoch to skip (already trained), with the sums and random streams restored."""
+    mid = run.state.pop("mid_epoch", None)
+    if not mid:
+        return 0
+    tally.loss += mid["loss"]
+    tally.correct += mid["correct"]
+    tally.seen = mid["seen"]
+    tally.last.update(mid["last"])
+    torch.set_rng_state(mid["rng"]["torch"])
+    gen.set_state(mid["rng"]["augment"])
+    if "cuda" in mid["rng"]:
+        torch.cuda.set_rng_state(mid["rng"]["cuda"], run.ctx.device)
+    return mid["epoch_step"]
 
 
 def update_gns(gns: GradNoiseScale, noise, b_local: int, batch: int, world_size: int) -> None:
@@ -458,6 +511,7 @@ def progress_line(m: dict[str, Any], n_epochs: int) -> str:
 def save_checkpoint(run: Run) -> str:
     import tempfile
 
+    run.last_checkpoint = time.monotonic()
     d = tempfile.mkdtemp(prefix="nfnet-ckpt-")
     torch.save({"config_hash": run.cfg.fingerprint(), "model": run.model.state_dict(),
                 "optimizer": run.opt.state_dict(), "gns": run.gns.state_dict(), "monitor": run.monitor.state_dict(),

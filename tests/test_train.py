@@ -231,3 +231,18 @@ def test_metric_logging_survives_a_tracking_outage(tmp_path):
     log({"loss": 0.25}, 3)
     hist = t.client.get_metric_history(t.run_id, "loss")
     assert sorted((m.step, m.value) for m in hist) == [(1, 1.0), (2, 0.5), (3, 0.25)] and not log.pending
+
+
+def test_time_based_checkpoints_mid_epoch_resume_exactly(tiny_data):
+    # 8 steps per epoch; a checkpoint at every log window (every 3 steps): most of them fall inside an epoch.
+    cfg = tiny_cfg(max_steps=20, log_every_steps=3, checkpoint_every_epochs=0, checkpoint_every_minutes=1e-9,
+                   gns_every_steps=2)
+    saved = []
+    ref = loop.train(cfg, tiny_data, loop.WorkerContext(report=lambda m, c: c and saved.append((m["step"], c)),
+                                                        print=lambda s: None))
+    assert [s for s, _ in saved] == [3, 6, 9, 12, 15, 18]
+    for step, ckpt in saved[1::2]:  # steps 6, 12, 18: in the first, second and third epoch
+        resumed = loop.train(cfg, tiny_data, loop.WorkerContext(resume_from=ckpt, print=lambda s: None))
+        assert resumed.steps == 20 and _losses(resumed) == _losses(ref), step
+        assert resumed.final_val_acc == ref.final_val_acc and resumed.final_train_loss == ref.final_train_loss
+        assert resumed.gns == pytest.approx(ref.gns, nan_ok=True)
