@@ -219,9 +219,9 @@ def run_torch_trainer(cfg: TrainConfig, dataset_uri: str, *, name: str, storage_
         # A worker's own deterministic error (bad config or data) is re-raised as itself: no retry.
         for e in getattr(err, "worker_failures", {}).values():
             cause = getattr(e, "cause", None) or e
-            if isinstance(cause, DETERMINISTIC_ERRORS):
+            if not is_infrastructure(cause):
                 raise cause
-        raise RuntimeError(f"training failed: {err}") from err
+        raise err
     return RunSummary(**result.return_value)
 
 
@@ -253,8 +253,10 @@ def train_and_track(cfg: TrainConfig, *, tracking_uri: str, experiment: str, run
         else:
             summary = run_torch_trainer(cfg, dataset_uri, name=f"{run_name}-{cfg.fingerprint()}",
                                         storage_path=storage_path, tracking=tracking, in_tune=in_tune)
-    except DETERMINISTIC_ERRORS as e:  # the same config would fail again: record it, do not retry
-        summary = RunSummary(status="failed", error=f"{type(e).__name__}: {e}")
+    except Exception as e:
+        if is_infrastructure(e):
+            raise  # Tune retries the trial (its last checkpoint, if any); --resume reruns it if retries run out
+        summary = RunSummary(status="failed", error=f"{type(e).__name__}: {e}")  # would fail again: recorded
         tracker.log_text(traceback.format_exc()[-4000:], "traceback.txt")
     summary.mlflow_run_id = tracker.run_id
     tracker.log_dict(cfg.to_dict(), "config.json")
@@ -271,9 +273,17 @@ def train_and_track(cfg: TrainConfig, *, tracking_uri: str, experiment: str, run
     return summary
 
 
-# Errors that come from the config or the data, not the machine: a retry would fail the same way.
-DETERMINISTIC_ERRORS = (ValueError, TypeError, KeyError, IndexError, AssertionError, storage.StorageError,
-                        NotImplementedError, torch.OutOfMemoryError)
+def is_infrastructure(e: BaseException) -> bool:
+    """A fault of the machines, not of the config or the data: a lost worker or node, an unreachable tracking
+    server or object store. Retried; anything else (a bad config, bad data, a shape error) would fail the same
+    way again and is recorded as `failed`."""
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    if type(e).__module__.split(".")[0] in ("ray", "requests", "urllib3", "botocore", "grpc"):
+        return True
+    text = str(e)
+    return type(e).__name__ == "MlflowException" and any(
+        s in text for s in ("Max retries exceeded", "Connection refused", "timed out", "502", "503", "504"))
 
 
 def default_storage_path() -> str:

@@ -150,10 +150,11 @@ class Spec:
     phase: str
     cell: str
     config: dict[str, Any]  # the whole TrainConfig the trial runs
+    key: str = ""  # the trial's identity: phase + config fingerprint, computed once, on the driver
 
-    @property
-    def key(self) -> str:
-        return f"{self.phase}-{TrainConfig.from_dict(self.config).fingerprint()}"
+    def __post_init__(self):
+        if not self.key:
+            object.__setattr__(self, "key", f"{self.phase}-{TrainConfig.from_dict(self.config).fingerprint()}")
 
     @property
     def label(self) -> str:

@@ -229,20 +229,16 @@ def test_two_phase_study_end_to_end_and_independent_of_concurrency(tmp_path, ray
     assert len(parents) == 1 and len(children) == res.num_rows
 
 
-@pytest.mark.ray
-def test_failed_trial_is_recorded_and_study_goes_on(tmp_path, ray_cluster):
-    # One cell asks for a model width the builder rejects: that trial fails (once, not retried), the other trains.
+def test_a_cell_whose_model_cannot_be_built_is_refused_before_any_trial(tmp_path):
     study = search.Study(
         name="fails", preset=search.Preset(grid={"model_overrides": [{"width": 8, "depth": 1},
                                                                      {"width": -4, "depth": 1}]}, fixed={}),
         fixed=TrainConfig(max_steps=4, batch_size=32, dataset_params={"n_train": 256, "n_val": 64},
                           data_root=str(tmp_path / "data")),
         output=str(tmp_path / "out"), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", max_concurrent=2)
-    out = search.run_study(study)
-    rows = {r["cell"]: r for r in out["results"].to_pylist()}
-    bad = rows['model_overrides={"width": -4, "depth": 1}']
-    assert bad["status"] == "failed" and "width" in bad["error"]
-    assert rows['model_overrides={"width": 8, "depth": 1}']["status"] == "completed"
+    with pytest.raises(ValueError, match="width must be >= 1, got -4"):
+        search.run_study(study)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
 
 
 @pytest.mark.ray

@@ -246,3 +246,24 @@ def test_time_based_checkpoints_mid_epoch_resume_exactly(tiny_data):
         assert resumed.steps == 20 and _losses(resumed) == _losses(ref), step
         assert resumed.final_val_acc == ref.final_val_acc and resumed.final_train_loss == ref.final_train_loss
         assert resumed.gns == pytest.approx(ref.gns, nan_ok=True)
+
+
+def test_bad_config_is_recorded_failed_but_infrastructure_faults_are_raised_for_retry(tmp_path, tiny_data,
+                                                                                        monkeypatch):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+
+    def run(exc):
+        def boom(*a, **k):
+            raise exc
+        monkeypatch.setattr(runner, "run_in_process", boom)
+        return runner.train_and_track(tiny_cfg(), tracking_uri=uri, experiment="t", run_name="r",
+                                      storage_path=str(tmp_path), in_process=True, dataset_uri=tiny_data)
+
+    out = run(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))  # a bug or a bad config: same again
+    assert out.status == "failed" and "shapes" in out.error
+    for exc in (ConnectionError("tracking server unreachable"), TimeoutError("storage timed out")):
+        with pytest.raises(type(exc)):  # the machines' fault: Tune retries the trial
+            run(exc)
+    from ray.exceptions import ActorDiedError
+
+    assert runner.is_infrastructure(ActorDiedError()) and not runner.is_infrastructure(ValueError("bad lr"))
