@@ -331,3 +331,17 @@ def test_results_schema_is_derived_from_the_summary_and_config():
     for col in names + list(analysis.CELL_COLUMNS):  # the public tables are documented, column by column
         assert f"`{col}`" in readme, col
     assert json.loads(json.dumps(schema.RunSummary(status="completed").scalars()))["status"] == "completed"
+
+
+def test_a_second_study_on_the_same_output_is_refused(tmp_path, ray_cluster, capsys):
+    import storage
+
+    held = storage.acquire_lock(str(tmp_path / "out" / "s"), owner="study s", heartbeat=False)  # the first study
+    try:
+        with pytest.raises(SystemExit) as e:
+            agc_lambda.main(["--smoke-test", *common_flags(tmp_path)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "is in use by study s" in err and "another --output" in err
+        assert not (tmp_path / "out" / "s" / "results").exists()
+    finally:
+        held.release()
