@@ -34,6 +34,7 @@ class TrainConfig:
     batch_size: int = 256  # GLOBAL batch, split evenly over workers
     num_workers: int = 1
     use_gpu: bool = False
+    gpus_per_worker: float = 1.0  # a fraction packs small trials onto one GPU (0.25: four trials share it)
     cpus_per_worker: float = 1.0
 
     optimizer: str = "sgd"  # SGD with Nesterov momentum, as in the paper
@@ -119,6 +120,9 @@ class TrainConfig:
             bad(f"max_failures must be >= 0, got {self.max_failures}")
         if self.image_size is not None and self.image_size <= 0:
             bad(f"image_size must be positive, got {self.image_size}")
+        g = self.gpus_per_worker
+        if not (0 < g <= 1 or float(g).is_integer()):
+            bad(f"gpus_per_worker must be a fraction in (0, 1] or a whole number, got {g}")
         if self.cpus_per_worker <= 0:
             bad(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if self.clipping == "none":

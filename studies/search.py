@@ -228,20 +228,22 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                      "trial_key": spec.key, runner.OBJECTIVE: summary.objective()})
 
 
-def cluster_concurrency(cfg: TrainConfig) -> int:
-    """Trials that fit the cluster at once: each needs num_workers × (cpus_per_worker [+ 1 GPU])."""
-    import ray
+def cluster_concurrency(cfg: TrainConfig, res: dict[str, float] | None = None) -> int:
+    """Trials that fit the cluster at once: each needs num_workers × (cpus_per_worker [+ gpus_per_worker])."""
+    if res is None:
+        import ray
 
-    res = ray.cluster_resources()
+        res = ray.cluster_resources()
     need_cpu = cfg.num_workers * cfg.cpus_per_worker
     n = int(res.get("CPU", 0) // need_cpu) if need_cpu else 1
     if cfg.use_gpu:
-        gpus = int(res.get("GPU", 0))
-        if gpus < cfg.num_workers:
+        gpus, need_gpu = res.get("GPU", 0), cfg.num_workers * cfg.gpus_per_worker
+        if gpus < need_gpu:
             raise RuntimeError(
-                f"the study asks for {cfg.num_workers} GPU worker(s) per trial but the Ray cluster has {gpus} GPU(s);"
-                " lower --num-workers, drop --use-gpu, or connect to a GPU cluster (RAY_ADDRESS)")
-        n = min(n, gpus // cfg.num_workers)
+                f"the study asks for {need_gpu:g} GPU(s) per trial but the Ray cluster has {gpus:g} GPU(s) now; "
+                "lower --num-workers, drop --use-gpu, connect to a GPU cluster (RAY_ADDRESS), or on an "
+                "autoscaling cluster give --max-concurrent (trials wait for the nodes it adds)")
+        n = min(n, int(gpus / need_gpu + 1e-9))
     if n < 1:
         raise RuntimeError(
             f"one trial needs {need_cpu:g} CPUs ({cfg.num_workers} workers × {cfg.cpus_per_worker:g}) but the Ray "

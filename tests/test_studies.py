@@ -345,3 +345,17 @@ def test_a_second_study_on_the_same_output_is_refused(tmp_path, ray_cluster, cap
         assert not (tmp_path / "out" / "s" / "results").exists()
     finally:
         held.release()
+
+
+def test_fractional_gpus_pack_small_trials():
+    cfg = TrainConfig(use_gpu=True, gpus_per_worker=0.25, cpus_per_worker=2)
+    assert search.cluster_concurrency(cfg, {"CPU": 16, "GPU": 1}) == 4  # four CIFAR-size trials share one GPU
+    assert search.cluster_concurrency(cfg.replace(gpus_per_worker=1.0), {"CPU": 16, "GPU": 1}) == 1
+    assert search.cluster_concurrency(cfg, {"CPU": 4, "GPU": 1}) == 2  # then the CPUs are the limit
+    # platform/README.md's worked example: 8 GPU workers per trial on 4 × 8-GPU, 96-CPU nodes
+    big = TrainConfig(use_gpu=True, num_workers=8, cpus_per_worker=8)
+    assert search.cluster_concurrency(big, {"CPU": 384, "GPU": 32}) == 4
+    with pytest.raises(RuntimeError, match="--max-concurrent"):  # an autoscaling cluster with no GPU node yet
+        search.cluster_concurrency(big, {"CPU": 8})
+    with pytest.raises(ValueError, match="gpus_per_worker"):
+        TrainConfig(gpus_per_worker=1.5)
