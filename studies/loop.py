@@ -224,9 +224,9 @@ def train_step(net, opt, x, y_soft, cfg: TrainConfig, amp, params, agc_params, *
 
 @torch.no_grad()
 def evaluate(model, images, labels, augment, ctx: WorkerContext, batch: int, channels_last: bool, amp):
-    # Each rank takes a strided slice of the validation set; sums are all-reduced.
+    # `images` is this rank's share of the validation set; the sums are all-reduced.
     model.eval()
-    xs, ys = images[ctx.rank :: ctx.world_size], labels[ctx.rank :: ctx.world_size]
+    xs, ys = images, labels
     totals = torch.zeros(3, device=ctx.device, dtype=torch.float64)
     for i in range(0, len(xs), batch):
         x = augment.eval_transform(xs[i : i + batch])
@@ -293,8 +293,10 @@ def build(cfg: TrainConfig, dataset_uri: str, ctx: WorkerContext):
                                      image_size=cfg.image_size)
     # image_size None: pad-and-crop at the native (CIFAR-size) resolution; else random-resized crops to it.
     augment = nfnet.Augment(cfg.augment_strength, man.num_classes, image_size=cfg.image_size).to(device)
-    val = [t.to(device) for t in data.load_split("val", image_size=cfg.image_size)] if cfg.eval_every_epochs \
-        else None
+    val = None
+    if cfg.eval_every_epochs:  # each rank holds and evaluates its own 1/world of the validation split
+        split = data.load_split("val", image_size=cfg.image_size)
+        val = [t[ctx.rank :: ctx.world_size].contiguous().to(device) for t in split]
     return model, net, opt, loader, augment, val
 
 
