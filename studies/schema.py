@@ -12,6 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 
+import storage
 from studies.config import TrainConfig
 
 STATUSES = ("completed", "diverged", "failed", "stopped")
@@ -99,3 +100,8 @@ def epoch_rows(trial_key: str, history: list[dict[str, Any]]) -> list[dict[str, 
 def epochs_schema() -> pa.Schema:
     return pa.schema([("trial_key", pa.string()), ("epoch", pa.int64()),
                       *((k, pa.float64()) for k in EPOCH_COLUMNS if k != "epoch")])
+
+
+def open_table(uri: str) -> storage.ResultsTable:
+    """A study's results and epochs tables at `uri`."""
+    return storage.ResultsTable(uri, results_schema(), epochs_schema())

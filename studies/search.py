@@ -31,7 +31,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "nf_resnet": {"model": "nf_resnet_cifar", "clipping": "none"},
     "nf_resnet+agc": {"model": "nf_resnet_cifar", "clipping": "agc"},
 }
-TUNED = ("base_lr", "seed")  # set per trial by the study, never by a flag
 
 
 @dataclass(frozen=True)
@@ -112,8 +111,7 @@ class Study:
         return self.fixed.replace(**cell_changes(cell), **changes)
 
     def table(self) -> storage.ResultsTable:
-        return storage.ResultsTable(storage.uri.join(self.study_dir, "results"), schema.results_schema(),
-                                    schema.epochs_schema())
+        return schema.open_table(storage.uri.join(self.study_dir, "results"))
 
     def record(self) -> dict[str, Any]:
         """What makes two runs the same study: compared on --resume."""
@@ -124,9 +122,8 @@ class Study:
 def cell_changes(cell: dict[str, Any]) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     for k, v in cell.items():
-        if k == "clip_threshold":
-            changes.update(clipping="none", clip_threshold=None) if v is None else \
-                changes.update(clipping="agc", clip_threshold=v)
+        if k == "clip_threshold":  # λ; None = the no-clipping control
+            changes.update(clipping="none" if v is None else "agc", clip_threshold=v)
         elif k == "variant":
             changes.update(VARIANTS[v])
         else:
@@ -219,7 +216,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         tags={"study": ctx.study, "cell": spec.cell, "phase": spec.phase, "trial_key": spec.key,
               "lambda": cfg.lambda_label, "seed": str(cfg.seed)},
         in_tune=True, dataset_uri=ctx.dataset_uri, quiet=True)
-    table = storage.ResultsTable(ctx.results_uri, schema.results_schema(), schema.epochs_schema())
+    table = schema.open_table(ctx.results_uri)
     table.append_epochs(schema.epoch_rows(spec.key, summary.history))
     # The row last: once it exists the trial is done, and --resume skips it.
     table.append([schema.results_row({"study": ctx.study, "trial_key": spec.key, "phase": spec.phase,
