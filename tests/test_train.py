@@ -267,3 +267,12 @@ def test_bad_config_is_recorded_failed_but_infrastructure_faults_are_raised_for_
     from ray.exceptions import ActorDiedError
 
     assert runner.is_infrastructure(ActorDiedError()) and not runner.is_infrastructure(ValueError("bad lr"))
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_eager_losses(tiny_data):
+    eager = runner.run_in_process(tiny_cfg(max_steps=8, gns_every_steps=0), tiny_data, quiet=True)
+    compiled = runner.run_in_process(tiny_cfg(max_steps=8, gns_every_steps=0, compile=True), tiny_data, quiet=True)
+    assert compiled.status == "completed"
+    assert _losses(compiled) == pytest.approx(_losses(eager), rel=1e-4)
+    assert compiled.final_val_acc == pytest.approx(eager.final_val_acc, abs=1 / 128)
