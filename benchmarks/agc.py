@@ -18,7 +18,7 @@ from nfnet import adaptive_grad_clip_, agc_parameters, create_model
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--clipping", type=float, default=0.01)
+    p.add_argument("--clip-threshold", type=float, default=0.01, help="λ")
     args = p.parse_args()
     device = setup(args)
     torch.manual_seed(0)
@@ -30,7 +30,7 @@ def main() -> None:
     for regime in ("all", "layered"):
         results[regime] = measure(named, params, regime, args, device, gen)
     print(f"device: {describe(device)}; {len(params)} tensors, "
-          f"{sum(p.numel() for p in params) / 1e6:.1f}M params, clipping {args.clipping}")
+          f"{sum(p.numel() for p in params) / 1e6:.1f}M params, λ {args.clip_threshold}")
     for regime, (t_ours, t_timm, frac) in results.items():
         print(f"[{regime:7s}] units clipped {frac:.3f}: ours (nfnet.adaptive_grad_clip_) {t_ours * 1e3:8.2f} ms, "
               f"timm (adaptive_clip_grad) {t_timm * 1e3:8.2f} ms, ratio {t_timm / t_ours:.2f}")
@@ -38,12 +38,12 @@ def main() -> None:
     print(f"RESULT agc ratio={t_timm / t_ours:.2f} target>=3")
 
 
-def make_grads(params, regime: str, clipping: float, gen: torch.Generator) -> None:
+def make_grads(params, regime: str, lam: float, gen: torch.Generator) -> None:
     for p in params:
         w = p.detach().float().cpu()
         unit_w = w.norm() if w.ndim <= 1 else w.flatten(1).norm(dim=1)
         level = 30.0 if regime == "all" else 10 ** (torch.rand((), generator=gen).item() * 2 - 1.5)
-        target = clipping * level * unit_w.clamp_min(1e-3) * (1 + 0.05 * torch.randn(unit_w.shape, generator=gen))
+        target = lam * level * unit_w.clamp_min(1e-3) * (1 + 0.05 * torch.randn(unit_w.shape, generator=gen))
         g = torch.randn(w.shape, generator=gen)
         unit_g = g.norm() if g.ndim <= 1 else g.flatten(1).norm(dim=1)
         g *= (target / unit_g).view((-1,) + (1,) * (g.ndim - 1)) if g.ndim > 1 else target / unit_g
@@ -51,23 +51,23 @@ def make_grads(params, regime: str, clipping: float, gen: torch.Generator) -> No
 
 
 def measure(named, params, regime, args, device, gen):
-    make_grads(params, regime, args.clipping, gen)
+    make_grads(params, regime, args.clip_threshold, gen)
     saved = [p.grad.clone() for p in params]
 
     def restore():
         for p, g in zip(params, saved):
             p.grad.copy_(g)
 
-    stats = adaptive_grad_clip_(named, args.clipping)
+    stats = adaptive_grad_clip_(named, args.clip_threshold)
     ours_result = [p.grad.clone() for p in params]
     restore()
-    adaptive_clip_grad(params, args.clipping)
+    adaptive_clip_grad(params, args.clip_threshold)
     agree = all(torch.allclose(a, p.grad, rtol=1e-4, atol=1e-8) for a, p in zip(ours_result, params))
     del ours_result
     if not agree:
         raise SystemExit(f"[{regime}] results differ from timm's; the timing comparison is meaningless")
-    t_ours, t_timm = time_pair(lambda: adaptive_grad_clip_(named, args.clipping),
-                               lambda: adaptive_clip_grad(params, args.clipping), args.reps, device, restore)
+    t_ours, t_timm = time_pair(lambda: adaptive_grad_clip_(named, args.clip_threshold),
+                               lambda: adaptive_clip_grad(params, args.clip_threshold), args.reps, device, restore)
     return t_ours, t_timm, stats.fraction_clipped()
 
 

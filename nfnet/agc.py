@@ -4,7 +4,7 @@ Normalization", Sec. 4.1): per unit i, if ‖G_i‖ / max(‖W_i‖, ε) > λ th
 Where to call it in a training step:
     loss.backward()                  # with DDP the gradients are all-reduced by now
     scaler.unscale_(optimizer)       # only with a GradScaler: clip true gradients, not scaled ones
-    stats = adaptive_grad_clip_(agc_parameters(model), clipping=0.01)
+    stats = adaptive_grad_clip_(agc_parameters(model), clip_threshold=0.01)
     optimizer.step()                 # weight decay is added by the optimizer, after clipping (as in the paper)
 """
 
@@ -139,12 +139,14 @@ def _clip_blocked(grads, nv, max_norm, sizes):
 
 
 def adaptive_grad_clip_(parameters: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
-                        clipping: float, eps: float = 1e-3) -> AGCStats:
+                        clip_threshold: float, eps: float = 1e-3) -> AGCStats:
     """Clips `.grad` of `parameters` in place, unit-wise (rows of a Linear weight, output filters of a conv,
     whole tensor for gains/biases/scalars). `parameters`: tensors, or (name, tensor) pairs such as
-    `agc_parameters(model)` returns (then `per_stage()` groups by name). Parameters without grad are skipped."""
-    if not clipping > 0:
-        raise ValueError(f"clipping must be > 0, got {clipping}; AGC with λ <= 0 would zero all gradients")
+    `agc_parameters(model)` returns (then `per_stage()` groups by name). Parameters without grad are skipped.
+    `clip_threshold` is λ (TrainConfig.clip_threshold; TrainConfig.clipping is the mode none/norm/agc)."""
+    if not clip_threshold > 0:
+        raise ValueError(f"clip_threshold (λ) must be > 0, got {clip_threshold}; AGC with λ <= 0 would zero all "
+                         "gradients")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     if isinstance(parameters, torch.Tensor):
@@ -165,7 +167,7 @@ def adaptive_grad_clip_(parameters: Iterable[torch.Tensor] | Iterable[tuple[str,
         grads = [p.grad.detach() for _, p in ordered]
         nv = len(vecs)
         w_norm = torch.cat(_norms(params[:nv], True) + _norms(params[nv:], False))
-        max_norm = w_norm.clamp_min(eps).mul_(clipping)
+        max_norm = w_norm.clamp_min(eps).mul_(clip_threshold)
         sizes = [1] * nv + [p.shape[0] for p in params[nv:]]
         clip = _clip_blocked if group[0][1].grad.device.type == "cpu" else _clip_fused
         g_norm, factor = clip(grads, nv, max_norm, sizes)
