@@ -293,7 +293,7 @@ def compile_section(log: Log, S, device, state, cap: float, workdir: Path) -> No
     if cap < 30:
         raise TimeoutError(f"only {cap:.0f} s of the budget left for compiling two models")
     spec = dict(device=str(device), batch=state["batch"], size=S["size"], backend=S["compile_backend"], f0=S["f0"],
-                warmup=S["warmup"], reps=S["reps"], inner=S["inner"])
+                warmup=1, reps=min(3, S["reps"]), inner=S["inner"])  # compiling leaves less time to time it
     path = workdir / "compile.json"
     path.write_text(json.dumps(spec))
     out: dict = {}
@@ -424,14 +424,17 @@ def pack_section(log: Log, S, device, cap: float, root: str) -> None:
                 max_steps=P["steps"], log_every_steps=10, warmup_epochs=0.5, gns_every_steps=10,
                 use_gpu=device.type == "cuda")
     trials = [dict(base, clip_threshold=lam) for lam in lams]
+    probe = storage.make_loader(uri, "train", batch_size=P["batch"], seed=0, device=device)  # what train() will use
+    where = f"{type(probe).__name__} on {getattr(probe, 'images', torch.empty(0)).device}"
+    del probe
     t_end = time.monotonic() + cap
     seq = run_workers([trials], uri, device, t_end)
     par = run_workers([[tr] for tr in trials], uri, device, t_end)
     ips = statistics.mean(r["images_per_sec"] for r in seq["results"])
     w = P["model"]
     log.line(f"CIFAR-size study: nf_resnet_cifar w{w['width']} d{w['depth']}, batch {P['batch']}, {base['precision']}, "
-             f"data resident on {device.type} (storage ResidentLoader: one uint8 tensor, batches are index gathers, "
-             f"no host->device copy per step): {ips:.0f} images/s (loop's own per-epoch figure)")
+             f"data loader {where} (resident: one uint8 tensor, batches are index gathers, no host->device copy "
+             f"per step): {ips:.0f} images/s (loop's own per-epoch figure)")
     per_h = {k: len(trials) * 3600 / r["wall_s"] for k, r in (("seq", seq), ("par", par))}
     log.line(f"AGC λ grid {lams}, {P['steps']} steps each: one at a time (1 process, whole GPU per trial) "
              f"{seq['wall_s']:.1f} s = {per_h['seq']:.0f} trials/h; {len(trials)} processes sharing the GPU "
@@ -508,6 +511,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=0, help="F0 image size (default 192; smoke 32)")
     p.add_argument("--batches", default="", help="candidate F0 batches, largest first, e.g. 8,4,2")
     p.add_argument("--compile-backend", default="", help="torch.compile backend (default inductor; smoke eager)")
+    p.add_argument("--f0-shape", choices=["full", "tiny"], help="F0 as published, or F0_TINY (default with --smoke)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--compile-worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -524,6 +528,8 @@ def main() -> None:
     if args.batches:
         S["batches"], S["oom_above"] = tuple(int(b) for b in args.batches.split(",")), 0
     S["compile_backend"] = args.compile_backend or S["compile_backend"]
+    if args.f0_shape:
+        S["f0"] = F0_TINY if args.f0_shape == "tiny" else {}
     import timm
 
     log = Log(args.out, "" if device.type == "cuda" else ("(cpu smoke)" if args.smoke else "(cpu)"))
