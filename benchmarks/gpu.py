@@ -62,8 +62,8 @@ FRONTIER = [(64, "none", 3.2), (256, "none", 0.8), (1024, "none", 0.4),
 BF16_LOSS_TOL = 0.02  # max relative per-step difference of the bf16 and fp32 loss curves
 
 FULL = dict(f0={}, size=192, batches=(1024, 768, 512, 384, 256, 192, 128, 64, 32), oom_above=0, warmup=3, reps=4,
-            inner=2, agc_reps=20, compile_backend="inductor", caps=dict(step=120, agc=45, compile=300, bf16=100,
-            pack=110), bf16_batch=256, bf16_steps=50, verdict_steps=40, cells=FRONTIER,
+            inner=2, agc_reps=20, compile_backend="inductor", caps=dict(compile=300, bf16=100, pack=110),
+            bf16_batch=256, bf16_steps=50, verdict_steps=40, cells=FRONTIER,
             laptop_data=dict(n_train=16384, n_val=2048, image_size=16),
             pack=dict(trials=4, steps=80, batch=1024, model={"width": 64, "depth": 2},
                       data=dict(n_train=16384, n_val=2048)))
@@ -72,9 +72,8 @@ F0_TINY = dict(ours=dict(depths=(1, 1, 1, 1), widths=(64, 128, 128, 128), group_
                timm=dict(depths=(1, 1, 1, 1), channels=(64, 128, 128, 128), group_size=32, stem_chs=64,
                          num_features=256))
 SMOKE = dict(f0=F0_TINY, size=32, batches=(4, 2), oom_above=2, warmup=1, reps=2, inner=1, agc_reps=3,
-             compile_backend="eager", caps=dict(step=60, agc=30, compile=90, bf16=60, pack=60), bf16_batch=64,
-             bf16_steps=4, verdict_steps=3,
-             cells=FRONTIER[:1], laptop_data=dict(n_train=1024, n_val=128, image_size=16),
+             compile_backend="eager", caps=dict(compile=90, bf16=60, pack=60), bf16_batch=64, bf16_steps=4,
+             verdict_steps=3, cells=FRONTIER[:1], laptop_data=dict(n_train=1024, n_val=128, image_size=16),
              pack=dict(trials=2, steps=3, batch=64, model={"width": 8, "depth": 1},
                        data=dict(n_train=512, n_val=64, image_size=16)))
 FIGURES = ["gpu_model_step", "gpu_mfu", "gpu_agc", "gpu_agc_share", "gpu_step_host_syncs",
@@ -453,18 +452,17 @@ def bf16_section(log: Log, S, device, cap: float, root: str) -> None:
              f"max relative difference per step {max(rel):.2e} (tolerance {BF16_LOSS_TOL})")
     log.result("gpu_bf16_loss", max(rel), f"<={BF16_LOSS_TOL}")
     agree, total = 0, 0
-    for batch, mode, lr in S["cells"]:
-        for mult in (1, 2):
-            if time.monotonic() > t_end:
-                log.line(f"  (section cap reached: verdicts from {total} of {2 * len(S['cells'])} lrs)")
-                break
-            v = {p: train_quiet(laptop_cfg(S, device, precision=p, batch_size=batch, base_lr=lr * mult,
-                                           clipping=mode, max_steps=S["verdict_steps"], log_every_steps=2),
-                                uri, device)[0]["status"] for p in ("fp32", "bf16")}
-            total += 1
-            agree += v["fp32"] == v["bf16"]
-            log.line(f"  batch {batch:5d} {mode:4s} base lr {lr * mult:5.2f} ({'frontier' if mult == 1 else '2x'}): "
-                     f"fp32 {v['fp32']}, bf16 {v['bf16']}")
+    for batch, mode, lr, mult in [(*cell, m) for cell in S["cells"] for m in (1, 2)]:
+        if time.monotonic() > t_end:
+            log.line(f"  (section cap reached: verdicts from {total} of {2 * len(S['cells'])} lrs)")
+            break
+        v = {p: train_quiet(laptop_cfg(S, device, precision=p, batch_size=batch, base_lr=lr * mult,
+                                       clipping=mode, max_steps=S["verdict_steps"], log_every_steps=2),
+                            uri, device)[0]["status"] for p in ("fp32", "bf16")}
+        total += 1
+        agree += v["fp32"] == v["bf16"]
+        log.line(f"  batch {batch:5d} {mode:4s} base lr {lr * mult:5.2f} ({'frontier' if mult == 1 else '2x'}): "
+                 f"fp32 {v['fp32']}, bf16 {v['bf16']}")
     if not total:
         raise TimeoutError("no verdict run fit in the section cap")
     log.result("gpu_bf16_verdicts", agree / total, ">=1")
