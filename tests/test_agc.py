@@ -96,6 +96,23 @@ def test_noop_below_threshold(path):
     assert stats.grad_norm_after.item() == pytest.approx(stats.grad_norm_before.item())
 
 
+def test_cpu_path_writes_only_clipping_blocks(monkeypatch):
+    # CPU AGC is memory-bound: a block where no unit clips must not be written back (the version counter of a
+    # tensor counts in-place writes). Small blocks so one tensor has clipping and non-clipping blocks.
+    monkeypatch.setattr(agc, "_BLOCK", 8)
+    quiet = torch.nn.Parameter(torch.ones(4, 4))
+    quiet.grad = torch.full((4, 4), 1e-3)
+    mixed = torch.nn.Parameter(torch.ones(4, 4))
+    mixed.grad = torch.full((4, 4), 1e-3)
+    mixed.grad[3] = 10.0  # only the second block (rows 2-3) has a clipping unit
+    versions = (quiet.grad._version, mixed.grad._version)
+    stats = adaptive_grad_clip_([quiet, mixed], clip_threshold=0.01)
+    assert quiet.grad._version == versions[0]
+    assert mixed.grad._version == versions[1] + 1
+    assert stats.clipped.tolist() == [False] * 7 + [True]
+    torch.testing.assert_close(mixed.grad[3].norm(), torch.tensor(0.01 * 2.0))
+
+
 def test_bf16_grads(path):
     params = make_params(2, dtype=torch.bfloat16)
     expected = [reference_clip(p.detach(), p.grad.float(), 0.05) for p in params]
