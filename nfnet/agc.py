@@ -113,12 +113,14 @@ def _clip_blocked(grads, nv, max_norm, sizes):
     on CPU. Norms and factors go straight into preallocated vectors (no per-block lists to concatenate)."""
     g_norm = torch.empty_like(max_norm)
     factor = torch.ones_like(max_norm)
+    # With every threshold at or above the 1e-6 guard, Eq. 3's factor is m / max(‖G‖, m): 2 ops instead of 5.
+    fac = _factor if float(max_norm.min()) < 1e-6 else (lambda gn, m: m / torch.maximum(gn, m))
     if nv:
         g_norm[:nv] = _whole_norms(grads[:nv])
         gv, mv = g_norm[:nv], max_norm[:nv]
         if bool((gv > mv).any()):
             f = factor[:nv]
-            f.copy_(_factor(gv, mv))
+            f.copy_(fac(gv, mv))
             torch._foreach_mul_(grads[:nv], list(f.unbind()))  # 0-dim fp32 factors keep each grad's dtype
     u = nv
     for g, n in zip(grads[nv:], sizes[nv:]):
@@ -134,7 +136,7 @@ def _clip_blocked(grads, nv, max_norm, sizes):
             m = max_norm[u + r0:u + r1]
             if bool((gn > m).any()):
                 f = factor[u + r0:u + r1]
-                f.copy_(_factor(gn, m))
+                f.copy_(fac(gn, m))
                 rows[r0:r1].mul_(f.to(g.dtype).view((-1,) + (1,) * (rows.ndim - 1)))
         u += n
     return g_norm, factor
