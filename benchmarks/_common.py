@@ -35,25 +35,45 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def elapsed(fn: Callable[[], None], device: torch.device, inner: int = 1) -> float:
+    """Seconds for `inner` back-to-back calls of fn: CUDA events on a GPU (the host may run ahead inside the
+    window, as in training), perf_counter on CPU."""
+    sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return time.perf_counter() - t0
+
+
+def time_many(fns: dict[str, Callable[[], None]], reps: int, device: torch.device,
+              before: Callable[[], None] = lambda: None, warmup: int = 1, inner: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each fn, one list per fn, interleaved rep by rep so all see the same machine load.
+    `before` runs untimed ahead of every timed window (e.g. to restore inputs)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            before()
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            before()
+            times[k].append(elapsed(fn, device, inner) / inner)
+    return times
+
+
 def time_pair(ours: Callable[[], None], peer: Callable[[], None], reps: int, device: torch.device,
               before: Callable[[], None] = lambda: None, warmup: int = 1) -> tuple[float, float]:
-    """Median seconds of `ours` and `peer`, interleaved so both see the same machine load.
-    `before` runs untimed ahead of every call (e.g. to restore inputs)."""
-    for _ in range(warmup):
-        for fn in (ours, peer):
-            before()
-            fn()
-    sync(device)
-    times: dict[int, list[float]] = {0: [], 1: []}
-    for _ in range(reps):
-        for i, fn in enumerate((ours, peer)):
-            before()
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[i].append(time.perf_counter() - t0)
-    return statistics.median(times[0]), statistics.median(times[1])
+    """Median seconds of `ours` and `peer`, interleaved so both see the same machine load."""
+    t = time_many({"ours": ours, "peer": peer}, reps, device, before, warmup)
+    return statistics.median(t["ours"]), statistics.median(t["peer"])
 
 
 def describe(device: torch.device) -> str:

@@ -9,7 +9,7 @@ from nfnet import adaptive_grad_clip_, agc, agc_parameters, create_model
 torch.set_num_threads(2)
 
 
-def reference_clip(w: torch.Tensor, g: torch.Tensor, clipping: float, eps: float = 1e-3) -> torch.Tensor:
+def reference_clip(w: torch.Tensor, g: torch.Tensor, lam: float, eps: float = 1e-3) -> torch.Tensor:
     """Plain per-unit loop, straight from the paper's definition."""
     w, g = w.double(), g.double()
     if w.ndim <= 1:
@@ -20,8 +20,8 @@ def reference_clip(w: torch.Tensor, g: torch.Tensor, clipping: float, eps: float
     for wi, gi in zip(units_w, units_g):
         wn = max(wi.norm().item(), eps)
         gn = gi.norm().item()
-        if gn / wn > clipping:
-            gi = gi * (clipping * wn / max(gn, 1e-6))
+        if gn / wn > lam:
+            gi = gi * (lam * wn / max(gn, 1e-6))
         out.append(gi)
     return out[0] if w.ndim <= 1 else torch.stack(out)
 
@@ -55,12 +55,12 @@ def path(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("clipping", [1e-4, 0.01, 0.1, 0.5])  # 1e-4: λ·ε below the 1e-6 floor
-def test_matches_reference(clipping, path):
+@pytest.mark.parametrize("lam", [1e-4, 0.01, 0.1, 0.5])  # 1e-4: λ·ε below the 1e-6 floor
+def test_matches_reference(lam, path):
     params = make_params()
-    expected = [reference_clip(p.detach(), p.grad, clipping) for p in params]
+    expected = [reference_clip(p.detach(), p.grad, lam) for p in params]
     before = math.sqrt(sum(float(p.grad.double().square().sum()) for p in params))
-    stats = adaptive_grad_clip_(params, clipping)
+    stats = adaptive_grad_clip_(params, lam)
     for p, e in zip(params, expected):
         torch.testing.assert_close(p.grad.double(), e, rtol=1e-5, atol=1e-7)
     after = math.sqrt(sum(float(e.square().sum()) for e in expected))
@@ -72,7 +72,7 @@ def test_matches_reference(clipping, path):
 def test_zero_weight_uses_eps_floor():
     w = torch.nn.Parameter(torch.zeros(3, 4))
     w.grad = torch.ones(3, 4)
-    adaptive_grad_clip_([w], clipping=0.01, eps=1e-3)
+    adaptive_grad_clip_([w], clip_threshold=0.01, eps=1e-3)
     # Each row gets norm λ·ε instead of 0 (without the floor a zero-init weight would never move).
     torch.testing.assert_close(w.grad.norm(dim=1), torch.full((3,), 0.01 * 1e-3))
 
@@ -80,7 +80,7 @@ def test_zero_weight_uses_eps_floor():
 def test_linear_clips_rows_not_columns():
     w = torch.nn.Parameter(torch.ones(2, 3))
     w.grad = torch.tensor([[10.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
-    stats = adaptive_grad_clip_([w], clipping=1.0)
+    stats = adaptive_grad_clip_([w], clip_threshold=1.0)
     # Row 0: ‖G‖=10 > 1·‖W‖=√3 → scaled to norm √3; row 1 untouched.
     torch.testing.assert_close(w.grad[0], torch.tensor([math.sqrt(3), 0.0, 0.0]))
     assert stats.clipped.tolist() == [True, False]
@@ -89,11 +89,28 @@ def test_linear_clips_rows_not_columns():
 def test_noop_below_threshold(path):
     params = make_params(1)
     before = [p.grad.clone() for p in params]
-    stats = adaptive_grad_clip_(params, clipping=1e6)
+    stats = adaptive_grad_clip_(params, clip_threshold=1e6)
     for p, b in zip(params, before):
         assert torch.equal(p.grad, b)
     assert stats.fraction_clipped() == 0.0
     assert stats.grad_norm_after.item() == pytest.approx(stats.grad_norm_before.item())
+
+
+def test_cpu_path_writes_only_clipping_blocks(monkeypatch):
+    # CPU AGC is memory-bound: a block where no unit clips must not be written back (the version counter of a
+    # tensor counts in-place writes). Small blocks so one tensor has clipping and non-clipping blocks.
+    monkeypatch.setattr(agc, "_BLOCK", 8)
+    quiet = torch.nn.Parameter(torch.ones(4, 4))
+    quiet.grad = torch.full((4, 4), 1e-3)
+    mixed = torch.nn.Parameter(torch.ones(4, 4))
+    mixed.grad = torch.full((4, 4), 1e-3)
+    mixed.grad[3] = 10.0  # only the second block (rows 2-3) has a clipping unit
+    versions = (quiet.grad._version, mixed.grad._version)
+    stats = adaptive_grad_clip_([quiet, mixed], clip_threshold=0.01)
+    assert quiet.grad._version == versions[0]
+    assert mixed.grad._version == versions[1] + 1
+    assert stats.clipped.tolist() == [False] * 7 + [True]
+    torch.testing.assert_close(mixed.grad[3].norm(), torch.tensor(0.01 * 2.0))
 
 
 def test_bf16_grads(path):
@@ -122,7 +139,7 @@ def test_mixed_dtypes(path):
     a.grad = torch.full((4,), 10.0)
     b = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
     b.grad = torch.full((4,), 10.0, dtype=torch.bfloat16)
-    adaptive_grad_clip_([a, b], clipping=0.1)
+    adaptive_grad_clip_([a, b], clip_threshold=0.1)
     # Whole-vector norms: ‖W‖ = 2, so each gradient is rescaled to norm 0.2.
     assert a.grad.dtype == torch.float32 and b.grad.dtype == torch.bfloat16
     torch.testing.assert_close(a.grad.norm(), torch.tensor(0.2))
@@ -139,10 +156,10 @@ def test_channels_last_grads(path):
     torch.testing.assert_close(w.grad.double(), expected, rtol=1e-5, atol=1e-7)
 
 
-def test_bad_clipping():
-    with pytest.raises(ValueError, match="clipping"):
+def test_bad_clip_threshold():
+    with pytest.raises(ValueError, match="clip_threshold"):
         adaptive_grad_clip_(make_params(), 0.0)
-    with pytest.raises(ValueError, match="clipping"):
+    with pytest.raises(ValueError, match="clip_threshold"):
         adaptive_grad_clip_(make_params(), -1.0)
 
 
@@ -158,7 +175,7 @@ def test_per_stage_stats_hand_count(path):
     bias = torch.nn.Parameter(torch.ones(3))
     bias.grad = torch.full((3,), 1e-4)
     named = [("stem.0.weight", stem), ("stages.1.0.branch.weight", lin), ("stages.1.0.branch.bias", bias)]
-    stats = adaptive_grad_clip_(named, clipping=0.5)
+    stats = adaptive_grad_clip_(named, clip_threshold=0.5)
     assert stats.per_stage() == pytest.approx({"stem": 2 / 4, "stages.1": 1 / 4})
     assert stats.fraction_clipped() == pytest.approx(3 / 8)
 
@@ -179,7 +196,7 @@ def test_agc_parameters_excludes_fc_and_fc_grad_untouched():
     assert set(stats.per_stage()) == {"stem", "stages.0", "stages.1", "stages.2"}
 
 
-def _train(lr: float, clipping: float | None, steps: int) -> list[float]:
+def _train(lr: float, clip_threshold: float | None, steps: int) -> list[float]:
     torch.manual_seed(0)
     model = create_model("nf_resnet_cifar", num_classes=10, width=8, depth=1)
     gen = torch.Generator().manual_seed(1)
@@ -194,20 +211,20 @@ def _train(lr: float, clipping: float | None, steps: int) -> list[float]:
         if not math.isfinite(losses[-1]):
             break
         loss.backward()
-        if clipping is not None:
-            adaptive_grad_clip_(agc_parameters(model), clipping)
+        if clip_threshold is not None:
+            adaptive_grad_clip_(agc_parameters(model), clip_threshold=clip_threshold)
         opt.step()
     return losses
 
 
 def test_training_loss_falls_with_agc():
-    losses = _train(lr=1.0, clipping=0.02, steps=15)
+    losses = _train(lr=1.0, clip_threshold=0.02, steps=15)
     assert losses[-1] < 0.5 * losses[0], losses
 
 
 def test_agc_prevents_blow_up_at_huge_lr():
-    unclipped = _train(lr=5.0, clipping=None, steps=10)
-    clipped = _train(lr=5.0, clipping=0.01, steps=10)
+    unclipped = _train(lr=5.0, clip_threshold=None, steps=10)
+    clipped = _train(lr=5.0, clip_threshold=0.01, steps=10)
     blew_up = (not all(math.isfinite(v) for v in unclipped)) or max(unclipped) > 1e3
     assert blew_up, unclipped
     assert all(math.isfinite(v) for v in clipped) and max(clipped) < 1e2, clipped
