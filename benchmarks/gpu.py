@@ -422,7 +422,7 @@ def compile_worker(spec_path: str) -> None:
 
 # ---------------------------------------------------------------- 5: bf16 vs fp32 (laptop model)
 
-def train_quiet(cfg: TrainConfig, uri: str, device: torch.device) -> tuple[dict, list[float]]:
+def train_quiet(cfg: TrainConfig, uri: str, device: torch.device):
     losses: dict[int, float] = {}
     ctx = WorkerContext(device=device,
                         log_step=lambda m, step: losses.__setitem__(step, m.get("train_loss_step", math.nan)))
@@ -458,7 +458,7 @@ def bf16_section(log: Log, S, device, cap: float, root: str) -> None:
             break
         v = {p: train_quiet(laptop_cfg(S, device, precision=p, batch_size=batch, base_lr=lr * mult,
                                        clipping=mode, max_steps=S["verdict_steps"], log_every_steps=2),
-                            uri, device)[0]["status"] for p in ("fp32", "bf16")}
+                            uri, device)[0].status for p in ("fp32", "bf16")}
         total += 1
         agree += v["fp32"] == v["bf16"]
         log.line(f"  batch {batch:5d} {mode:4s} base lr {lr * mult:5.2f} ({'frontier' if mult == 1 else '2x'}): "
@@ -530,7 +530,7 @@ def worker(spec_path: str) -> None:
     out = []
     for fields in spec["trials"]:
         r, _ = train_quiet(TrainConfig(**fields), spec["uri"], device)
-        out.append({"images_per_sec": r["images_per_sec"], "status": r["status"], "wall_s": r["wall_time_s"]})
+        out.append({"images_per_sec": r.images_per_sec, "status": r.status, "wall_s": r.wall_time_s})
     print("PACK_JSON " + json.dumps(out), flush=True)
 
 
