@@ -276,3 +276,34 @@ def test_torch_compile_gives_the_eager_losses(tiny_data):
     assert compiled.status == "completed"
     assert _losses(compiled) == pytest.approx(_losses(eager), rel=1e-4)
     assert compiled.final_val_acc == pytest.approx(eager.final_val_acc, abs=1 / 128)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: on the GPU a training step must not sync")
+def test_gpu_training_step_makes_no_host_sync():
+    import nfnet
+
+    device = torch.device("cuda")
+    cfg = tiny_cfg(use_gpu=True, clipping="agc", clip_threshold=0.01, precision="bf16", channels_last=True)
+    model = nfnet.create_model(cfg.model, num_classes=10, **cfg.model_overrides).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(loop.param_groups(model, cfg.weight_decay), lr=0.1, momentum=0.9, nesterov=True,
+                          foreach=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    x = torch.randn(64, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.nn.functional.one_hot(torch.randint(0, 10, (64,), device=device), 10).float()
+
+    def amp():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+
+    def step():
+        return loop.train_step(model, opt, x, y, cfg, amp, params, nfnet.agc_parameters(model), measure_gns=False,
+                               world_size=1, want_metrics=False)
+
+    step()  # warm-up: lazy initialisations may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        s = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(s.loss)
