@@ -294,25 +294,27 @@ def validate(study: Study, dataset_uri: str) -> int:
     return n_train
 
 
-def check_record(study: Study) -> None:
-    """An output that holds this study is continued only with --resume, and only under the same settings."""
+def check_record(study: Study) -> bool:
+    """An output that holds this study is continued only with --resume, and only under the same settings.
+    Returns whether the study is new (its record is written once its trials are about to start)."""
     fs, path = storage.resolve(storage.uri.join(study.study_dir, "study.json"))
-    mine = json.dumps(study.record(), sort_keys=True, indent=1)
     try:
-        old = storage.uri.read_bytes(fs, path).decode()
+        old = json.loads(storage.uri.read_bytes(fs, path).decode())
     except (FileNotFoundError, storage.StorageError, OSError):
-        old = None
-    if old is None:
-        storage.uri.write_bytes_atomic(fs, path, mine.encode())
-        return
+        return True
     if not study.resume:
         raise ValueError(f"{study.study_dir} already holds study {study.name!r}; continue it with --resume, or "
                          "choose another --output or --name")
-    if old != mine:
-        a, b = json.loads(old), json.loads(mine)
-        diff = sorted(_diff(a, b))
+    diff = sorted(_diff(old, study.record()))
+    if diff:
         raise ValueError(f"--resume with other settings than the study was started with ({', '.join(diff[:6])}); "
                          "rerun with the original flags, or start a new study with another --name")
+    return False
+
+
+def write_record(study: Study) -> None:
+    fs, path = storage.resolve(storage.uri.join(study.study_dir, "study.json"))
+    storage.uri.write_bytes_atomic(fs, path, json.dumps(study.record(), sort_keys=True, indent=1).encode())
 
 
 def _diff(a, b, prefix="") -> list[str]:
@@ -376,10 +378,10 @@ def run_study(study: Study) -> dict[str, Any]:
     check_paths(study)
     # One study per output at a time: a second would share its tables and MLflow runs.
     with storage.acquire_lock(study.study_dir, owner=f"study {study.name}"):
-        return _run_locked(study)
+        return _run_locked(study, new=check_record(study))
 
 
-def _run_locked(study: Study) -> dict[str, Any]:
+def _run_locked(study: Study, new: bool) -> dict[str, Any]:
     dataset_uri = runner.prepare_data(study.fixed)
     n_train = validate(study, dataset_uri)
     runner.init_ray(log_to_driver=False)
@@ -387,7 +389,8 @@ def _run_locked(study: Study) -> dict[str, Any]:
 
     check_cluster_paths(study, sum(1 for n in ray.nodes() if n.get("Alive")))
     concurrency = study.max_concurrent or cluster_concurrency(study.fixed)
-    check_record(study)
+    if new:  # only now: a study refused before any trial leaves nothing that would ask for --resume
+        write_record(study)
     parent = Tracker.create(study.tracking_uri, study.experiment, study.name,
                             tags={"role": "study", "git_commit": git_commit(), "hardware": hardware()},
                             reuse_tag=("study_key", f"{study.name}@{study.study_dir}"))

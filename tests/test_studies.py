@@ -149,6 +149,7 @@ def test_bad_study_input_fails_before_any_trial(tmp_path, flags, msg, ray_cluste
     assert e.value.code == 2 and msg in err and "Traceback" not in err
     assert len(err.strip().splitlines()[-1]) > 30 and time.time() - t0 < 30  # one clear line, at once
     assert not (tmp_path / "out" / "s" / "results").exists()
+    assert not (tmp_path / "out" / "s" / "study.json").exists()  # the fixed command is not told to --resume
 
 
 # ---- end to end through Ray Tune ----
