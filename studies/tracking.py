@@ -2,6 +2,7 @@
 driver, a Tune trial or Ray Train's rank-0 worker into one run id."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -108,6 +109,7 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+@functools.cache  # once per process: every trial's row and run carry it
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_DIR, capture_output=True,
@@ -117,6 +119,7 @@ def git_commit() -> str:
         return "unknown"
 
 
+@functools.cache
 def hardware() -> str:
     import torch
 
@@ -200,29 +203,38 @@ class Tracker:
 
 
 class MetricLogger:
-    """Step metrics into one run, buffered: while the tracking server is unreachable, metrics wait (up to
-    `max_pending` batches, oldest dropped first) and go out with the next call that gets through; training never
-    stops for tracking."""
+    """Step metrics into one run, buffered: sent together every `every_s` seconds (and by flush(), at the end of
+    a run), one request per batch. While the tracking server is unreachable they wait (up to `max_pending` steps,
+    oldest dropped first) and go out with the next flush that gets through; training never stops for tracking."""
 
-    def __init__(self, uri: str, run_id: str, max_pending: int = 10_000):
+    def __init__(self, uri: str, run_id: str, every_s: float = 5.0, max_pending: int = 10_000):
         self.tracker = Tracker(uri, run_id)
         self.pending: list[tuple[dict[str, Any], int]] = []
-        self.max_pending, self.failures = max_pending, 0
+        self.every_s, self.max_pending, self.failures = every_s, max_pending, 0
+        self.last = time.monotonic()
 
     def __call__(self, metrics: dict[str, Any], step: int) -> None:
         self.pending.append((dict(metrics), step))
         del self.pending[: max(0, len(self.pending) - self.max_pending)]
-        self.flush()
+        if time.monotonic() - self.last >= self.every_s:
+            self.flush()
 
     def flush(self) -> bool:
+        from mlflow.entities import Metric
+
+        self.last = time.monotonic()
+        ts = int(time.time() * 1000)
         while self.pending:
-            metrics, step = self.pending[0]
+            batch = self.pending[:100]  # MLflow takes up to 1000 metrics a request
+            items = [Metric(k, float(v), ts, step) for metrics, step in batch for k, v in metrics.items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v]
             try:
-                self.tracker.log_metrics(metrics, step)
+                if items:
+                    self.tracker.client.log_batch(self.tracker.run_id, metrics=items[:1000])
             except Exception as e:  # any tracking error: keep the metrics, keep training
                 self.failures += 1
                 if self.failures == 1:
                     print(f"warning: MLflow unreachable ({type(e).__name__}); buffering metrics", flush=True)
                 return False
-            self.pending.pop(0)
+            del self.pending[: len(batch)]
         return True
