@@ -172,7 +172,7 @@ def scan_specs(study: Study, n_train: int) -> list[Spec]:
                 # The scan runs the first scan_steps of the full run's schedule, without evaluation.
                 cfg = full.replace(max_steps=min(study.preset.scan_steps, run_steps(full, n_train)),
                                    schedule_steps=run_steps(full, n_train), eval_every_epochs=0,
-                                   checkpoint_every_epochs=0)
+                                   checkpoint_every_epochs=0, checkpoint_every_minutes=0)
                 out.append(Spec("scan", cell_label(cell), cfg.to_dict()))
     return out
 
@@ -205,10 +205,25 @@ class TrialContext:
 
 
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
+    """One Tune trial: one training run, or a few short scan runs of one cell in a row (fewer, longer Tune trials:
+    each costs a scheduling round). Each run writes its own row; a retried trial skips the runs that have one."""
     import ray.tune
 
-    spec = Spec(**config["spec"]) if "spec" in config else \
-        Spec("tpe", ctx.cell, TrainConfig.from_dict({**ctx.fixed, **config}).to_dict())
+    if "specs" in config:
+        specs = [Spec(**s) for s in config["specs"]]
+    else:  # TPE: the searched values onto the fixed config
+        specs = [Spec("tpe", ctx.cell, TrainConfig.from_dict({**ctx.fixed, **config}).to_dict())]
+    table = schema.open_table(ctx.results_uri)
+    done = set(table.read().column("trial_key").to_pylist()) if len(specs) > 1 else set()
+    for spec in specs:
+        if spec.key in done:
+            continue
+        summary = run_spec(spec, ctx, table)
+        ray.tune.report({**{k: v for k, v in summary.scalars().items() if v is not None}, "trial_key": spec.key,
+                         "label": spec.label, runner.OBJECTIVE: summary.objective()})
+
+
+def run_spec(spec: Spec, ctx: TrialContext, table: storage.ResultsTable) -> schema.RunSummary:
     cfg = TrainConfig.from_dict(spec.config)
     summary = runner.train_and_track(
         cfg, tracking_uri=ctx.tracking_uri, experiment=ctx.experiment, run_name=spec.label,
@@ -216,13 +231,27 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         tags={"study": ctx.study, "cell": spec.cell, "phase": spec.phase, "trial_key": spec.key,
               "lambda": cfg.lambda_label, "seed": str(cfg.seed)},
         in_tune=True, dataset_uri=ctx.dataset_uri, quiet=True)
-    table = schema.open_table(ctx.results_uri)
     table.append_epochs(schema.epoch_rows(spec.key, summary.history))
-    # The row last: once it exists the trial is done, and --resume skips it.
+    # The row last: once it exists the run is done, and --resume skips it.
     table.append([schema.results_row({"study": ctx.study, "trial_key": spec.key, "phase": spec.phase,
                                       "cell": spec.cell}, cfg, summary, hardware(), git_commit())])
-    ray.tune.report({**{k: v for k, v in summary.scalars().items() if v is not None}, "final": True,
-                     "trial_key": spec.key, runner.OBJECTIVE: summary.objective()})
+    return summary
+
+
+def group_specs(specs: list[Spec], size: int) -> list[list[Spec]]:
+    """Consecutive runs of the same cell, `size` at a time; the costliest groups first (longest-processing-time
+    order packs the trials tighter at the end of a phase)."""
+    groups: list[list[Spec]] = []
+    for s in specs:
+        if groups and len(groups[-1]) < size and groups[-1][0].cell == s.cell:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+
+    def cost(g):
+        return -sum(s.config["batch_size"] * (s.config["max_steps"] or 0) for s in g)
+
+    return sorted(groups, key=cost)
 
 
 def cluster_concurrency(cfg: TrainConfig, res: dict[str, float] | None = None) -> int:
@@ -323,6 +352,9 @@ def _diff(a, b, prefix="") -> list[str]:
     return [f"{prefix[:-1]}: {a} → {b}"] if a != b else []
 
 
+SCAN_RUNS_PER_TRIAL = 4
+
+
 class Phases:
     """Runs the trials of one phase as one Tune experiment, skipping those whose rows exist."""
 
@@ -344,9 +376,10 @@ class Phases:
             return True
         print(f"{phase}: {len(pending)} trial(s)" + (f" ({len(specs) - len(pending)} already done)"
                                                      if len(pending) < len(specs) else ""), flush=True)
+        groups = group_specs(pending, SCAN_RUNS_PER_TRIAL if phase == "scan" else 1)
         tuner = tune.Tuner(
             self.trainable(),
-            param_space={"spec": tune.grid_search([dataclasses.asdict(s) for s in pending])},
+            param_space={"specs": tune.grid_search([[dataclasses.asdict(s) for s in g] for g in groups])},
             # reuse_actors: a finished trial's process runs the next one (no Python + torch start per trial).
             tune_config=tune.TuneConfig(max_concurrent_trials=self.concurrency, reuse_actors=True),
             run_config=self.run_config(phase, ProgressPrinter(phase, len(pending), self.ctx)),

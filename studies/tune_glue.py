@@ -26,30 +26,26 @@ class ProgressPrinter(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         self.t0.setdefault(trial.trial_id, time.time())
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        r = trial.last_result or {}
-        self._line(trial, r.get("status", "?"), r)
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "label" in result:  # one training run of the trial ended
+            self._line(trial, result["label"], result.get("status", "?"), result)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         # No row: a trial that failed on infrastructure (after its retries) is rerun by --resume. A bad config or
         # bad data never gets here: the trial records it as a `failed` row itself.
         where = getattr(trial, "error_file", "") or "the Tune logs"
-        self._line(trial, "failed", {"error": f"after {trial.num_failures} attempt(s), see {where}; --resume "
-                                              "reruns it"})
+        runs = trial.config.get("specs") or [{}]
+        self._line(trial, f"a trial of {len(runs)} run(s)", "failed",
+                   {"error": f"after {trial.num_failures} attempt(s), see {where}; --resume reruns it"})
 
-    def _line(self, trial, status: str, r: dict[str, Any]) -> None:
+    def _line(self, trial, label: str, status: str, r: dict[str, Any]) -> None:
         self.done += 1
-        spec = trial.config.get("spec")
-        from studies.search import Spec
-
-        label = Spec(**spec).label if spec else \
-            "tpe " + " ".join(f"{k}={v:.3g}" for k, v in trial.config.items() if isinstance(v, float))
         extra = f" at step {r.get('diverged_step')}" if status == "diverged" else \
             f": {str(r.get('error', ''))[:160]}" if status == "failed" else ""
         acc = f" best val acc {r['best_val_acc']:.3f}" if r.get("best_val_acc") is not None else \
             f" loss {r['final_train_loss']:.3f}" if r.get("final_train_loss") is not None and status == "completed" \
             else ""
-        dt = time.time() - self.t0.get(trial.trial_id, time.time())
+        dt = r.get("wall_time_s") or time.time() - self.t0.get(trial.trial_id, time.time())
         print(f"[{self.phase} {self.done}/{self.total}] {label}: {status}{extra}{acc} ({dt:.0f} s)", flush=True)
 
 
