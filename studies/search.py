@@ -356,36 +356,56 @@ SCAN_RUNS_PER_TRIAL = 4
 
 
 class Phases:
-    """Runs the trials of one phase as one Tune experiment, skipping those whose rows exist."""
+    """Both phases as ONE Tune experiment (its trial processes stay warm from scan to full): a PhaseSearcher hands
+    out the scan's trials, then, once they have all ended, the full phase computed from the scan's rows. Runs
+    whose rows exist are skipped."""
 
-    def __init__(self, study: Study, ctx: TrialContext, table: storage.ResultsTable, concurrency: int):
-        self.study, self.ctx, self.table, self.concurrency = study, ctx, table, concurrency
+    def __init__(self, study: Study, ctx: TrialContext, table: storage.ResultsTable, concurrency: int,
+                 n_train: int = 0):
+        self.study, self.ctx, self.table, self.concurrency, self.n_train = study, ctx, table, concurrency, n_train
 
     def done(self) -> set[str]:
         return set(self.table.read().column("trial_key").to_pylist())
 
-    def run(self, phase: str, specs: list[Spec]) -> bool:
-        """True when every trial of the phase has its row (False: interrupted)."""
+    def scan(self) -> list[Spec]:
+        return scan_specs(self.study, self.n_train) if self.study.preset.scan_steps else []
+
+    def full(self) -> list[Spec] | None:
+        """The full phase's runs; None while any scan run lacks its row (the frontier is not known yet)."""
+        done = self.done()
+        if any(s.key not in done for s in self.scan()):
+            return None
+        return full_specs(self.study, self.table.read())
+
+    def pending(self, phase: str, specs: list[Spec] | None) -> list[list[dict]]:
+        if not specs:
+            return []
+        done = self.done()
+        todo = [s for s in specs if s.key not in done]
+        if todo:
+            print(f"{phase}: {len(todo)} run(s)" + (f" ({len(specs) - len(todo)} already done)"
+                                                    if len(todo) < len(specs) else ""), flush=True)
+        size = SCAN_RUNS_PER_TRIAL if phase == "scan" else 1
+        return [[dataclasses.asdict(s) for s in g] for g in group_specs(todo, size)]
+
+    def run(self) -> bool:
+        """True when every run of both phases has its row (False: interrupted, or lost to infrastructure)."""
         from ray import tune
 
-        from studies.tune_glue import ProgressPrinter
+        from studies.tune_glue import PhaseSearcher, ProgressPrinter
 
-        done = self.done()
-        pending = [s for s in specs if s.key not in done]
-        if not pending:
-            return True
-        print(f"{phase}: {len(pending)} trial(s)" + (f" ({len(specs) - len(pending)} already done)"
-                                                     if len(pending) < len(specs) else ""), flush=True)
-        groups = group_specs(pending, SCAN_RUNS_PER_TRIAL if phase == "scan" else 1)
+        searcher = PhaseSearcher([lambda: self.pending("scan", self.scan()),
+                                  lambda: self.pending("full", self.full())])
         tuner = tune.Tuner(
             self.trainable(),
-            param_space={"specs": tune.grid_search([[dataclasses.asdict(s) for s in g] for g in groups])},
             # reuse_actors: a finished trial's process runs the next one (no Python + torch start per trial).
-            tune_config=tune.TuneConfig(max_concurrent_trials=self.concurrency, reuse_actors=True),
-            run_config=self.run_config(phase, ProgressPrinter(phase, len(pending), self.ctx)),
-        )
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1,
+                                        max_concurrent_trials=self.concurrency, reuse_actors=True),
+            run_config=self.run_config("grid", ProgressPrinter(self.ctx)))
         tuner.fit()
-        return not [s for s in pending if s.key not in self.done()]
+        full = self.full()
+        done = self.done()
+        return full is not None and all(s.key in done for s in full)
 
     def trainable(self):
         from ray import tune
@@ -395,11 +415,11 @@ class Phases:
         res = ({"CPU": fixed.cpus_per_worker} if runner.runs_in_process(fixed) else {"CPU": 0, "memory": 64 << 20})
         return tune.with_resources(tune.with_parameters(run_trial, ctx=self.ctx), res)
 
-    def run_config(self, phase: str, printer):
+    def run_config(self, name: str, printer):
         from ray import tune
 
         return tune.RunConfig(
-            name=f"{self.study.name}-{phase}-{time.strftime('%Y%m%d-%H%M%S')}",
+            name=f"{self.study.name}-{name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=storage.uri.join(self.study.study_dir, "tune"), callbacks=[printer], verbose=0,
             failure_config=tune.FailureConfig(max_failures=self.study.trial_retries))
 
@@ -433,15 +453,14 @@ def _run_locked(study: Study, new: bool) -> dict[str, Any]:
     table = study.table()
     ctx = TrialContext(study.name, study.experiment, dataset_uri, study.tracking_uri, parent.run_id,
                        table.uri, storage.uri.join(study.study_dir, "train"))
-    phases = Phases(study, ctx, table, concurrency)
+    phases = Phases(study, ctx, table, concurrency, n_train)
     t0 = time.time()
     if study.preset.tpe is not None:
         from studies.tune_glue import run_tpe
 
         complete = run_tpe(study, ctx, phases)
     else:
-        complete = not study.preset.scan_steps or phases.run("scan", scan_specs(study, n_train))
-        complete = complete and phases.run("full", full_specs(study, table.read()))
+        complete = phases.run()
     return {**finish(study, table, parent, time.time() - t0, complete), "concurrency": concurrency}
 
 

@@ -3,9 +3,11 @@ public Ray API only."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ray import tune
+from ray.tune.search import Searcher
 
 from studies import runner, schema
 
@@ -13,15 +15,35 @@ if TYPE_CHECKING:
     from studies.search import Phases, Study, TrialContext
 
 
+class PhaseSearcher(Searcher):
+    """Hands out the trials of one phase after another: a phase's trials are computed (by its function) only once
+    every trial of the previous phase has ended, so the full phase sees the whole scan. Deterministic: no
+    suggestion depends on the order in which trials finish."""
+
+    def __init__(self, phases: list[Callable[[], list[list[dict]]]]):
+        super().__init__(metric=runner.OBJECTIVE, mode="max")
+        self.phases, self.queue, self.running = list(phases), [], set()
+
+    def suggest(self, trial_id: str):
+        while not self.queue:
+            if self.running:
+                return None  # the phase is still running: wait
+            if not self.phases:
+                return Searcher.FINISHED
+            self.queue = self.phases.pop(0)()
+        self.running.add(trial_id)
+        return {"specs": self.queue.pop(0)}
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        self.running.discard(trial_id)
+
+
 class ProgressPrinter(tune.Callback):
-    """A line per finished trial."""
+    """A line per finished training run."""
 
-    def __init__(self, phase: str, total: int, ctx: TrialContext):
-        self.phase, self.total, self.ctx, self.done = phase, total, ctx, 0
+    def __init__(self, ctx: TrialContext):
+        self.ctx, self.done = ctx, 0
         self.t0: dict[str, float] = {}
-
-    def setup(self, **info):
-        self.done = 0  # a fresh count for every experiment this callback serves
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.t0.setdefault(trial.trial_id, time.time())
@@ -46,7 +68,7 @@ class ProgressPrinter(tune.Callback):
             f" loss {r['final_train_loss']:.3f}" if r.get("final_train_loss") is not None and status == "completed" \
             else ""
         dt = r.get("wall_time_s") or time.time() - self.t0.get(trial.trial_id, time.time())
-        print(f"[{self.phase} {self.done}/{self.total}] {label}: {status}{extra}{acc} ({dt:.0f} s)", flush=True)
+        print(f"[{self.done}] {label}: {status}{extra}{acc} ({dt:.0f} s)", flush=True)
 
 
 def tpe_space(ranges: dict[str, tuple[float, float, bool]]):
@@ -81,7 +103,7 @@ def run_tpe(study: Study, ctx: TrialContext, phases: Phases) -> bool:
         phases.trainable(),
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=phases.concurrency),
                                     num_samples=remaining, reuse_actors=True),
-        run_config=phases.run_config("tpe", ProgressPrinter("tpe", remaining, ctx)))
+        run_config=phases.run_config("tpe", ProgressPrinter(ctx)))
     tuner.fit()
     return len([r for r in phases.table.read().to_pylist() if r["phase"] == "tpe"]) >= study.preset.trials
 
