@@ -6,7 +6,7 @@ learning rates that trains — the frontier — and the accuracy inside it.
               cell's best stable lrs; lr = base_lr × batch / 256 (linear scaling)
   fixed       everything else (model, data, budget, schedule)
 
-  python studies/agc_lambda.py --preset laptop       # built-in synthetic data, ~6 min on 2 CPU cores
+  python studies/agc_lambda.py --preset laptop       # built-in synthetic data, ~4 min on 2 CPU cores
   python studies/agc_lambda.py --preset cifar10 --dataset-params '{"path": "/data/cifar10"}'
   python studies/agc_lambda.py --preset paper-imagenet --dataset-params '{"path": "/data/imagenet"}'
 """
@@ -23,7 +23,7 @@ BATCHES = [256, 512, 1024, 2048, 4096]
 LAPTOP_MODEL = dict(model="nf_resnet_cifar", model_overrides={"width": 8, "depth": 1}, dataset="synthetic")
 
 PRESETS = {
-    "laptop": Preset(  # 2 CPU cores, ~6 min; 16 px images keep batch 1024 cheap
+    "laptop": Preset(  # 2 CPU cores, ~4 min; 16 px images keep batch 1024 cheap
         grid={"batch_size": [64, 256, 1024], "clip_threshold": [0.01, 0.04, 0.16, None]},
         lrs=log_grid(0.2, 12.8), scan_steps=40, full_top=2, seeds=1,
         fixed=dict(**LAPTOP_MODEL, dataset_params={"n_train": 16384, "n_val": 2048, "image_size": 16}, epochs=2,
