@@ -118,10 +118,11 @@ def test_driver_killed_then_resumed(tmp_path, data_root, reference, moment):
     check_whole(tmp_path, "killed", reference)
 
 
-def test_ctrl_c_leaves_a_resumable_study_marked_interrupted(tmp_path, data_root, reference):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_leaves_a_resumable_study_marked_interrupted(tmp_path, data_root, reference, sig):
     from mlflow.tracking import MlflowClient
 
-    out = run_until(tmp_path, "sigint", data_root, lambda rows: len(rows) >= 2, signal.SIGINT)
+    out = run_until(tmp_path, "sigint", data_root, lambda rows: len(rows) >= 2, sig)
     assert "INTERRUPTED" in out and "--resume" in out
     summary = (tmp_path / "out" / "sigint" / "summary.txt").read_text()
     assert summary.startswith("INTERRUPTED")

@@ -307,3 +307,10 @@ def test_gpu_training_step_makes_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(s.loss)
+
+
+def test_credentials_in_a_tracking_uri_are_never_printed():
+    from studies.tracking import redact
+
+    assert redact("http://ml:s3cret@mlflow.example:5000/") == "http://ml:***@mlflow.example:5000/"
+    assert redact("sqlite:////abs/mlflow.db") == "sqlite:////abs/mlflow.db"
