@@ -80,3 +80,25 @@ def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def agc_vs_timm(named, params, clip_threshold: float, rtol: float):
+    """Our AGC and timm's on the same gradients: (our AGCStats, restore() putting the unclipped gradients back, the
+    number of tensors on which the two disagree). Timing two functions that compute different things means
+    nothing, so every AGC benchmark checks this first."""
+    from timm.utils import adaptive_clip_grad
+
+    from nfnet import adaptive_grad_clip_
+
+    saved = [p.grad.clone() for p in params]
+
+    def restore():
+        for p, g in zip(params, saved):
+            p.grad.copy_(g)
+
+    stats = adaptive_grad_clip_(named, clip_threshold)
+    ours = [p.grad.clone() for p in params]
+    restore()
+    adaptive_clip_grad(params, clip_threshold)
+    bad = sum(not torch.allclose(a, p.grad, rtol=rtol, atol=1e-8) for a, p in zip(ours, params))
+    return stats, restore, bad

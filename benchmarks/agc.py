@@ -15,7 +15,7 @@ import os
 import statistics
 
 import torch
-from _common import describe, parser, setup, time_many
+from _common import agc_vs_timm, describe, parser, setup, time_many
 from timm.utils import adaptive_clip_grad
 
 from nfnet import adaptive_grad_clip_, agc_parameters, create_model
@@ -76,19 +76,8 @@ def clipped_elements(params, lam: float) -> int:
 def measure(named, params, regime, args, device, gen, flat):
     lam = args.clip_threshold
     make_grads(params, regime, lam, gen)
-    saved = [p.grad.clone() for p in params]
-
-    def restore():
-        for p, g in zip(params, saved):
-            p.grad.copy_(g)
-
-    stats = adaptive_grad_clip_(named, lam)
-    ours_result = [p.grad.clone() for p in params]
-    restore()
-    adaptive_clip_grad(params, lam)
-    agree = all(torch.allclose(a, p.grad, rtol=1e-4, atol=1e-8) for a, p in zip(ours_result, params))
-    del ours_result
-    if not agree:
+    stats, restore, bad = agc_vs_timm(named, params, lam, rtol=1e-4)
+    if bad:
         raise SystemExit(f"[{regime}] results differ from timm's; the timing comparison is meaningless")
     restore()
     n = sum(p.numel() for p in params)

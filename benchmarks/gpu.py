@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import sync, time_many
+from _common import agc_vs_timm, sync, time_many
 from torch.utils.flop_counter import FlopCounterMode
 
 import storage
@@ -255,18 +255,7 @@ def agc_section(log: Log, S, device, ours: Step, peer: Step, t) -> None:
     ours.backward()  # fresh, unclipped gradients of a real step
     named = agc_parameters(ours.model)
     params = [p for _, p in named]
-    saved = [p.grad.clone() for p in params]
-
-    def restore():
-        for p, g in zip(params, saved):
-            p.grad.copy_(g)
-
-    stats = adaptive_grad_clip_(named, LAMBDA)
-    mine = [p.grad.clone() for p in params]
-    restore()
-    adaptive_clip_grad(params, LAMBDA)
-    bad = sum(not torch.allclose(a, p.grad, rtol=1e-3, atol=1e-8) for a, p in zip(mine, params))
-    del mine
+    stats, restore, bad = agc_vs_timm(named, params, LAMBDA, rtol=1e-3)
     if bad:  # timing two functions that compute different things would mean nothing
         raise RuntimeError(f"ours and timm's AGC disagree on {bad} of {len(params)} tensors")
     ta = time_many({"ours": lambda: adaptive_grad_clip_(named, LAMBDA),
