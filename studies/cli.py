@@ -205,17 +205,9 @@ def run_study_cli(name: str, presets: dict, argv: list[str] | None, doc: str,
         if pr.scan_steps else f"{pr.trials} TPE trials" if pr.tpe else f"{len(study.lrs())} lr(s) in full"
     print(f"study {study.name}: {len(study.cells())} cells; {phases}; {pr.seeds} seed(s); output {study.study_dir};"
           f" MLflow {redact(study.tracking_uri)}", flush=True)
-    # SIGTERM (a scheduler or `kill`) stops the study as Ctrl-C does: trials stop, the study is marked
-    # interrupted and stays resumable.
-    import os
-    import signal
-
-    previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     try:
         out = search.run_study(study)
     except (ValueError, ConnectionError, PermissionError, FileNotFoundError, RuntimeError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print(out["summary"], flush=True)
     return out

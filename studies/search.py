@@ -10,10 +10,13 @@ jointly with TPE (exploitation). Each trial is identified by its content (phase 
 own Parquet row when it ends, and is skipped on --resume once its row exists: nothing is lost or run twice."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -355,6 +358,20 @@ def _diff(a, b, prefix="") -> list[str]:
 SCAN_RUNS_PER_TRIAL = 4
 
 
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """SIGTERM (a scheduler, `kill`) stops the study as Ctrl-C does: Tune stops the trials, the study is marked
+    interrupted and stays resumable. Installed after ray.init, whose own SIGTERM handler would end the driver."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class Phases:
     """Both phases as ONE Tune experiment (its trial processes stay warm from scan to full): a PhaseSearcher hands
     out the scan's trials, then, once they have all ended, the full phase computed from the scan's rows. Runs
@@ -402,7 +419,8 @@ class Phases:
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1,
                                         max_concurrent_trials=self.concurrency, reuse_actors=True),
             run_config=self.run_config("grid", ProgressPrinter(self.ctx)))
-        tuner.fit()
+        with sigterm_as_ctrl_c():
+            tuner.fit()
         full = self.full()
         done = self.done()
         return full is not None and all(s.key in done for s in full)

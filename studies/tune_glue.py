@@ -37,6 +37,12 @@ class PhaseSearcher(Searcher):
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
         self.running.discard(trial_id)
 
+    def save(self, checkpoint_path: str) -> None:
+        pass  # nothing to save: the phases are recomputed from the results table on --resume
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass
+
 
 class ProgressPrinter(tune.Callback):
     """A line per finished training run."""
@@ -104,6 +110,9 @@ def run_tpe(study: Study, ctx: TrialContext, phases: Phases) -> bool:
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=phases.concurrency),
                                     num_samples=remaining, reuse_actors=True),
         run_config=phases.run_config("tpe", ProgressPrinter(ctx)))
-    tuner.fit()
+    from studies.search import sigterm_as_ctrl_c
+
+    with sigterm_as_ctrl_c():
+        tuner.fit()
     return len([r for r in phases.table.read().to_pylist() if r["phase"] == "tpe"]) >= study.preset.trials
 
