@@ -154,7 +154,15 @@ class Tracker:
         if reuse_tag is not None:
             all_tags[reuse_tag[0]] = reuse_tag[1]
         run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
-        return cls(uri, run.info.run_id)
+        if reuse_tag is None:
+            return cls(uri, run.info.run_id)
+        # A create retried by the HTTP client after a lost response (a server restart) makes a second run with the
+        # same key: keep the oldest, delete the others, so every key has one run.
+        same = client.search_runs([exp_id], filter_string=f"tags.`{k}` = '{v}'",
+                                  order_by=["attributes.start_time ASC"], max_results=50)
+        for dup in same[1:]:
+            client.delete_run(dup.info.run_id)
+        return cls(uri, same[0].info.run_id if same else run.info.run_id)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
