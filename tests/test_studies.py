@@ -1,8 +1,4 @@
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -256,46 +252,6 @@ def test_every_study_smoke_test(tmp_path, ray_cluster, module):
         assert {(r["base_lr"], r["clip_threshold"], r["augment_strength"]) for r in rows} == \
             {(t.params["base_lr"], t.params["clip_threshold"], t.params["augment_strength"])
              for t in hpo.optuna_study(out["results"], hpo.PRESETS["smoke"].tpe).trials}
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_resume_after_killing_the_driver(tmp_path):
-    flags = [*_grid_flags(tmp_path, "resume"), "--max-concurrent", "1", "--max-steps", "24"]
-    cmd = [sys.executable, str(ROOT / "studies" / "agc_lambda.py"), *flags]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    table = search.Study("resume", search.Preset(grid={"batch_size": [1]}, fixed={}), TrainConfig(),
-                         output=str(tmp_path / "out")).table()
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                pytest.fail("the study finished before it could be interrupted")
-            try:
-                if table.read().num_rows >= 2:
-                    break
-            except Exception:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("no trial finished in time")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started (same process group)
-        proc.wait()
-    done_before = set(table.read().column("trial_key").to_pylist())
-    assert 2 <= len(done_before) < 12
-
-    subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=400)
-    res = table.read()
-    keys = res.column("trial_key").to_pylist()
-    assert len(keys) == len(set(keys)) and done_before <= set(keys)  # nothing lost, nothing duplicated
-    assert len([k for k in keys if k.startswith("scan")]) == 12
-    _, parents, children = mlflow_runs(tmp_path, "resume")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(children) == len(keys) and {c.data.tags["trial_key"] for c in children} == set(keys)
-    assert all(c.info.status != "RUNNING" for c in children)
 
 
 def test_local_paths_refused_on_a_multi_node_cluster(tmp_path):
