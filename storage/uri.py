@@ -74,6 +74,13 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         raise StorageError(f"unsupported URI {uri!r}: use a local path, s3://bucket/key or gs://bucket/key") from e
 
 
+def ray_storage(uri: str) -> dict:
+    """RunConfig(storage_path=…, storage_filesystem=…) for Ray Tune and Ray Train: our filesystem for object
+    stores (so Ray's checkpoints reach the same endpoint and region as our tables), a plain path locally."""
+    fs, path = resolve(uri)
+    return {"storage_path": path} if is_local(fs) else {"storage_path": path, "storage_filesystem": fs}
+
+
 def join(base: str, *parts: str) -> str:
     """Join a URI or filesystem path with '/' (object stores have no os.sep)."""
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])

@@ -209,7 +209,7 @@ def run_torch_trainer(cfg: TrainConfig, dataset_uri: str, *, name: str, storage_
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path, callbacks=callbacks,
+            name=name, **storage.uri.ray_storage(storage_path), callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),

@@ -257,33 +257,96 @@ def group_specs(specs: list[Spec], size: int) -> list[list[Spec]]:
     return sorted(groups, key=cost)
 
 
-def cluster_concurrency(cfg: TrainConfig, res: dict[str, float] | None = None) -> int:
-    """Trials that fit the cluster at once: each needs num_workers × (cpus_per_worker [+ gpus_per_worker])."""
-    if res is None:
-        import ray
+@dataclass
+class Capacity:
+    """What the cluster has now and, on an autoscaling cluster, the most it can grow to (the autoscaler's node
+    types × their max counts, as the autoscaler reports them to the GCS). `nodes` counts live nodes."""
+    now: dict[str, float]
+    max: dict[str, float] | None = None
+    nodes: int = 1
 
-        res = ray.cluster_resources()
+    @property
+    def autoscaling(self) -> bool:
+        return self.max is not None
+
+    def most(self) -> dict[str, float]:
+        return {k: max(self.now.get(k, 0), (self.max or {}).get(k, 0)) for k in {*self.now, *(self.max or {})}}
+
+
+def autoscaler_max(config: dict[str, Any]) -> dict[str, float]:
+    """The most of each resource a `ray up` cluster config allows: head + worker types at their max counts,
+    the cluster-wide max_workers filled with the richest types first."""
+    types = config.get("available_node_types", {})
+    head = types.get(config.get("head_node_type"), {})
+    workers = [t for name, t in types.items() if name != config.get("head_node_type")]
+    cap = config.get("max_workers", sum(t.get("max_workers", 0) for t in workers))
+    out = {k: float(v) for k, v in head.get("resources", {}).items()}
+    for key in {k for t in workers for k in t.get("resources", {})}:
+        left, total = cap, 0.0
+        for t in sorted(workers, key=lambda t: -t.get("resources", {}).get(key, 0)):
+            n = min(left, t.get("max_workers", 0))
+            total, left = total + n * t.get("resources", {}).get(key, 0), left - n
+        out[key] = out.get(key, 0.0) + total
+    return out
+
+
+def _autoscaler_resources() -> dict[str, float] | None:
+    try:  # what the autoscaler reports to the GCS (the reader Ray Train itself uses; private, so guarded)
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config()
+        if most:
+            return {k: float(v) for k, v in most.items()}
+    except Exception:
+        pass
+    # `ray up` leaves the cluster config on the head, where a `ray job submit` driver runs.
+    path = Path(os.environ.get("NFNET_LAB_AUTOSCALER_CONFIG", "~/ray_bootstrap_config.yaml")).expanduser()
+    if path.is_file():
+        import yaml
+
+        return autoscaler_max(yaml.safe_load(path.read_text()))
+    return None
+
+
+def cluster_capacity() -> Capacity:
+    import ray
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    return Capacity(ray.cluster_resources(), _autoscaler_resources(), nodes)
+
+
+def cluster_concurrency(cfg: TrainConfig, cap: Capacity | dict[str, float] | None = None) -> int:
+    """Trials that fit the cluster at once, each needing num_workers × (cpus_per_worker [+ gpus_per_worker]).
+    An autoscaling cluster is sized by what it can grow to, not by the nodes alive at start (often a head only):
+    the trials' resource requests are what make the autoscaler add the nodes."""
+    if cap is None:
+        cap = cluster_capacity()
+    if isinstance(cap, dict):
+        cap = Capacity(cap)
+    res = cap.most()
+    where = "can grow to (autoscaler's maximum)" if cap.autoscaling else "has now"
     need_cpu = cfg.num_workers * cfg.cpus_per_worker
     n = int(res.get("CPU", 0) // need_cpu) if need_cpu else 1
     if cfg.use_gpu:
         gpus, need_gpu = res.get("GPU", 0), cfg.num_workers * cfg.gpus_per_worker
         if gpus < need_gpu:
             raise RuntimeError(
-                f"the study asks for {need_gpu:g} GPU(s) per trial but the Ray cluster has {gpus:g} GPU(s) now; "
-                "lower --num-workers, drop --use-gpu, connect to a GPU cluster (RAY_ADDRESS), or on an "
-                "autoscaling cluster give --max-concurrent (trials wait for the nodes it adds)")
+                f"the study asks for {need_gpu:g} GPU(s) per trial but the Ray cluster {where} {gpus:g} GPU(s); "
+                "lower --num-workers, drop --use-gpu, connect to a GPU cluster (RAY_ADDRESS), or give "
+                "--max-concurrent (trials then wait for GPU nodes started by hand)")
         n = min(n, int(gpus / need_gpu + 1e-9))
     if n < 1:
         raise RuntimeError(
             f"one trial needs {need_cpu:g} CPUs ({cfg.num_workers} workers × {cfg.cpus_per_worker:g}) but the Ray "
-            f"cluster has {res.get('CPU', 0):g}; lower --num-workers/--cpus-per-worker or use a bigger cluster")
+            f"cluster {where} {res.get('CPU', 0):g}; lower --num-workers/--cpus-per-worker or use a bigger cluster")
     return n
 
 
-def check_cluster_paths(study: Study, nodes: int) -> None:
+def check_cluster_paths(study: Study, nodes: int, autoscaling: bool = False) -> None:
     """On a multi-node cluster every worker must reach the data, the results and the tracking store: local
-    paths and local MLflow stores resolve on one machine only."""
-    if nodes <= 1:
+    paths and local MLflow stores resolve on one machine only. An autoscaling cluster counts as multi-node even
+    while only its head is up: the trials will run on nodes it adds."""
+    if nodes <= 1 and not autoscaling:
         return
     shared_fs = os.environ.get("NFNET_LAB_SHARED_FS") == "1"  # e.g. the same NFS mount on every node
     local = [(what, v) for what, v in (("--output", study.output), ("--data-root", study.fixed.data_root))
@@ -291,8 +354,10 @@ def check_cluster_paths(study: Study, nodes: int) -> None:
     if study.tracking_uri.startswith(("sqlite:", "file:")):
         local.append(("--tracking-uri", study.tracking_uri))
     if local:
+        where = ("this Ray cluster autoscales (trials run on nodes it adds)" if autoscaling else
+                 f"this Ray cluster has {nodes} nodes")
         raise ValueError(
-            f"this Ray cluster has {nodes} nodes, but " + ", ".join(f"{w} {v}" for w, v in local)
+            where + ", but " + ", ".join(f"{w} {v}" for w, v in local)
             + " is local to one machine; use s3:// or gs:// URIs for --output/--data-root (or NFNET_LAB_RESULTS/"
               "NFNET_LAB_DATA; or NFNET_LAB_SHARED_FS=1 for a filesystem mounted on every node) and an MLflow server "
               "(http://…) for --tracking-uri; see platform/README.md")
@@ -438,7 +503,7 @@ class Phases:
 
         return tune.RunConfig(
             name=f"{self.study.name}-{name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=storage.uri.join(self.study.study_dir, "tune"), callbacks=[printer], verbose=0,
+            **storage.uri.ray_storage(storage.uri.join(self.study.study_dir, "tune")), callbacks=[printer], verbose=0,
             failure_config=tune.FailureConfig(max_failures=self.study.trial_retries))
 
 
@@ -456,10 +521,9 @@ def _run_locked(study: Study, new: bool) -> dict[str, Any]:
     dataset_uri = runner.prepare_data(study.fixed)
     n_train = validate(study, dataset_uri)
     runner.init_ray(log_to_driver=False)
-    import ray
-
-    check_cluster_paths(study, sum(1 for n in ray.nodes() if n.get("Alive")))
-    concurrency = study.max_concurrent or cluster_concurrency(study.fixed)
+    cap = cluster_capacity()
+    check_cluster_paths(study, cap.nodes, cap.autoscaling)
+    concurrency = study.max_concurrent or cluster_concurrency(study.fixed, cap)
     if new:  # only now: a study refused before any trial leaves nothing that would ask for --resume
         write_record(study)
     parent = Tracker.create(study.tracking_uri, study.experiment, study.name,

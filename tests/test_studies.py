@@ -312,7 +312,30 @@ def test_fractional_gpus_pack_small_trials():
     # platform/README.md's worked example: 8 GPU workers per trial on 4 × 8-GPU, 96-CPU nodes
     big = TrainConfig(use_gpu=True, num_workers=8, cpus_per_worker=8)
     assert search.cluster_concurrency(big, {"CPU": 384, "GPU": 32}) == 4
-    with pytest.raises(RuntimeError, match="--max-concurrent"):  # an autoscaling cluster with no GPU node yet
+    with pytest.raises(RuntimeError, match="--max-concurrent"):  # a fixed CPU-only cluster
         search.cluster_concurrency(big, {"CPU": 8})
     with pytest.raises(ValueError, match="gpus_per_worker"):
         TrainConfig(gpus_per_worker=1.5)
+
+
+def test_autoscaling_cluster_is_sized_by_its_maximum_and_path_checked(tmp_path, monkeypatch):
+    # platform/cluster/aws.yaml as `ray up` leaves it on the head: no GPU node is up at start (head only, CPU 0).
+    monkeypatch.setenv("NFNET_LAB_AUTOSCALER_CONFIG", str(ROOT / "platform/cluster/aws.yaml"))
+    most = search._autoscaler_resources()
+    # max_workers 8 overall, richest first: 4 × p4d (8 GPU, 96 CPU) then 4 × g5 (1 GPU, 16 CPU)
+    assert most["GPU"] == 4 * 8 + 4 * 1 and most["CPU"] == 4 * 96 + 4 * 16
+    cap = search.Capacity(now={"CPU": 0.0}, max=most, nodes=1)
+    imagenet = search.Study(name="i", preset=agc_lambda.PRESETS["imagenet"],
+                            fixed=TrainConfig(**agc_lambda.PRESETS["imagenet"].fixed, data_root="/data"),
+                            output="/results", tracking_uri="http://mlflow:5000")
+    assert search.cluster_concurrency(imagenet.fixed, cap) == 4  # 4 trials × 8 GPUs, not "0 GPU(s)"
+    with pytest.raises(RuntimeError, match="0 GPU"):  # the same cluster read from its live nodes alone
+        search.cluster_concurrency(imagenet.fixed, search.Capacity(now={"CPU": 0.0}))
+    with pytest.raises(ValueError, match="autoscales.*--output /results"):  # one node up, but it will grow
+        search.check_cluster_paths(imagenet, cap.nodes, cap.autoscaling)
+    search.check_cluster_paths(imagenet, cap.nodes, autoscaling=False)  # a fixed one-node cluster: local is fine
+    gcp = search.autoscaler_max({"max_workers": 2, "head_node_type": "h",
+                                 "available_node_types": {"h": {"resources": {"CPU": 4}},
+                                                          "a": {"max_workers": 5, "resources": {"GPU": 1}},
+                                                          "b": {"max_workers": 1, "resources": {"GPU": 8}}}})
+    assert gcp == {"CPU": 4.0, "GPU": 8.0 + 1.0}  # cap 2 nodes: the 8-GPU one, then one 1-GPU
