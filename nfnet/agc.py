@@ -10,13 +10,9 @@ Where to call it in a training step:
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -94,124 +90,56 @@ def _factor(g_norm: torch.Tensor, max_norm: torch.Tensor) -> torch.Tensor:
     return torch.where(g_norm > max_norm, max_norm / g_norm.clamp_min(1e-6), torch.ones_like(g_norm))
 
 
-def _sums(g_norm, factor):
-    # (clipped mask, Σ‖G_i‖² before, Σ‖G_i‖² after), kept on the device.
-    after = g_norm * factor
-    return factor < 1.0, torch.dot(g_norm, g_norm), torch.dot(after, after)
-
-
-def _clip_fused(params, grads, nv, sizes, lam, eps):
+def _clip_fused(grads, nv, max_norm, sizes):
     """Accelerator path: all norms, all factors at once, one multi-tensor multiply; no host sync anywhere, and
     few launches (the call is launch-bound on a GPU: W and G together are well under a millisecond of traffic)."""
-    w_norm = torch.cat(([_whole_norms(params[:nv])] if nv else []) + [_unit_norms(p) for p in params[nv:]])
-    max_norm = w_norm.clamp_min_(eps).mul_(lam)
     g_norm = torch.cat(([_whole_norms(grads[:nv])] if nv else []) + [_unit_norms(g) for g in grads[nv:]])
     factor = _factor(g_norm, max_norm)
     by_dtype = {dt: factor.to(dt).split(sizes) for dt in {g.dtype for g in grads}}
     torch._foreach_mul_(grads, [by_dtype[g.dtype][i].view((-1,) + (1,) * (g.ndim - 1) if g.ndim > 1 else ())
                                 for i, g in enumerate(grads)])
-    return _sums(g_norm, factor)
+    return g_norm, factor
 
 
-# Elements per block of G's rows (8 MiB fp32): a block per worker stays in the last-level cache from its norm to
-# its multiply, and most tensors are one block (each op costs microseconds of dispatch).
-_BLOCK = 1 << 21
+# Elements per row block (16 MiB fp32): still in the last-level cache when the multiply follows the norm, and
+# big enough that all of NFNet-F0's tensors but its largest are one block (measured best of 1, 2, 4, 8, 16 MiB).
+_BLOCK = 1 << 22
 
 
-_pool: tuple[tuple[int, int], ThreadPoolExecutor] | None = None
-
-
-def _serial_workers(n: int) -> ThreadPoolExecutor:
-    """n threads whose torch ops run single-threaded (recreated after a fork). An intra-op parallel op waits
-    for its slowest thread, spinning; on a busy machine a call made of a hundred such ops spins for tens of
-    times its own length, so instead whole tensors go to threads that never wait on each other."""
-    global _pool
-    key = (os.getpid(), n)
-    if _pool is None or _pool[0] != key:
-        ready = threading.Barrier(n)  # holds each thread until all n exist, so each runs one init
-
-        def init():
-            torch.set_num_threads(1)  # this thread's OpenMP/MKL setting ...
-            ready.wait()
-
-        pool = ThreadPoolExecutor(n, thread_name_prefix="agc")
-        for f in [pool.submit(init) for _ in range(n)]:
-            f.result()
-        torch.set_num_threads(n)  # ... and the default later threads start from, which is put back
-        _pool = key, pool
-    return _pool[1]
-
-
-def _np_factor(gn, m):
-    # Eq. 3 on host arrays.
-    return np.where(gn > m, m / np.maximum(gn, 1e-6), np.float32(1.0)).astype(np.float32, copy=False)
-
-
-def _row_blocks(g):
-    """(first row, rows) per block of g's rows; a non-contiguous g (e.g. channels_last) is one block, reduced
-    over its own strides."""
-    if not g.is_contiguous() or g.numel() <= _BLOCK:
-        return [(0, g)]
-    rows = g.view(g.shape[0], -1)
-    step = -(-rows.shape[0] // -(-g.numel() // _BLOCK))  # equal blocks, none over _BLOCK elements (rows allowing)
-    return [(r0, rows[r0:r0 + step]) for r0 in range(0, rows.shape[0], step)]
-
-
-def _clip_units(w, g, gn, f, lam, eps):
-    # One multi-unit tensor: its W norms, then per block of G the norms and, if a unit clips, the scaling while
-    # the block is still in cache. gn, f: this tensor's slices of the host vectors.
-    m = np.maximum(_unit_norms(w).numpy(), eps) * lam
-    for r0, rows in _row_blocks(g):
-        r1 = r0 + rows.shape[0]
-        gb, mb = gn[r0:r1], m[r0:r1]
-        gb[:] = _unit_norms(rows).numpy()
-        if (gb > mb).any():
-            fb = f[r0:r1]
-            fb[:] = _np_factor(gb, mb)
-            rows.mul_(torch.from_numpy(fb).to(rows.dtype).view((-1,) + (1,) * (rows.ndim - 1)))
-
-
-def _clip_vectors(params, grads, gn, f, lam, eps):
-    # Whole-tensor units (gains, biases, scalars): tiny, so two fused norms, and a multiply only where one clips.
-    m = np.maximum(_whole_norms(params).numpy(), eps) * lam
-    gn[:] = _whole_norms(grads).numpy()
-    if (gn > m).any():
-        f[:] = _np_factor(gn, m)
-        hit = np.flatnonzero(f < 1).tolist()
-        torch._foreach_mul_([grads[i] for i in hit], torch.from_numpy(f[hit]).unbind())  # fp32 0-dim: any dtype
-
-
-def _clip_blocked(params, grads, nv, sizes, lam, eps):
-    """CPU path, memory-bound: W and G are read once, and only clipping blocks of G are written, while they are
-    still in cache from their norms. Multi-unit tensors are shared out to single-threaded workers. Norms go to
-    numpy vectors and all the arithmetic on them runs there: no per-tensor concatenation or slicing in torch,
-    and no small torch op fanned out to all cores."""
-    offsets = np.cumsum([0] + sizes).tolist()
-    gn, f = np.empty(offsets[-1], np.float32), np.ones(offsets[-1], np.float32)
-    work = iter(sorted(range(nv, len(grads)), key=lambda i: -grads[i].numel()))  # biggest first, so the last
-    # ones handed out are short; next() on it is atomic under the GIL, so workers can share it
-
-    def run():
-        with torch.no_grad():  # grad mode is per thread
-            for i in work:
-                u0, u1 = offsets[i], offsets[i + 1]
-                _clip_units(params[i], grads[i], gn[u0:u1], f[u0:u1], lam, eps)
-
-    threads = torch.get_num_threads()
-    jobs = [_serial_workers(threads).submit(run) for _ in range(threads)] if threads > 1 else []
-    if nv:  # tiny, so this thread's ops on them run serially
-        _clip_vectors(params[:nv], grads[:nv], gn[:nv], f[:nv], lam, eps)
-    if not jobs:
-        run()
-    for j in jobs:
-        j.result()
-    before = gn.astype(np.float64)  # no BLAS dot: numpy's would start its own threads
-    after = before * f
-    return torch.from_numpy(f < 1), _scalar((before * before).sum()), _scalar((after * after).sum())
-
-
-def _scalar(x) -> torch.Tensor:
-    return torch.tensor(float(x), dtype=torch.float32)
+def _clip_blocked(grads, nv, max_norm, sizes):
+    """CPU path: CPU clipping is memory-bound, so each block of rows is normed and, only if one of its units
+    clips, rescaled while still in cache: G is read once and only clipping blocks are written. Blocks are
+    large (most tensors are one block) because every op costs microseconds of dispatch. Host syncs are free
+    on CPU. Norms and factors go straight into preallocated vectors (no per-block lists to concatenate)."""
+    g_norm = torch.empty_like(max_norm)
+    factor = torch.ones_like(max_norm)
+    # With every threshold at or above the 1e-6 guard, Eq. 3's factor is m / max(‖G‖, m): 2 ops instead of 5.
+    fac = _factor if float(max_norm.min()) < 1e-6 else (lambda gn, m: m / torch.maximum(gn, m))
+    if nv:
+        g_norm[:nv] = _whole_norms(grads[:nv])
+        gv, mv = g_norm[:nv], max_norm[:nv]
+        if bool((gv > mv).any()):
+            f = factor[:nv]
+            f.copy_(fac(gv, mv))
+            torch._foreach_mul_(grads[:nv], list(f.unbind()))  # 0-dim fp32 factors keep each grad's dtype
+    u = nv
+    for g, n in zip(grads[nv:], sizes[nv:]):
+        if g.is_contiguous():
+            rows = g.view(n, -1)
+            step = max(1, _BLOCK // max(1, rows.shape[1]))
+        else:  # e.g. channels_last: one pass over the whole tensor, reduced over its own strides
+            rows, step = g, n
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            gn = g_norm[u + r0:u + r1]
+            _unit_norms(rows[r0:r1], out=gn)
+            m = max_norm[u + r0:u + r1]
+            if bool((gn > m).any()):
+                f = factor[u + r0:u + r1]
+                f.copy_(fac(gn, m))
+                rows[r0:r1].mul_(f.to(g.dtype).view((-1,) + (1,) * (rows.ndim - 1)))
+        u += n
+    return g_norm, factor
 
 
 def adaptive_grad_clip_(parameters: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
@@ -244,13 +172,16 @@ def adaptive_grad_clip_(parameters: Iterable[torch.Tensor] | Iterable[tuple[str,
             params = [p for _, p in vecs] + [p for _, p in mats]
             grads = [p.grad for p in params]
             sizes = [1] * nv + [p.shape[0] for _, p in mats]
+            w_norm = torch.cat(([_whole_norms(params[:nv])] if nv else []) + [_unit_norms(p) for p in params[nv:]])
+            max_norm = w_norm.clamp_min_(eps).mul_(clip_threshold)
             clip = _clip_blocked if grads[0].device.type == "cpu" else _clip_fused
-            hit, before, after = clip(params, grads, nv, sizes, clip_threshold, eps)
-            clipped.append(hit)
+            g_norm, factor = clip(grads, nv, max_norm, sizes)
+            clipped.append(factor < 1.0)
             names += [n for n, _ in vecs] + [n for n, _ in mats]
             units += sizes
-            sq_before.append(before)
-            sq_after.append(after)
+            after = g_norm * factor
+            sq_before.append(torch.dot(g_norm, g_norm))
+            sq_after.append(torch.dot(after, after))
 
     if not clipped:
         zero = torch.zeros(())
