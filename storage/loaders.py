@@ -156,8 +156,10 @@ def _spread_decode(context, shards: int) -> dict:
     (this dataset only) cut a shard into many decode inputs, and a task pool of the read's own (sized to the
     shard count, so no limit in effect) stops the fusion, since Ray fuses only pools of equal size: decode
     tasks then take any shard's blocks on every CPU. -> map_batches kwargs of the read."""
+    import ray.data
+
     context.target_max_block_size = ENCODED_BLOCK_BYTES
-    return {"concurrency": max(1, shards)}
+    return {"compute": ray.data.TaskPoolStrategy(size=max(1, shards))}
 
 
 def iter_torch_batches(data, batch_size: int, device="cpu", *, drop_last: bool = True,
