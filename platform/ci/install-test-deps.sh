@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# System packages for the platform tests (tests/test_mlflow_server.py needs PostgreSQL, tests/test_mlflow_ui.py
+# System packages for the platform tests (tests/test_cluster.py needs PostgreSQL, tests/test_mlflow_ui.py
 # headless Chromium). Idempotent: exits at once, silently, when both are already there. Needs root (or sudo)
 # only when something is missing; without either it says what to install and exits 0, and the tests skip.
 set -euo pipefail
