@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
+import traceback
 import types
 import typing
 from pathlib import Path
@@ -208,6 +210,8 @@ def run_study_cli(name: str, presets: dict, argv: list[str] | None, doc: str,
     try:
         out = search.run_study(study)
     except (ValueError, ConnectionError, PermissionError, FileNotFoundError, RuntimeError) as e:
-        p.exit(2, f"{p.prog}: error: {e}\n")
+        if os.environ.get("NFNET_LAB_TRACEBACK") == "1":  # for whoever debugs the platform, not for users
+            traceback.print_exc()
+        p.exit(2, f"{p.prog}: error: {type(e).__name__ + ': ' if isinstance(e, OSError) else ''}{e}\n")
     print(out["summary"], flush=True)
     return out
