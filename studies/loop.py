@@ -266,6 +266,26 @@ class EpochTally:
         self.seen += len(labels)
 
 
+# The decoded splits this process holds, on their device: a Tune trial actor is reused for trial after trial
+# (reuse_actors), so a CIFAR-size study copies its data to the GPU once per actor, not once per run.
+_RESIDENT: dict[str, tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def resident_split(data, split: str, image_size: int | None, device: torch.device,
+                   rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) of a split (every world-th row from rank), decoded and on `device`; cached per split,
+    one dataset at a time, so a process never holds two copies."""
+    key = (data.uri, image_size, str(device), rank, world)
+    hit = _RESIDENT.get(split)
+    if hit is None or hit[0] != key:
+        _RESIDENT.pop(split, None)  # free the old copy before making the new one
+        x, y = data.load_split(split, image_size=image_size)
+        if world > 1:
+            x, y = x[rank::world].contiguous(), y[rank::world].contiguous()
+        _RESIDENT[split] = key, (x.to(device), y.to(device, torch.int64))
+    return _RESIDENT[split][1]
+
+
 def build(cfg: TrainConfig, dataset_uri: str, ctx: WorkerContext):
     """Model, optimizer, data and augmentation for one worker."""
     device = ctx.device
@@ -275,8 +295,10 @@ def build(cfg: TrainConfig, dataset_uri: str, ctx: WorkerContext):
     model = nfnet.create_model(cfg.model, num_classes=man.num_classes, **cfg.model_overrides).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # One fused kernel for the whole update on the GPU; the multi-tensor (foreach) path on CPU.
+    fused = device.type == "cuda"
     opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
-                          nesterov=cfg.nesterov, foreach=True)
+                          nesterov=cfg.nesterov, foreach=not fused, fused=fused)
     net = model
     if ctx.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -287,16 +309,19 @@ def build(cfg: TrainConfig, dataset_uri: str, ctx: WorkerContext):
         raise ValueError(f"{dataset_uri} holds images of varying size; set image_size (--image-size) to train")
     if ctx.train_loader is not None:
         loader = ctx.train_loader(man.splits["train"])
+    elif storage.loaders.loader_mode(data, "train", cfg.loader, cfg.image_size) == "resident":
+        x, y = resident_split(data, "train", cfg.image_size, device)
+        loader = storage.ResidentLoader(x, y, batch_size=cfg.batch_size, seed=cfg.seed, rank=ctx.rank,
+                                        world_size=ctx.world_size, device=device)
     else:
         loader = storage.make_loader(data, "train", batch_size=cfg.batch_size, seed=cfg.seed, rank=ctx.rank,
-                                     world_size=ctx.world_size, device=device, mode=cfg.loader,
+                                     world_size=ctx.world_size, device=device, mode="streaming",
                                      image_size=cfg.image_size)
     # image_size None: pad-and-crop at the native (CIFAR-size) resolution; else random-resized crops to it.
     augment = nfnet.Augment(cfg.augment_strength, man.num_classes, image_size=cfg.image_size).to(device)
-    val = None
-    if cfg.eval_every_epochs:  # each rank holds and evaluates its own 1/world of the validation split
-        split = data.load_split("val", image_size=cfg.image_size)
-        val = [t[ctx.rank :: ctx.world_size].contiguous().to(device) for t in split]
+    # Each rank holds and evaluates its own 1/world of the validation split.
+    val = list(resident_split(data, "val", cfg.image_size, device, ctx.rank, ctx.world_size)) \
+        if cfg.eval_every_epochs else None
     return model, net, opt, loader, augment, val
 
 

@@ -1,6 +1,7 @@
 """The driver side of one training run: prepare data, start the MLflow run, then run the worker loop either
-through Ray Train's TorchTrainer (DDP over gloo/NCCL) or, for a single CPU worker inside a Tune trial,
-in-process (identical numbers; see tests/test_train.py) to skip the worker group's start-up cost."""
+through Ray Train's TorchTrainer (DDP over gloo/NCCL) or, for a single worker (CPU or one GPU, or a share of one)
+inside a Tune trial, in-process (identical numbers; see tests/test_train.py): no worker group to start per run, and
+the Tune actor, reused from trial to trial, keeps the dataset resident on its device for the whole study."""
 from __future__ import annotations
 
 import dataclasses
@@ -137,8 +138,9 @@ class ShardLoader:
 
 
 def runs_in_process(cfg: TrainConfig) -> bool:
-    """One CPU worker with no failure recovery needs no worker group: the loop runs in the caller's process."""
-    return cfg.num_workers == 1 and not cfg.use_gpu and cfg.max_failures == 0
+    """One worker with no failure recovery needs no worker group: the loop runs in the caller's process (a Tune
+    trial's actor, holding the trial's CPU and GPU share)."""
+    return cfg.num_workers == 1 and cfg.max_failures == 0
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -154,8 +156,10 @@ OBJECTIVE = "objective"  # the metric name Tune and Optuna see: RunSummary.objec
 def run_in_process(cfg: TrainConfig, dataset_uri: str, tracking: dict[str, str] | None = None,
                    in_tune: bool = False, quiet: bool = False) -> RunSummary:
     """The same loop as a one-worker TorchTrainer, in this process (no worker group to start)."""
-    if cfg.num_workers != 1 or cfg.use_gpu:
-        raise ValueError("in-process runs are for one CPU worker; use TorchTrainer for more workers or GPUs")
+    if cfg.num_workers != 1:
+        raise ValueError("in-process runs are for one worker; use TorchTrainer for more")
+    if cfg.use_gpu and not torch.cuda.is_available():
+        raise RuntimeError("use_gpu is set but this process sees no CUDA device (a Tune trial must ask for a GPU)")
     threads = torch.get_num_threads()
     _set_threads(cfg)
     log = _mlflow_logger(tracking, 0)
@@ -164,8 +168,10 @@ def run_in_process(cfg: TrainConfig, dataset_uri: str, tracking: dict[str, str] 
         import ray.tune
 
         resume, report_fn, ckpt_cls = _restored(ray.tune.get_checkpoint()), ray.tune.report, ray.tune.Checkpoint
-    ctx = loop.WorkerContext(report=_reporter(log, report_fn, ckpt_cls), log_step=log or (lambda m, s: None),
-                             resume_from=resume, print=(lambda s: None) if quiet else (lambda s: print(s, flush=True)))
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.use_gpu else torch.device("cpu")
+    ctx = loop.WorkerContext(device=device, report=_reporter(log, report_fn, ckpt_cls),
+                             log_step=log or (lambda m, s: None), resume_from=resume,
+                             print=(lambda s: None) if quiet else (lambda s: print(s, flush=True)))
     try:
         return loop.train(cfg, dataset_uri, ctx)
     finally:

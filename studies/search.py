@@ -273,6 +273,14 @@ class Capacity:
         return {k: max(self.now.get(k, 0), (self.max or {}).get(k, 0)) for k in {*self.now, *(self.max or {})}}
 
 
+def trial_resources(cfg: TrainConfig) -> dict[str, float]:
+    """What a Tune trial holds. In-process runs train in the trial's actor, so it holds the worker's CPUs and GPU
+    share; a TorchTrainer trial only waits on its worker group and holds no CPU (a bundle cannot be empty)."""
+    if runner.runs_in_process(cfg):
+        return {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
+    return {"CPU": 0, "memory": 64 << 20}
+
+
 def autoscaler_max(config: dict[str, Any]) -> dict[str, float]:
     """The most of each resource a `ray up` cluster config allows: head + worker types at their max counts,
     the cluster-wide max_workers filled with the richest types first."""
@@ -493,10 +501,7 @@ class Phases:
     def trainable(self):
         from ray import tune
 
-        fixed = self.study.fixed
-        # A TorchTrainer trial only waits on its worker group: it holds no CPU (a bundle cannot be empty: memory).
-        res = ({"CPU": fixed.cpus_per_worker} if runner.runs_in_process(fixed) else {"CPU": 0, "memory": 64 << 20})
-        return tune.with_resources(tune.with_parameters(run_trial, ctx=self.ctx), res)
+        return tune.with_resources(tune.with_parameters(run_trial, ctx=self.ctx), trial_resources(self.study.fixed))
 
     def run_config(self, name: str, printer):
         from ray import tune

@@ -314,3 +314,28 @@ def test_credentials_in_a_tracking_uri_are_never_printed():
 
     assert redact("http://ml:s3cret@mlflow.example:5000/") == "http://ml:***@mlflow.example:5000/"
     assert redact("sqlite:////abs/mlflow.db") == "sqlite:////abs/mlflow.db"
+
+
+def test_resident_data_is_loaded_once_per_process_and_runs_stay_identical(tiny_data, monkeypatch):
+    import storage
+
+    cfg = tiny_cfg(seed=4, max_steps=8)
+    loop._RESIDENT.clear()
+    first = runner.run_in_process(cfg, tiny_data, quiet=True)
+    loads = []
+    real = storage.ShardSet.load_split
+    monkeypatch.setattr(storage.ShardSet, "load_split", lambda self, *a, **k: loads.append(a) or real(self, *a, **k))
+    again = runner.run_in_process(cfg, tiny_data, quiet=True)  # a reused Tune actor's next run
+    assert loads == []  # train and val came from this process's device copy
+    assert _losses(again) == _losses(first) and again.final_val_acc == first.final_val_acc  # the copy is unharmed
+
+
+def test_one_gpu_trials_run_in_the_tune_actor_holding_their_gpu_share():
+    from studies import search
+
+    gpu = TrainConfig(use_gpu=True, gpus_per_worker=0.25, cpus_per_worker=2)
+    assert runner.runs_in_process(gpu)  # no worker group per run: the actor (and its device copy) is reused
+    assert search.trial_resources(gpu) == {"CPU": 2, "GPU": 0.25}
+    assert search.trial_resources(TrainConfig()) == {"CPU": 1}
+    for cfg in (gpu.replace(num_workers=2), gpu.replace(max_failures=1)):  # DDP or Train-level recovery
+        assert not runner.runs_in_process(cfg) and search.trial_resources(cfg)["CPU"] == 0
