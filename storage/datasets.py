@@ -323,17 +323,24 @@ class ShardSet:
         return read_verified_shard(self.fs, join(self.path, info["path"]), info["sha256"] if verify else None,
                                    info["rows"], self.uri)
 
+    def load_shard(self, split: str, index: int, verify: bool = True,
+                   image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One shard, decoded: (uint8 [n, C, H, W], int64 [n])."""
+        t, p = self.read_shard(split, index, verify), self.shard_paths(split)[index]
+        if self.manifest.encoding == "raw":
+            x = decode_raw(t.column("image"), self.manifest.image_shape, p)
+        else:
+            x = decode_encoded(t.column("image").to_pylist(), image_size, p)
+        return x, torch.from_numpy(t.column("label").to_numpy().astype(np.int64))
+
     def load_split(self, split: str, verify: bool = True,
                    image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (uint8 [N, C, H, W], int64 [N]). Encoded sets are decoded (resized when image_size is given)."""
         xs, ys = [], []
-        for i, p in enumerate(self.shard_paths(split)):
-            t = self.read_shard(split, i, verify)
-            if self.manifest.encoding == "raw":
-                xs.append(decode_raw(t.column("image"), self.manifest.image_shape, p))
-            else:
-                xs.append(decode_encoded(t.column("image").to_pylist(), image_size, p))
-            ys.append(torch.from_numpy(t.column("label").to_numpy().astype(np.int64)))
+        for i in range(len(self.shard_paths(split))):
+            x, y = self.load_shard(split, i, verify, image_size)
+            xs.append(x)
+            ys.append(y)
         if not xs:
             shape = self.manifest.image_shape or (3, image_size or 0, image_size or 0)
             return torch.empty(0, *shape, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,21 +223,22 @@ def train_step(net, opt, x, y_soft, cfg: TrainConfig, amp, params, agc_params, *
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, augment, ctx: WorkerContext, batch: int, channels_last: bool, amp):
-    # `images` is this rank's share of the validation set; the sums are all-reduced.
+def evaluate(model, chunks, augment, ctx: WorkerContext, batch: int, channels_last: bool, amp):
+    # `chunks` yields this rank's share of the validation set as (images, labels) on the device, all at once
+    # (resident) or a shard at a time (streaming); the sums are all-reduced.
     model.eval()
-    xs, ys = images, labels
     totals = torch.zeros(3, device=ctx.device, dtype=torch.float64)
-    for i in range(0, len(xs), batch):
-        x = augment.eval_transform(xs[i : i + batch])
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = ys[i : i + batch]
-        with amp():
-            logits = model(x)
-        totals[0] += F.cross_entropy(logits.float(), y, reduction="sum")
-        totals[1] += (logits.argmax(1) == y).sum()
-        totals[2] += len(y)
+    for xs, ys in chunks:
+        for i in range(0, len(xs), batch):
+            x = augment.eval_transform(xs[i : i + batch])
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = ys[i : i + batch]
+            with amp():
+                logits = model(x)
+            totals[0] += F.cross_entropy(logits.float(), y, reduction="sum")
+            totals[1] += (logits.argmax(1) == y).sum()
+            totals[2] += len(y)
     if ctx.world_size > 1:
         dist.all_reduce(totals)
     model.train()
@@ -319,10 +320,23 @@ def build(cfg: TrainConfig, dataset_uri: str, ctx: WorkerContext):
                                      image_size=cfg.image_size)
     # image_size None: pad-and-crop at the native (CIFAR-size) resolution; else random-resized crops to it.
     augment = nfnet.Augment(cfg.augment_strength, man.num_classes, image_size=cfg.image_size).to(device)
-    # Each rank holds and evaluates its own 1/world of the validation split.
-    val = list(resident_split(data, "val", cfg.image_size, device, ctx.rank, ctx.world_size)) \
-        if cfg.eval_every_epochs else None
+    val = val_chunks(data, cfg, ctx) if cfg.eval_every_epochs else None
     return model, net, opt, loader, augment, val
+
+
+def val_chunks(data, cfg: TrainConfig, ctx: WorkerContext) -> Callable[[], Iterable]:
+    """Each rank evaluates its own 1/world of the validation split: every world-th image held on the device when
+    the split fits (as the train split), else every world-th shard streamed, one decoded shard at a time."""
+    if storage.loaders.loader_mode(data, "val", cfg.loader, cfg.image_size) == "resident":
+        held = resident_split(data, "val", cfg.image_size, ctx.device, ctx.rank, ctx.world_size)
+        return lambda: [held]
+
+    def stream():
+        for i in range(ctx.rank, len(data.shard_paths("val")), ctx.world_size):
+            x, y = data.load_shard("val", i, image_size=cfg.image_size)
+            yield x.to(ctx.device, non_blocking=True), y.to(ctx.device)
+
+    return stream
 
 
 @dataclass
@@ -335,7 +349,7 @@ class Run:
     net: torch.nn.Module  # the model as trained: DDP-wrapped and/or compiled
     opt: torch.optim.Optimizer
     augment: nfnet.Augment
-    val: list[torch.Tensor] | None
+    val: Callable[[], Iterable] | None  # -> this rank's (images, labels) chunks of the validation split
     total: int  # steps to run
     schedule: int  # lr schedule length
     warmup: int
@@ -507,7 +521,7 @@ def end_of_epoch(run: Run, epoch: int, step: int, tally: EpochTally) -> float:
     }
     final = monitor.diverged or step >= run.total
     if run.val is not None and not monitor.diverged and ((epoch + 1) % cfg.eval_every_epochs == 0 or final):
-        vl, va = evaluate(run.net, *run.val, run.augment, ctx, max(256, cfg.local_batch_size), cfg.channels_last,
+        vl, va = evaluate(run.net, run.val(), run.augment, ctx, max(256, cfg.local_batch_size), cfg.channels_last,
                           run.amp)
         m.update(val_loss=vl, val_acc=va)
         if not va <= state["best_val_acc"]:  # nan-safe max

@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import pytest
@@ -339,3 +340,24 @@ def test_one_gpu_trials_run_in_the_tune_actor_holding_their_gpu_share():
     assert search.trial_resources(TrainConfig()) == {"CPU": 1}
     for cfg in (gpu.replace(num_workers=2), gpu.replace(max_failures=1)):  # DDP or Train-level recovery
         assert not runner.runs_in_process(cfg) and search.trial_resources(cfg)["CPU"] == 0
+
+
+def test_streamed_evaluation_covers_the_split_once_and_matches_resident(tmp_path):
+    import nfnet
+    import storage
+
+    uri = storage.prepare_dataset("synthetic", str(tmp_path), seed=5, n_train=64, n_val=100, rows_per_shard=16).uri
+    data = storage.open_dataset(uri)
+    assert len(data.shard_paths("val")) == 7
+    cfg = tiny_cfg(loader="streaming")
+    ranks = [loop.val_chunks(data, cfg, loop.WorkerContext(rank=r, world_size=2))() for r in range(2)]
+    seen = [(bytes(x.numpy()), int(y)) for chunks in ranks for xs, ys in chunks for x, y in zip(xs, ys)]
+    images, labels = data.load_split("val")
+    assert sorted(seen) == sorted((bytes(x.numpy()), int(y)) for x, y in zip(images, labels))  # once each
+    model = nfnet.create_model(cfg.model, num_classes=data.manifest.num_classes, **cfg.model_overrides)
+    augment = nfnet.Augment(0.0, data.manifest.num_classes)
+    one = loop.WorkerContext()
+    args = (augment, one, 32, False, contextlib.nullcontext)
+    streamed = loop.evaluate(model, loop.val_chunks(data, cfg, one)(), *args)
+    resident = loop.evaluate(model, loop.val_chunks(data, cfg.replace(loader="resident"), one)(), *args)
+    assert streamed == pytest.approx(resident, rel=1e-6)
