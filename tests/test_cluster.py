@@ -38,7 +38,8 @@ def platform(tmp_path_factory):
         env = clean_env(tmp)
         env.update(s3["env"])
         env.update({
-            "NFNET_LAB_TRACEBACK": "1", "PYTHONFAULTHANDLER": "1",  # a failure here shows where, not one line
+            # A failure shows where, not one line; a hung driver dumps its threads into the job log every 4 min.
+            "NFNET_LAB_TRACEBACK": "1", "PYTHONFAULTHANDLER": "1", "PYTHONPATH": str(hang_dump(tmp)),
             "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_TOKEN_PATH": str(tmp / "auth_token"), "HOME": str(tmp / "home"),
             "MLFLOW_TRACKING_USERNAME": server["worker"][0], "MLFLOW_TRACKING_PASSWORD": server["worker"][1],
             # A lost node is declared dead after ~3 s instead of Ray's default ~30 s.
@@ -62,6 +63,16 @@ def platform(tmp_path_factory):
             for node in (second, head):
                 if node is not None:
                     node.stop()
+
+
+def hang_dump(tmp: Path) -> Path:
+    d = tmp / "site"
+    d.mkdir()
+    (d / "sitecustomize.py").write_text(
+        "import faulthandler, sys\n"
+        "if any(a.startswith('studies/') for a in sys.argv):\n"
+        "    faulthandler.dump_traceback_later(240, repeat=True)\n")
+    return d
 
 
 def alive_nodes(url: str, token: str) -> list[dict]:
@@ -140,10 +151,11 @@ def test_study_as_a_ray_job_on_two_nodes_with_s3_and_the_team_server(platform, m
     assert http(f"{server['url']}/api/2.0/mlflow/experiments/search", {"max_results": 1})[0] == 401
 
     out, data = f"s3://{BUCKET}/results", f"s3://{BUCKET}/data"
-    # Two cells → two trials at once, one per node (1 CPU each); --max-failures 1 makes every run a TorchTrainer
-    # (checkpoints in S3); 20 steps at batch 32 is two epochs, so the full runs checkpoint.
+    # Two cells → two trials at once, one per node (1 CPU each), each a 2-worker DDP TorchTrainer inside its Tune
+    # trial (checkpoints in S3); 20 steps at batch 32 is two epochs, so the full runs checkpoint.
     sub_id = submit(p, ["studies/agc_lambda.py", "--smoke-test", "--batch-sizes", "32", "64", "--max-steps", "20",
-                        "--max-failures", "1", "--output", out, "--data-root", data,
+                        "--num-workers", "2", "--cpus-per-worker", "0.5", "--max-failures", "1",
+                        "--output", out, "--data-root", data,
                         "--tracking-uri", server["url"]], "study")
     info = wait_job(p, sub_id)
     assert info["runtime_env"]["working_dir"].startswith("gcs://_ray_pkg_")  # this checkout, uploaded
@@ -153,6 +165,7 @@ def test_study_as_a_ray_job_on_two_nodes_with_s3_and_the_team_server(platform, m
     assert len(results) == 6 and len({r["trial_key"] for r in results}) == 6  # 2 cells × (2 scan + 1 full)
     assert {r["phase"] for r in results} == {"scan", "full"}
     assert all(r["status"] in ("completed", "diverged") for r in results), [r["error"] for r in results]
+    assert {r["num_workers"] for r in results} == {2}
     nodes = {n["raylet"]["nodeId"] for n in alive_nodes(p["url"], p["token"])}
     assert {r["node_id"] for r in results} == nodes  # trials ran on both nodes
     cells = read_parquet(p, f"{out}/agc_lambda/cells.parquet")
@@ -175,6 +188,9 @@ def test_study_as_a_ray_job_on_two_nodes_with_s3_and_the_team_server(platform, m
     children = [r for r in runs if tags(r).get("mlflow.parentRunId") == parents[0]["info"]["run_id"]]
     assert len(children) == len(runs) - 1 == 6
     assert {c["info"]["run_id"] for c in children} == {r["mlflow_run_id"] for r in results}
+    params = [{x["key"]: x["value"] for x in c["data"]["params"]} for c in children]
+    assert all(q["num_workers"] == "2" and {"batch_size", "clip_threshold", "base_lr"} <= set(q) for q in params)
+    assert all("train_loss" in {m["key"] for m in c["data"].get("metrics", [])} for c in children)
     assert int(psql(p["pg"]["port"], p["pg"]["password"], "mlflow", "SELECT count(*) FROM runs")) == len(runs)
     secrets_ = (server["worker"][1], server["admin"][1])
     for r in runs:  # credentials travel in a header only, never as logged params or tags

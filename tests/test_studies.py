@@ -264,20 +264,6 @@ def test_local_paths_refused_on_a_multi_node_cluster(tmp_path):
     assert "--data-root s3://" not in str(e.value)  # remote data is fine
 
 
-@pytest.mark.ray
-def test_multi_worker_trial_runs_as_torch_trainer_inside_tune(tmp_path, ray_cluster):
-    # The cluster path: the Tune trial holds no CPU and builds a 2-worker DDP TorchTrainer.
-    out = agc_lambda.main(["--smoke-test", *common_flags(tmp_path, "ddp"), "--num-workers", "2", "--lrs", "0.1",
-                           "--scan-steps", "2"])
-    rows = out["results"].to_pylist()
-    full = [r for r in rows if r["phase"] == "full"]
-    assert len(rows) == 2 and full[0]["status"] == "completed" and full[0]["steps"] == 6
-    assert full[0]["num_workers"] == 2
-    c, _, children = mlflow_runs(tmp_path, "ddp")
-    child = next(ch for ch in children if ch.data.tags["phase"] == "full")
-    assert child.data.params["num_workers"] == "2" and "train_loss" in child.data.metrics
-
-
 def test_results_schema_is_derived_from_the_summary_and_config():
     names = schema.results_schema().names
     for col in ("batch_size", "clipping", "clip_threshold", "base_lr", "lr", "seed", "model", "phase", "status",
