@@ -326,7 +326,7 @@ class ShardSet:
     def load_shard(self, split: str, index: int, verify: bool = True,
                    image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One shard, decoded: (uint8 [n, C, H, W], int64 [n])."""
-        t, p = self.read_shard(split, index, verify), self.shard_paths(split)[index]
+        t, p = self.read_shard(split, index, verify), join(self.path, self._shards(split)[index]["path"])
         if self.manifest.encoding == "raw":
             x = decode_raw(t.column("image"), self.manifest.image_shape, p)
         else:

@@ -14,6 +14,7 @@ import pytest
 
 from studies import agc_lambda, search
 from studies.config import TrainConfig
+from tests.services import free_port, http, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -143,12 +144,7 @@ def test_sigterm_then_ctrl_c_leave_a_resumable_study_marked_interrupted(tmp_path
 def test_tracking_server_down_for_seconds_mid_study(tmp_path, data_root, reference):
     # The team server goes away for a few seconds (a restart, a network blip): training goes on, MLflow's client
     # retries, metrics are buffered; every run ends up on the server once, none left RUNNING.
-    import socket
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
@@ -157,14 +153,8 @@ def test_tracking_server_down_for_seconds_mid_study(tmp_path, data_root, referen
     def start():
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
-                return proc
-            except OSError:
-                time.sleep(0.3)
-        raise AssertionError("mlflow server did not start")
+        wait_for(lambda: http(f"http://127.0.0.1:{port}/health")[0] == 200, "mlflow server", 90, proc)
+        return proc
 
     servers = [start()]
     outage = []

@@ -4,14 +4,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.services import free_port, http, stop, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -19,12 +18,6 @@ NO_CHROMIUM = (
     "chromium not installed; run platform/ci/install-test-deps.sh as root (apt-get install chromium)"
 )
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def chromium(tmp: Path, url: str, *args: str) -> str:
@@ -63,26 +56,10 @@ def ui(tmp_path):
         stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while True:
-            assert server.poll() is None, log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, f"mlflow server not up:\n{log.read_text()[-3000:]}"
-            time.sleep(0.5)
+        wait_for(lambda: http(f"{url}/health")[0] == 200, "mlflow server", 90, server, log)
         yield {"url": url, "db": db, "tmp": tmp_path}
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
+        stop(server)
 
 
 def test_ui_shows_study_parent_child_and_stability_map(ui):
