@@ -16,7 +16,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -69,6 +68,8 @@ class Augment(nn.Module):
         """Deterministic: resize to image_size+32 and centre-crop (when image_size is set), then normalize."""
         self._check(images)
         if self.image_size is not None:
+            from torchvision.transforms import v2  # lazily: importing torchvision costs ~2 s
+
             images = v2.functional.resize(images, [self.image_size + 32], antialias=True)
             images = v2.functional.center_crop(images, [self.image_size, self.image_size])
         return self.normalize(images)
@@ -130,6 +131,8 @@ class Augment(nn.Module):
     def _randaugment(self, images: torch.Tensor) -> torch.Tensor:
         if self.num_ops == 0:
             return images
+        from torchvision.transforms import v2
+
         op = v2.RandAugment(num_ops=self.num_ops, magnitude=self.magnitude)
         chunks = images.chunk(min(self.randaug_chunks, images.shape[0]))
         return torch.cat([op(c) for c in chunks])
@@ -137,6 +140,8 @@ class Augment(nn.Module):
     def _mix(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mixup_alpha == 0.0 or x.shape[0] < 2:
             return x, F.one_hot(labels, self.num_classes).float()
+        from torchvision.transforms import v2
+
         # NFNet recipe: MixUp on one half of the batch, CutMix on the other.
         half = x.shape[0] // 2
         xa, ya = v2.MixUp(alpha=self.mixup_alpha, num_classes=self.num_classes)(x[:half], labels[:half])

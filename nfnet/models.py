@@ -7,9 +7,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from nfnet.layers import ACT_GAMMAS, NFBlock, ScaledAct, SqueezeExcite, make_conv
 
@@ -294,6 +292,8 @@ class CifarBNResNet(nn.Module):
 
     def __init__(self, cfg: CifarResNetConfig, num_classes: int):
         super().__init__()
+        from torchvision.models.resnet import BasicBlock, Bottleneck  # ~2 s to import: only the baselines pay
+
         block = Bottleneck if cfg.block == "bottleneck" else BasicBlock
         w = cfg.width
         self.stem = nn.Sequential(nn.Conv2d(3, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
@@ -327,8 +327,10 @@ def build(cfg, num_classes: int) -> nn.Module:
     if isinstance(cfg, NFResNetConfig):
         return _build_nf_resnet(cfg, num_classes)
     if isinstance(cfg, BNResNetConfig):
-        return torchvision.models.resnet.ResNet(Bottleneck, list(cfg.depths), num_classes=num_classes,
-                                                zero_init_residual=cfg.zero_init_residual)
+        from torchvision.models.resnet import Bottleneck, ResNet
+
+        return ResNet(Bottleneck, list(cfg.depths), num_classes=num_classes,
+                      zero_init_residual=cfg.zero_init_residual)
     if isinstance(cfg, CifarResNetConfig):
         if cfg.norm == "bn":
             return CifarBNResNet(cfg, num_classes)

@@ -4,11 +4,11 @@ the batch's statistics instead, as in training and in the paper's plots)."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from nfnet.layers import NFBlock, ScaledStdConv2d
 
@@ -26,13 +26,16 @@ class BlockSignal:
 
 def residual_blocks(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
     """(name, block, module whose output is the residual-branch output) for every residual block."""
+    # torchvision's blocks, if torchvision is loaded at all: a model cannot hold them otherwise, and importing it
+    # costs every process ~2 s.
+    tv = sys.modules.get("torchvision.models.resnet")
     found = []
     for name, m in model.named_modules():
         if isinstance(m, NFBlock):
             found.append((name, m, m.branch_out))
-        elif isinstance(m, Bottleneck):
+        elif tv is not None and isinstance(m, tv.Bottleneck):
             found.append((name, m, m.bn3))
-        elif isinstance(m, BasicBlock):
+        elif tv is not None and isinstance(m, tv.BasicBlock):
             found.append((name, m, m.bn2))
     return found
 
