@@ -1,7 +1,7 @@
-"""Faults injected into a running study: the driver killed (SIGKILL, at two moments), stopped (SIGTERM, then
-SIGINT), the tracking server down (a lost trial process or node: tests/test_cluster.py). After each, the study is
-resumed (or recovers by itself) and must hold exactly one row and one MLflow run per trial, none left RUNNING,
-with the numbers of an uninterrupted run."""
+"""Faults injected into a running study: the driver killed (SIGKILL, mid-scan and mid-full), stopped (SIGTERM),
+interrupted (SIGINT), the tracking server down (a lost trial process or node: tests/test_cluster.py). After each,
+the study is resumed (or recovers by itself) and must hold exactly one row and one MLflow run per trial, none left
+RUNNING, with the numbers of an uninterrupted run."""
 import os
 import signal
 import subprocess
@@ -87,8 +87,7 @@ def run_until(tmp_path, name, data_root, ready, sig, *extra):
         assert proc.poll() is None, "the study finished before the fault"
         if sig == signal.SIGKILL:
             os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-            proc.wait()
-            return ""
+            return proc.communicate(timeout=60)[0]
         os.kill(proc.pid, sig)
         out, _ = proc.communicate(timeout=240)
         return out
@@ -105,40 +104,33 @@ def resume(tmp_path, name, data_root):
     return done.stdout
 
 
-@pytest.mark.parametrize("moment", ["mid-scan", "mid-full"])
-def test_driver_killed_then_resumed(tmp_path, data_root, reference, moment):
-    if moment == "mid-scan":
-        ready = lambda rows: len(rows) >= 2  # noqa: E731
-    else:
-        ready = lambda rows: len([r for r in rows if r["phase"] == "scan"]) == 6  # noqa: E731
-    run_until(tmp_path, "killed", data_root, ready, signal.SIGKILL)
-    before = table(tmp_path, "killed").read().num_rows
-    assert 2 <= before < len(reference)
-    out = resume(tmp_path, "killed", data_root)
-    # Finished trials are not rerun: mid-scan, the scan continues; after it, only full runs are left.
-    assert ("already done" in out) if moment == "mid-scan" else ("scan:" not in out and "full:" in out)
-    check_whole(tmp_path, "killed", reference)
-
-
-def test_sigterm_then_ctrl_c_leave_a_resumable_study_marked_interrupted(tmp_path, data_root, reference):
-    # SIGTERM (a scheduler or `ray job stop`) mid-scan, then Ctrl-C on the resumed study, then a resume to the end.
+def test_killed_stopped_interrupted_killed_then_resumed_to_the_uninterrupted_numbers(tmp_path, data_root, reference):
+    # One study through every way a driver stops, each resumed: SIGKILL mid-scan (an OOM kill, a lost VM),
+    # SIGTERM (a scheduler or `ray job stop`), Ctrl-C, then SIGKILL again once the scan is done (mid-full).
     from mlflow.tracking import MlflowClient
 
     c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    rows = 0
-    for sig, extra in ((signal.SIGTERM, ()), (signal.SIGINT, ("--resume",))):
-        out = run_until(tmp_path, "sigint", data_root, lambda r, n=rows: len(r) >= n + 2, sig, *extra)
+    scans = sum(1 for r in reference if r[1] == "scan")
+    n_scan = lambda rows: len([r for r in rows if r["phase"] == "scan"])  # noqa: E731
+    run_until(tmp_path, "faults", data_root, lambda r: len(r) >= 2, signal.SIGKILL)
+    rows = table(tmp_path, "faults").read().num_rows
+    assert 2 <= rows < scans
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        out = run_until(tmp_path, "faults", data_root, lambda r, n=rows: len(r) >= n + 1, sig, "--resume")
+        assert "already done" in out  # finished trials are not rerun
         assert "INTERRUPTED" in out and "--resume" in out, out[-2000:]
-        summary = (tmp_path / "out" / "sigint" / "summary.txt").read_text()
-        assert summary.startswith("INTERRUPTED")
-        (parent,) = [r for r in c.search_runs([c.get_experiment_by_name("sigint").experiment_id])
+        assert (tmp_path / "out" / "faults" / "summary.txt").read_text().startswith("INTERRUPTED")
+        (parent,) = [r for r in c.search_runs([c.get_experiment_by_name("faults").experiment_id])
                      if r.data.tags.get("role") == "study"]
         assert parent.info.status == "KILLED" and parent.data.tags["status"] == "interrupted"
-        now = table(tmp_path, "sigint").read().num_rows
-        assert rows < now < len(reference)  # the second run went on from the first's rows
+        now = table(tmp_path, "faults").read().num_rows
+        assert rows < now < len(reference)  # each run went on from the last one's rows
         rows = now
-    resume(tmp_path, "sigint", data_root)
-    check_whole(tmp_path, "sigint", reference)
+    run_until(tmp_path, "faults", data_root, lambda r: n_scan(r) == scans, signal.SIGKILL, "--resume")
+    assert rows < table(tmp_path, "faults").read().num_rows < len(reference)
+    out = resume(tmp_path, "faults", data_root)
+    assert "scan:" not in out and "full:" in out  # only full runs were left
+    check_whole(tmp_path, "faults", reference)
 
 
 def test_tracking_server_down_for_seconds_mid_study(tmp_path, data_root, reference):
