@@ -168,13 +168,62 @@ def iter_torch_batches(data, batch_size: int, device="cpu", *, drop_last: bool =
     """Ray Dataset or DataIterator (get_dataset_shard) -> (uint8 images, int64 labels) batches on device.
 
     Shuffling: either shuffle the Dataset per epoch (ds.random_shuffle(seed=...), a full global shuffle, what
-    StreamingLoader does) or pass a local shuffle buffer + seed here (cheaper, only mixes nearby rows).
+    StreamingLoader does) or pass a local shuffle buffer + seed here (cheaper, only mixes nearby rows; see
+    local_shuffle).
     """
-    for batch in data.iter_torch_batches(batch_size=batch_size, device=device, drop_last=drop_last,
-                                         dtypes={"image": torch.uint8, "label": torch.int64},
-                                         local_shuffle_buffer_size=local_shuffle_buffer_size,
-                                         local_shuffle_seed=local_shuffle_seed, prefetch_batches=prefetch_batches):
-        yield batch["image"], batch["label"]
+    shuffle = bool(local_shuffle_buffer_size)
+    batches = data.iter_torch_batches(batch_size=batch_size, device="cpu" if shuffle else device,
+                                      drop_last=drop_last and not shuffle,
+                                      dtypes={"image": torch.uint8, "label": torch.int64},
+                                      prefetch_batches=prefetch_batches)
+    pairs = ((b["image"], b["label"]) for b in batches)
+    if not shuffle:
+        yield from pairs
+        return
+    device = torch.device(device)
+    for x, y in local_shuffle(pairs, batch_size, local_shuffle_buffer_size, local_shuffle_seed or 0, drop_last):
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def local_shuffle(batches, batch_size: int, capacity: int, seed: int, drop_last: bool):
+    """Seeded local shuffle of a stream of (images, labels) batches: once `capacity` samples are held, each batch
+    out is drawn uniformly from them. A sample is copied in once and out once; the holes a batch leaves are filled
+    from the buffer's tail (at most batch_size rows move). Ray's own local shuffle buffer re-concatenates what it
+    holds as it drains, which for 150 KB images cost as much CPU as decoding them."""
+    gen = torch.Generator().manual_seed(seed)
+    cap = max(capacity, batch_size)
+    xs = ys = None
+    n = 0
+
+    def take(b: int):
+        nonlocal n
+        pick = torch.randperm(n, generator=gen)[:b]
+        out = xs.index_select(0, pick), ys.index_select(0, pick)
+        picked = torch.zeros(n, dtype=torch.bool)
+        picked[pick] = True
+        holes = pick[pick < n - b]
+        movers = torch.arange(n - b, n)[~picked[n - b:]]  # the tail's unpicked rows fill the holes below it
+        xs[holes] = xs[movers]
+        ys[holes] = ys[movers]
+        n -= b
+        return out
+
+    for x, y in batches:
+        if xs is None or n + len(x) > len(xs):
+            size = max(cap + len(x), n + len(x))
+            grown = (torch.empty((size, *x.shape[1:]), dtype=x.dtype), torch.empty((size, *y.shape[1:]), dtype=y.dtype))
+            if xs is not None:
+                grown[0][:n], grown[1][:n] = xs[:n], ys[:n]
+            xs, ys = grown
+        xs[n:n + len(x)] = x
+        ys[n:n + len(y)] = y
+        n += len(x)
+        while n >= cap:
+            yield take(batch_size)
+    while n >= batch_size:
+        yield take(batch_size)
+    if n and not drop_last:
+        yield take(n)
 
 
 class StreamingLoader(_Timed):

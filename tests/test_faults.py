@@ -69,28 +69,40 @@ def check_whole(tmp_path, name, reference):
 
 
 def run_until(tmp_path, name, data_root, ready, sig, *extra):
-    """Start the study as its own process (and its own local Ray), send `sig` once `ready(rows)` holds."""
+    """Start the study as its own process (and its own local Ray), send `sig` once it has begun a phase (its
+    signal handling is in place) and `ready(rows)` holds; -> what it printed."""
     cmd = [sys.executable, str(ROOT / "studies" / "agc_lambda.py"), *flags(tmp_path, name, data_root, *extra)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    lines: list[str] = []
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     t = table(tmp_path, name)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
-            try:
-                if ready(t.read().to_pylist()):
-                    break
-            except Exception:
-                pass
+            # Rows alone are not enough: a trial of a killed driver may still add one before Ray reaps it.
+            if any(ln.startswith(("scan:", "full:")) for ln in lines):
+                try:
+                    if ready(t.read().to_pylist()):
+                        break
+                except Exception:
+                    pass
             time.sleep(0.3)
         assert proc.poll() is None, "the study finished before the fault"
         if sig == signal.SIGKILL:
             os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-            return proc.communicate(timeout=60)[0]
-        os.kill(proc.pid, sig)
-        out, _ = proc.communicate(timeout=240)
-        return out
+        else:
+            os.kill(proc.pid, sig)
+        proc.wait(timeout=240)
+        reader.join(timeout=60)
+        return "".join(lines)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -111,7 +123,6 @@ def test_killed_stopped_interrupted_killed_then_resumed_to_the_uninterrupted_num
 
     c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     scans = sum(1 for r in reference if r[1] == "scan")
-    n_scan = lambda rows: len([r for r in rows if r["phase"] == "scan"])  # noqa: E731
     run_until(tmp_path, "faults", data_root, lambda r: len(r) >= 2, signal.SIGKILL)
     rows = table(tmp_path, "faults").read().num_rows
     assert 2 <= rows < scans
@@ -126,7 +137,8 @@ def test_killed_stopped_interrupted_killed_then_resumed_to_the_uninterrupted_num
         now = table(tmp_path, "faults").read().num_rows
         assert rows < now < len(reference)  # each run went on from the last one's rows
         rows = now
-    run_until(tmp_path, "faults", data_root, lambda r: n_scan(r) == scans, signal.SIGKILL, "--resume")
+    # Mid-full: once the first full run's row is in (the scan may have ended in the Ctrl-C'd run already).
+    run_until(tmp_path, "faults", data_root, lambda r: len(r) > scans, signal.SIGKILL, "--resume")
     assert rows < table(tmp_path, "faults").read().num_rows < len(reference)
     out = resume(tmp_path, "faults", data_root)
     assert "scan:" not in out and "full:" in out  # only full runs were left

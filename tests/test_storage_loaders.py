@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import storage
-from storage.loaders import ResidentLoader
+from storage.loaders import ResidentLoader, local_shuffle
 
 torch.set_num_threads(2)
 
@@ -96,6 +96,25 @@ def test_streaming_matches_resident_multiset(synth, ray_cluster):
               for r in range(2)]
     h = [_batches(x, 0) for x in halves]
     assert torch.equal(torch.cat([h[0][0][0], h[1][0][0]]), s0[0][0])
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_local_shuffle_is_a_seeded_permutation_that_keeps_images_with_labels(drop_last):
+    # Input batches of uneven sizes, as a stream's last batch or a resized block would be.
+    bounds = [0, 5, 30, 31, 70, 100]
+    stream = [(torch.arange(a, b).view(-1, 1, 1).expand(-1, 3, 2).clone(), torch.arange(a, b))
+              for a, b in zip(bounds[:-1], bounds[1:])]
+    out = list(local_shuffle(iter(stream), 16, 40, seed=7, drop_last=drop_last))
+    sizes = [len(y) for _, y in out]
+    assert sizes == [16] * 6 + ([] if drop_last else [4])
+    ys = torch.cat([y for _, y in out])
+    assert all(torch.equal(x[:, 0, 0], y) and x.shape[1:] == (3, 2) for x, y in out)  # rows stay whole, paired
+    assert len(set(ys.tolist())) == len(ys) and (drop_last or sorted(ys.tolist()) == list(range(100)))
+    assert ys.tolist() != sorted(ys.tolist())
+    assert ys[:16].max() < 70  # local: the first batch is drawn once 40 rows are held, from what came by then
+    again = torch.cat([y for _, y in local_shuffle(iter(stream), 16, 40, seed=7, drop_last=drop_last)])
+    other = torch.cat([y for _, y in local_shuffle(iter(stream), 16, 40, seed=8, drop_last=drop_last)])
+    assert torch.equal(again, ys) and not torch.equal(other, ys)
 
 
 def test_synthetic_is_learnable_by_a_small_cnn(tmp_path):
