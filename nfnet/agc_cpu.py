@@ -75,7 +75,7 @@ def kernel() -> ctypes.CDLL | None:
                 _state["lib"] = _build()
             except (OSError, RuntimeError) as e:
                 _state["lib"] = None
-                warnings.warn(f"AGC on the CPU uses torch ops, about 1.3x slower than the one-pass kernel: {e}",
+                warnings.warn(f"AGC on the CPU uses torch ops, about 1.1x slower than the one-pass kernel: {e}",
                               RuntimeWarning, stacklevel=3)
         return _state["lib"]
 
