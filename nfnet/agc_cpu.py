@@ -40,7 +40,7 @@ def _build() -> ctypes.CDLL:
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler {cc!r} on PATH (install gcc or clang, or set CC)")
     source = _SRC.read_bytes()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(),
                                      platform.machine().encode()])).hexdigest()[:16]
     out = _cache_dir() / f"agc_cpu-{key}.so"
@@ -50,7 +50,8 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
-            done = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SRC), "-lm"], capture_output=True, text=True)
+            done = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SRC), "-lm"], capture_output=True, text=True,
+                                  timeout=120)
             if done.returncode:
                 raise RuntimeError(f"{cc} failed to build {_SRC.name}: {done.stderr.strip()[-500:]}")
             os.replace(tmp, out)
@@ -73,7 +74,7 @@ def kernel() -> ctypes.CDLL | None:
         if "lib" not in _state:
             try:
                 _state["lib"] = _build()
-            except (OSError, RuntimeError) as e:
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 _state["lib"] = None
                 warnings.warn(f"AGC on the CPU uses torch ops, about 1.1x slower than the one-pass kernel: {e}",
                               RuntimeWarning, stacklevel=3)
