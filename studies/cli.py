@@ -158,6 +158,7 @@ def owned_fields(preset, grid_axes) -> dict[str, str]:
 
 
 def build_study(name: str, presets: dict, args: argparse.Namespace, grid_flags, analyze=None):
+    import storage
     from studies import runner, search
     from studies.tracking import absolute_tracking_uri, default_tracking_uri
 
@@ -179,6 +180,7 @@ def build_study(name: str, presets: dict, args: argparse.Namespace, grid_flags, 
     grid = {axis: getattr(args, f"grid_{axis}") or preset.grid[axis] for axis in grid_flags}
     preset = dataclasses.replace(preset, grid=grid, **changes)
     output = args.output or runner.default_storage_path()
+    storage.resolve(output)  # refuses 's3:/bucket' (one slash), which would otherwise become a local folder 's3:'
     if "://" not in output:
         output = str(Path(output).resolve())
     return search.Study(

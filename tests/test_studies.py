@@ -136,7 +136,8 @@ def test_specs_scan_then_full_and_paper_protocol():
     (["--tracking-uri", "sqlite://mlflow.db"], "three slashes"),
     (["--tracking-uri", "mlflow.db"], "looks like a SQLite file"),
 ])
-def test_bad_study_input_fails_before_any_trial(tmp_path, flags, msg, ray_cluster, capsys):
+def test_bad_study_input_fails_before_any_trial(tmp_path, flags, msg, ray_cluster, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a bad path taken for a relative one would land here
     base = ["--smoke-test", *common_flags(tmp_path)]
     t0 = time.time()
     with pytest.raises(SystemExit) as e:
@@ -146,6 +147,7 @@ def test_bad_study_input_fails_before_any_trial(tmp_path, flags, msg, ray_cluste
     assert len(err.strip().splitlines()[-1]) > 30 and time.time() - t0 < 30  # one clear line, at once
     assert not (tmp_path / "out" / "s" / "results").exists()
     assert not (tmp_path / "out" / "s" / "study.json").exists()  # the fixed command is not told to --resume
+    assert not (tmp_path / "s3:").exists()  # 's3:/bucket' was not taken for a relative folder
 
 
 # ---- end to end through Ray Tune ----
