@@ -506,10 +506,6 @@ class Phases:
     def run_config(self, name: str, printer):
         from ray import tune
 
-        # The study's record is its results table and MLflow. Tune's automatic per-trial CSV, JSON and TensorBoard
-        # files would repeat every report (on S3: three more writes each), and TensorBoardX warns "NaN or Inf" on a
-        # metric left NaN on purpose (the noise scale of an unmeasured run). Read by Tune when the Tuner fits.
-        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
         return tune.RunConfig(
             name=f"{self.study.name}-{name}-{time.strftime('%Y%m%d-%H%M%S')}",
             **storage.uri.ray_storage(storage.uri.join(self.study.study_dir, "tune")), callbacks=[printer], verbose=0,
