@@ -123,8 +123,7 @@ def measure(named, params, regime, args, device, gen, flat):
         fns["ours_torch_ops"] = torch_ops
     t = time_many(fns, args.reps, device, restore)
     fast = min(("floor_sum", "floor_norm"), key=lambda f: statistics.median(t[f]))
-    t = {"ours": t["ours"], "timm": t["timm"], "floor": t[fast],
-         **({"ours_torch_ops": t["ours_torch_ops"]} if "ours_torch_ops" in t else {})}
+    t = {k: v for k, v in t.items() if not k.startswith("floor_")} | {"floor": t[fast]}
     return t, stats.fraction_clipped(), k / n
 
 

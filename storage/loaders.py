@@ -199,11 +199,12 @@ def local_shuffle(batches, batch_size: int, capacity: int, seed: int, drop_last:
     def take(b: int):
         nonlocal held
         pick = torch.randperm(len(held), generator=gen)[:b].tolist()
-        slots = torch.tensor([held[i] for i in pick])
+        slots = [held[i] for i in pick]
+        free.extend(slots)
         chosen = set(pick)
-        free.extend(slots.tolist())
         held = [s for i, s in enumerate(held) if i not in chosen]
-        return xs.index_select(0, slots), ys.index_select(0, slots)
+        index = torch.tensor(slots)
+        return xs.index_select(0, index), ys.index_select(0, index)
 
     for x, y in batches:
         if xs is None or len(free) < len(x):  # the first batch, or one larger than any before
