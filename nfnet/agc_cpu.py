@@ -25,6 +25,7 @@ _SRC = Path(__file__).with_name("agc_cpu.c")
 _FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared"]
 # Below this many elements (W and G) one thread does it all: a thread hand-off costs more than it saves.
 _PARALLEL_MIN = 1 << 20
+_CC_TIMEOUT_S = 120  # a compiler that hangs (a stuck license server, a dead NFS mount) must not hang training
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -40,7 +41,8 @@ def _build() -> ctypes.CDLL:
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler {cc!r} on PATH (install gcc or clang, or set CC)")
     source = _SRC.read_bytes()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True,
+                             timeout=_CC_TIMEOUT_S).stdout
     key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(),
                                      platform.machine().encode()])).hexdigest()[:16]
     out = _cache_dir() / f"agc_cpu-{key}.so"
@@ -51,7 +53,7 @@ def _build() -> ctypes.CDLL:
         os.close(fd)
         try:
             done = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SRC), "-lm"], capture_output=True, text=True,
-                                  timeout=120)
+                                  timeout=_CC_TIMEOUT_S)
             if done.returncode:
                 raise RuntimeError(f"{cc} failed to build {_SRC.name}: {done.stderr.strip()[-500:]}")
             os.replace(tmp, out)
