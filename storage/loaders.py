@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from storage.datasets import ShardSet, decode_encoded, open_dataset, read_verified_shard
+from storage.datasets import ShardSet, decode_encoded_hwc, open_dataset, read_verified_shard
 from storage.uri import StorageError
 
 DEFAULT_MAX_RESIDENT_BYTES = 8 << 30
@@ -60,6 +60,9 @@ class _Timed:
         self.epoch_wall_s = time.perf_counter() - t_start
         self.images_per_sec = count / busy if busy > 0 else float("nan")
 
+    def close(self) -> None:
+        """Stop any work ahead (a streamed split's decoding); the loader is done."""
+
 
 class ResidentLoader(_Timed):
     """Whole split as one uint8 tensor on `device`; batches are index gathers with a seeded per-epoch perm."""
@@ -100,24 +103,30 @@ class ResidentLoader(_Timed):
 # ---------------------------------------------------------------- streaming (Ray Data)
 
 def _decode_batch(batch: dict, shape, encoding: str, image_size: int | None) -> dict:
-    """map_batches body (runs on CPU workers): image bytes -> uint8 [n, C, H, W] numpy."""
+    """map_batches body (runs on CPU workers): image bytes -> uint8 [n, H, W, C] numpy. Rows stay HWC, as stored
+    and as decoded: the consumer's permute to [C, H, W] is a view (channels_last memory, which the GPU wants)."""
     if encoding == "raw":
         c, h, w = shape
         flat = np.frombuffer(b"".join(batch["image"]), dtype=np.uint8) if len(batch["image"]) else \
             np.empty(0, np.uint8)
         if flat.size != len(batch["image"]) * c * h * w:
             raise StorageError(f"a shard row does not hold {c}x{h}x{w} bytes; manifest and shards disagree")
-        images = flat.reshape(-1, h, w, c).transpose(0, 3, 1, 2)
+        images = flat.reshape(-1, h, w, c)
     else:
-        images = decode_encoded(list(batch["image"]), image_size, "streamed shard").numpy()
-    return {"image": np.ascontiguousarray(images), "label": np.asarray(batch["label"], dtype=np.int64)}
+        images = decode_encoded_hwc(list(batch["image"]), image_size, "streamed shard")
+    return {"image": images, "label": np.asarray(batch["label"], dtype=np.int64)}
 
 
 def read_shards(batch, fs, dataset: str, verify: bool = True) -> Iterator:
-    """map_batches body (runs on CPU workers): rows naming shards (path, sha256, rows) -> each shard's
-    image/label rows, its checksum verified first; a corrupt shard fails the read with its name."""
-    for path, sha, rows in zip(batch["path"].to_pylist(), batch["sha256"].to_pylist(), batch["rows"].to_pylist()):
-        yield read_verified_shard(fs, path, sha if verify else None, rows, dataset).select(["image", "label"])
+    """map_batches body (runs on CPU workers): rows naming shards (path, sha256, rows, and optionally `ranges`,
+    the [start, stop) row ranges to keep) -> each shard's image/label rows, its checksum verified first; a corrupt
+    shard fails the read with its name."""
+    ranges = batch["ranges"].to_pylist() if "ranges" in batch.column_names else [None] * batch.num_rows
+    for path, sha, rows, keep in zip(batch["path"].to_pylist(), batch["sha256"].to_pylist(),
+                                     batch["rows"].to_pylist(), ranges):
+        table = read_verified_shard(fs, path, sha if verify else None, rows, dataset).select(["image", "label"])
+        for a, b in keep or [(0, rows)]:
+            yield table.slice(a, b - a)
 
 
 # Encoded blocks of ~16 MiB: 150-400 JPEGs, ~0.3 s of decoding per task. 4 MiB blocks cost ~20 % more CPU per
@@ -125,13 +134,13 @@ def read_shards(batch, fs, dataset: str, verify: bool = True) -> Iterator:
 ENCODED_BLOCK_BYTES = 16 << 20
 
 
-def ray_dataset(uri, split: str, image_size: int | None = None, verify: bool = True):
-    """ray.data.Dataset of {'image': uint8 [C, H, W], 'label': int64} rows read from the split's shards.
+def ray_dataset(uri, split: str, image_size: int | None = None, verify: bool = True, pieces: list[dict] | None = None):
+    """ray.data.Dataset of {'image': uint8 [H, W, C], 'label': int64} rows read from the split's shards.
 
-    Pass it to TorchTrainer(datasets={"train": ...}); workers read ray.train.get_dataset_shard("train") and
-    wrap it with iter_torch_batches. Each shard is read whole and checked against the manifest's sha256
-    (shards are at most max_shard_bytes, 256 MiB by default, so a read task holds about that much).
-    Encoded (JPEG/PNG) sets decode on every CPU whatever the number of shards: see _spread_decode.
+    Each shard is read whole and checked against the manifest's sha256 (shards are at most max_shard_bytes,
+    256 MiB by default, so a read task holds about that much). Encoded (JPEG/PNG) sets decode on every CPU
+    whatever the number of shards: see _spread_decode. `pieces` (from epoch_pieces) replaces the split's shards,
+    in order, by row ranges of them: one rank's epochs, as EpochStream reads them under Ray Train.
     """
     import ray.data
 
@@ -139,15 +148,49 @@ def ray_dataset(uri, split: str, image_size: int | None = None, verify: bool = T
     m = ss.manifest
     if m.encoding == "encoded" and image_size is None and m.image_shape is None:
         raise StorageError(f"{ss.uri}: images have mixed sizes; pass image_size=<pixels> to stream them")
-    shards = [{"path": p, "sha256": s["sha256"], "rows": s["rows"]}
-              for p, s in zip(ss.shard_paths(split), ss.manifest.shards[split])]
-    ds = ray.data.from_items(shards, override_num_blocks=max(1, len(shards)))
+    if pieces is None:
+        pieces = [{"path": p, "sha256": s["sha256"], "rows": s["rows"]}
+                  for p, s in zip(ss.shard_paths(split), ss.manifest.shards[split])]
+    ds = ray.data.from_items(pieces, override_num_blocks=max(1, len(pieces)))
     ds.context.execution_options.preserve_order = True  # same seed -> same row order (this dataset only)
-    read = {} if m.encoding == "raw" else _spread_decode(ds.context, len(shards))
+    read = {} if m.encoding == "raw" else _spread_decode(ds.context, len(ss.shard_paths(split)))
     ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow",
                         fn_kwargs={"fs": ss.fs, "dataset": ss.uri, "verify": verify}, **read)
     return ds.map_batches(_decode_batch, batch_format="numpy", zero_copy_batch=True,
                           fn_kwargs={"shape": m.image_shape, "encoding": m.encoding, "image_size": image_size})
+
+
+def epoch_pieces(uri, split: str, *, seed: int, epochs: range, rank: int = 0, world_size: int = 1,
+                 rows_per_rank: int | None = None) -> list[dict]:
+    """Row ranges of shards making up rank `rank`'s rows of each epoch, epochs in order. An epoch's rows are the
+    split's shards in a seeded order, laid end to end on a circle and rotated by a seeded offset; rank r takes
+    the rows_per_rank rows (default: an equal share, n // world_size) that start at r * rows_per_rank. Ranks get
+    disjoint rows, every rank the same count, and a different part of the split each epoch."""
+    ss = open_dataset(uri)
+    shards = [{"path": p, "sha256": s["sha256"], "rows": s["rows"]}
+              for p, s in zip(ss.shard_paths(split), ss.manifest.shards[split])]
+    n = sum(s["rows"] for s in shards)
+    per = n // world_size if rows_per_rank is None else rows_per_rank
+    if not 0 <= rank < world_size or per * world_size > n:
+        raise ValueError(f"rank {rank} of {world_size} with {per} rows each does not fit split {split!r} ({n} rows)")
+    out = []
+    for epoch in epochs:
+        g = np.random.default_rng(epoch_seed(seed, epoch))
+        order = [shards[i] for i in g.permutation(len(shards))]
+        ends = np.cumsum([s["rows"] for s in order])
+        pos, left, mine = (int(g.integers(n)) + rank * per) % n if n else 0, per, []
+        while left > 0:
+            i = int(np.searchsorted(ends, pos, side="right"))
+            start = pos - (int(ends[i - 1]) if i else 0)
+            take = min(left, order[i]["rows"] - start)
+            if mine and mine[0]["path"] == order[i]["path"]:  # wrapped round into the first shard: read it once
+                mine[0]["ranges"].append([start, start + take])
+            else:
+                mine.append({**order[i], "ranges": [[start, start + take]], "epoch": epoch})
+            left -= take
+            pos = (pos + take) % n
+        out += mine
+    return out
 
 
 def _spread_decode(context, shards: int) -> dict:
@@ -162,77 +205,148 @@ def _spread_decode(context, shards: int) -> dict:
     return {"compute": ray.data.TaskPoolStrategy(size=max(1, shards))}
 
 
-def iter_torch_batches(data, batch_size: int, device="cpu", *, drop_last: bool = True,
-                       local_shuffle_buffer_size: int | None = None, local_shuffle_seed: int | None = None,
+def iter_torch_batches(data, batch_size: int | None, device="cpu", *, drop_last: bool = True,
                        prefetch_batches: int = 2) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Ray Dataset or DataIterator (get_dataset_shard) -> (uint8 images, int64 labels) batches on device.
-
-    Shuffling: either shuffle the Dataset per epoch (ds.random_shuffle(seed=...), a full global shuffle, what
-    StreamingLoader does) or pass a local shuffle buffer + seed here (cheaper, only mixes nearby rows; see
-    local_shuffle).
-    """
-    shuffle = bool(local_shuffle_buffer_size)
-    batches = data.iter_torch_batches(batch_size=batch_size, device="cpu" if shuffle else device,
-                                      drop_last=drop_last and not shuffle,
+    """Ray Dataset or DataIterator of ray_dataset rows -> (uint8 images [b, C, H, W], int64 labels) on device; the
+    images are a view of the HWC rows (channels_last memory). batch_size None: Ray's blocks as they come."""
+    batches = data.iter_torch_batches(batch_size=batch_size, device=device, drop_last=drop_last,
                                       dtypes={"image": torch.uint8, "label": torch.int64},
                                       prefetch_batches=prefetch_batches)
-    pairs = ((b["image"], b["label"]) for b in batches)
-    if not shuffle:
-        yield from pairs
-        return
-    device = torch.device(device)
-    for x, y in local_shuffle(pairs, batch_size, local_shuffle_buffer_size, local_shuffle_seed or 0, drop_last):
-        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    for b in batches:
+        yield b["image"].permute(0, 3, 1, 2), b["label"]
 
 
 def local_shuffle(batches, batch_size: int, capacity: int, seed: int, drop_last: bool):
-    """Seeded local shuffle of a stream of (images, labels) batches: once `capacity` samples are held, each batch
-    out is drawn uniformly from them. A sample is copied into a free slot once and out once, nothing else moves.
-    (Ray's own local shuffle buffer re-concatenates what it holds as it drains: for 150 KB images that cost
-    more CPU than decoding them.)"""
+    """Seeded local shuffle of a stream of (images, labels) batches, by windows: incoming batches are held as they
+    are (views, no copy) until `capacity` rows are in; the window's rows are then permuted and leave as full
+    batches, each row copied once, straight into its batch; the rows short of a batch wait for the next window.
+    (Ray's local shuffle buffer re-concatenates what it holds as it drains; a slot buffer copied every row in and
+    out again: on this project's CPUs a 150 KB row costs ~0.07 ms per copy.)"""
     gen = torch.Generator().manual_seed(seed)
     cap = max(capacity, batch_size)
-    xs = ys = None
-    held: list[int] = []  # slots holding a sample, in arrival order
-    free: list[int] = []
-
-    def take(b: int):
-        nonlocal held
-        pick = torch.randperm(len(held), generator=gen)[:b].tolist()
-        slots = [held[i] for i in pick]
-        free.extend(slots)
-        chosen = set(pick)
-        held = [s for i, s in enumerate(held) if i not in chosen]
-        index = torch.tensor(slots)
-        return xs.index_select(0, index), ys.index_select(0, index)
-
+    held: list[tuple[torch.Tensor, torch.Tensor]] = []
+    count = 0
     for x, y in batches:
-        if xs is None or len(free) < len(x):  # the first batch, or one larger than any before
-            size = max(cap + len(x), len(held) + len(x))
-            grown = (torch.empty((size, *x.shape[1:]), dtype=x.dtype), torch.empty((size, *y.shape[1:]), dtype=y.dtype))
-            if xs is not None:
-                old = torch.tensor(held, dtype=torch.long)
-                grown[0][:len(held)], grown[1][:len(held)] = xs.index_select(0, old), ys.index_select(0, old)
-            held, free = list(range(len(held))), list(range(len(held), size))
-            xs, ys = grown
-        slots, free[:len(x)] = free[:len(x)], []
-        for i, slot in enumerate(slots):  # a row at a time: index_copy_/index_put_ go element by element (7x slower)
-            xs[slot].copy_(x[i])
-        ys[slots] = y
-        held.extend(slots)
-        while len(held) >= cap:
-            yield take(batch_size)
-    while len(held) >= batch_size:
-        yield take(batch_size)
-    if held and not drop_last:
-        yield take(len(held))
+        held.append((x, y))
+        count += len(y)
+        if count >= cap:
+            batches_out, held = _window(held, count, batch_size, gen, last=False, drop_last=drop_last)
+            count = sum(len(y) for _, y in held)
+            yield from batches_out
+    if count:
+        yield from _window(held, count, batch_size, gen, last=True, drop_last=drop_last)[0]
+
+
+def _window(held, count: int, batch_size: int, gen, *, last: bool, drop_last: bool):
+    """-> (the window's shuffled batches, [its leftover rows] to carry). Rows of one held piece go into a batch
+    with one index_select each, so a batch is grouped by piece (in random order within a piece)."""
+    piece = torch.repeat_interleave(torch.arange(len(held)), torch.tensor([len(y) for _, y in held]))
+    start = torch.tensor([0] + [len(y) for _, y in held]).cumsum(0)
+    perm = torch.randperm(count, generator=gen)
+    full = count // batch_size
+    groups = [perm[i * batch_size:(i + 1) * batch_size] for i in range(full)]
+    rest = perm[full * batch_size:]
+    if last and len(rest) and not drop_last:
+        groups.append(rest)
+
+    def gather(rows):
+        rows = rows[torch.argsort(piece[rows], stable=True)]
+        x0, y0 = held[0]
+        xs = torch.empty((len(rows), *x0.shape[1:]), dtype=x0.dtype)
+        ys = torch.empty((len(rows), *y0.shape[1:]), dtype=y0.dtype)
+        at = 0
+        for p, n in zip(*torch.unique_consecutive(piece[rows], return_counts=True)):
+            idx = rows[at:at + n] - start[p]
+            torch.index_select(held[p][0], 0, idx, out=xs[at:at + n])
+            torch.index_select(held[p][1], 0, idx, out=ys[at:at + n])
+            at += int(n)
+        return xs, ys
+
+    out = (gather(g) for g in groups)
+    carry = [] if last or not len(rest) else [gather(rest)]
+    return out, carry
+
+
+class EpochStream(_Timed):
+    """One rank's training batches of epochs [first_epoch, first_epoch + epochs) from ONE Ray Data execution
+    (rows from epoch_pieces): the next epoch's shards are read and decoded while this one drains. A new execution
+    per epoch (streaming_split's per-epoch barrier under Ray Train) left the CPUs idle at the start of every epoch
+    (one task reading a shard) and at its end (the last decode tasks). Each epoch is exactly steps_per_epoch
+    batches of batch_size rows of that epoch only, through a seeded local shuffle buffer of shuffle_batches
+    batches. Epochs are asked for in order; any other epoch (a resumed run) starts a new execution from there."""
+
+    def __init__(self, uri, split: str, *, batch_size: int, seed: int, epochs: int, first_epoch: int = 0,
+                 rank: int = 0, world_size: int = 1, device="cpu", image_size: int | None = None,
+                 shuffle_batches: int = 8):
+        self.shardset = ss = open_dataset(uri)
+        if split not in ss.manifest.splits:
+            raise StorageError(f"{ss.uri}: no split {split!r}; available: {sorted(ss.manifest.splits)}")
+        share = ss.manifest.splits[split] // world_size
+        self.steps_per_epoch = _check(share, batch_size, 0, 1, True, f"rank {rank}'s 1/{world_size} of split {split!r}")
+        self.split, self.batch_size, self.seed, self.image_size = split, batch_size, seed, image_size
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.capacity = shuffle_batches * batch_size
+        self._end = first_epoch + epochs
+        self._start(first_epoch)
+
+    def __len__(self):
+        return self.steps_per_epoch
+
+    def _start(self, epoch: int) -> None:
+        rows = self.steps_per_epoch * self.batch_size
+        pieces = epoch_pieces(self.shardset, self.split, seed=self.seed, epochs=range(epoch, max(self._end, epoch + 1)),
+                              rank=self.rank, world_size=self.world_size, rows_per_rank=rows)
+        self.dataset = ray_dataset(self.shardset, self.split, self.image_size, pieces=pieces)
+        # Ray Data reserves part of the CPUs for each operator; with a read pool of one task per shard beside the
+        # decode, that reservation left decode slots empty (1050 -> 1230 images/s on 2 CPUs without it).
+        self.dataset.context.op_resource_reservation_enabled = False
+        self._next, self._blocks, self._held = epoch, None, None
+
+    def _rows(self, n: int):
+        """The stream's next n rows, as the (HWC images, labels) pieces of Ray blocks they come in."""
+        if self._blocks is None:  # the execution starts with the first epoch asked for
+            self._blocks = iter(self.dataset.iter_torch_batches(
+                batch_size=None, dtypes={"image": torch.uint8, "label": torch.int64}, prefetch_batches=2))
+        while n > 0:
+            if self._held is not None:
+                (x, y), self._held = self._held, None
+            else:
+                b = next(self._blocks)
+                x, y = b["image"], b["label"]
+            if len(y) > n:
+                self._held = x[n:], y[n:]
+                x, y = x[:n], y[:n]
+            n -= len(y)
+            yield x, y
+
+    def _epoch(self, epoch: int):
+        if epoch != self._next:
+            self._start(epoch)
+        self._next = None  # until this epoch is drained: one left half-way makes the next start afresh
+        rows = self._rows(self.steps_per_epoch * self.batch_size)
+        for x, y in local_shuffle(rows, self.batch_size, self.capacity, derive_seed(self.seed, epoch) % 2**32, True):
+            # HWC rows -> [b, C, H, W] view; .to keeps the channels_last strides
+            yield x.to(self.device, non_blocking=True).permute(0, 3, 1, 2), y.to(self.device, non_blocking=True)
+        self._next = epoch + 1
+        if self._next >= self._end:  # the stream's rows are all taken: let Ray's iterator finish, not be collected
+            if next(self._blocks, None) is not None:
+                raise StorageError("the Ray Data stream held more rows than its epochs; this is a bug")
+            self._blocks = None
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self._timed(self._epoch(epoch))
+
+    def close(self) -> None:
+        if self._blocks is not None:
+            self._blocks.close()  # Ray shuts the execution down
+        self._blocks, self._held, self._next = None, None, None
 
 
 class StreamingLoader(_Timed):
     """Ray Data pipeline; each epoch is a seeded global random_shuffle of the split.
 
     Standalone multi-rank use reads every global batch and keeps this rank's slice (same samples as the
-    resident loader's rule); under Ray Train prefer get_dataset_shard, which splits the reading itself.
+    resident loader's rule); under Ray Train each rank streams only its own rows (EpochStream).
     """
 
     def __init__(self, uri, split: str, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,

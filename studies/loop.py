@@ -35,8 +35,6 @@ class WorkerContext:
     # Step metrics every log_every_steps (rank 0 only, e.g. to MLflow).
     log_step: Callable[[dict[str, float], int], None] = lambda metrics, step: None
     resume_from: str | None = None  # a checkpoint directory
-    # Streaming under Ray Train: (n_train_rows) -> loader over this worker's get_dataset_shard("train").
-    train_loader: Callable[[int], Any] | None = None
     print: Callable[[str], None] = print
     on_step: Callable[[int], None] | None = None  # test hook: called before each step (fault injection)
 
@@ -308,20 +306,26 @@ def build(cfg: TrainConfig, dataset_uri: str, ctx: WorkerContext):
         net = torch.compile(net)
     if man.image_shape is None and cfg.image_size is None:
         raise ValueError(f"{dataset_uri} holds images of varying size; set image_size (--image-size) to train")
-    if ctx.train_loader is not None:
-        loader = ctx.train_loader(man.splits["train"])
-    elif storage.loaders.loader_mode(data, "train", cfg.loader, cfg.image_size) == "resident":
+    if storage.loaders.loader_mode(data, "train", cfg.loader, cfg.image_size) == "resident":
         x, y = resident_split(data, "train", cfg.image_size, device)
         loader = storage.ResidentLoader(x, y, batch_size=cfg.batch_size, seed=cfg.seed, rank=ctx.rank,
                                         world_size=ctx.world_size, device=device)
     else:
-        loader = storage.make_loader(data, "train", batch_size=cfg.batch_size, seed=cfg.seed, rank=ctx.rank,
-                                     world_size=ctx.world_size, device=device, mode="streaming",
-                                     image_size=cfg.image_size)
+        loader = stream_loader(cfg, data, man.splits["train"], ctx)
     # image_size None: pad-and-crop at the native (CIFAR-size) resolution; else random-resized crops to it.
     augment = nfnet.Augment(cfg.augment_strength, man.num_classes, image_size=cfg.image_size).to(device)
     val = val_chunks(data, cfg, ctx) if cfg.eval_every_epochs else None
     return model, net, opt, loader, augment, val
+
+
+def stream_loader(cfg: TrainConfig, data, n_rows: int, ctx: WorkerContext) -> storage.EpochStream:
+    """This worker's own rows of a streamed split, in one Ray Data execution over all the run's epochs (CPU nodes
+    decode, GPUs train); every rank gets the same number of rows, so runs the same number of steps."""
+    steps = max(1, (n_rows // ctx.world_size) // cfg.local_batch_size)  # 0 is refused by EpochStream, with why
+    total = run_length(cfg, steps)[0]
+    return storage.EpochStream(data, "train", batch_size=cfg.local_batch_size, seed=cfg.seed,
+                               epochs=-(-total // steps), rank=ctx.rank, world_size=ctx.world_size,
+                               device=ctx.device, image_size=cfg.image_size)
 
 
 def val_chunks(data, cfg: TrainConfig, ctx: WorkerContext) -> Callable[[], Iterable]:
@@ -422,6 +426,7 @@ def train(cfg: TrainConfig, dataset_uri: str, ctx: WorkerContext) -> RunSummary:
         train_time += end_of_epoch(run, epoch, step, tally)
         if monitor.diverged or step >= total:
             break
+    loader.close()  # a streamed split stops decoding what the run will not use (the rest of a scan's epoch)
 
     hist = state["history"]
     last_val = next((h for h in reversed(hist) if "val_acc" in h), {})

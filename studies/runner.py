@@ -102,12 +102,10 @@ def _worker_fn(config: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     log = _mlflow_logger(config.get("tracking"), rank)
-    shard = ray.train.get_dataset_shard("train") if config.get("streaming") else None
-    train_loader = (lambda n_rows: ShardLoader(shard, n_rows, cfg, world, device)) if shard is not None else None
     resume = _restored(ray.train.get_checkpoint())
     ctx = loop.WorkerContext(rank=rank, world_size=world, device=device,
                              report=_reporter(log, ray.train.report, ray.train.Checkpoint),
-                             log_step=log or (lambda m, s: None), resume_from=resume, train_loader=train_loader,
+                             log_step=log or (lambda m, s: None), resume_from=resume,
                              print=lambda s: print(s, flush=True), on_step=_crash_once(config.get("test_crash")))
     try:
         summary = loop.train(cfg, config["dataset_uri"], ctx)
@@ -118,23 +116,6 @@ def _worker_fn(config: dict[str, Any]) -> dict[str, Any]:
             log.flush()
     summary.node_id = ray.get_runtime_context().get_node_id()
     return dataclasses.asdict(summary)
-
-
-class ShardLoader:
-    """This worker's share of a streamed split (Ray Data streaming_split via get_dataset_shard): CPU nodes decode,
-    GPUs train. Ray Train splits rows equally, so every rank runs the same number of steps."""
-
-    def __init__(self, shard, n_rows: int, cfg: TrainConfig, world: int, device):
-        self.shard, self.device, self.seed = shard, device, cfg.seed
-        self.local = cfg.local_batch_size
-        self.steps_per_epoch = (n_rows // world) // self.local
-
-    def epoch(self, epoch: int):
-        batches = storage.iter_torch_batches(self.shard, self.local, self.device, drop_last=True,
-                                             local_shuffle_buffer_size=8 * self.local,
-                                             local_shuffle_seed=storage.derive_seed(self.seed, epoch) % 2**32)
-        for _, b in zip(range(self.steps_per_epoch), batches):
-            yield b
 
 
 def runs_in_process(cfg: TrainConfig) -> bool:
@@ -204,12 +185,10 @@ def run_torch_trainer(cfg: TrainConfig, dataset_uri: str, *, name: str, storage_
                 f"streaming needs spare CPUs for Ray Data's decode tasks, but {cfg.num_workers} workers × "
                 f"{cfg.cpus_per_worker:g} CPUs take the whole cluster ({ray.cluster_resources().get('CPU', 0):g}); "
                 "lower --cpus-per-worker, add CPU nodes, or use --loader resident")
-    datasets = {"train": storage.ray_dataset(dataset_uri, "train", cfg.image_size)} if streaming else None
     trainer = TorchTrainer(
         _worker_fn,
-        datasets=datasets,
         train_loop_config={"cfg": cfg.to_dict(), "dataset_uri": dataset_uri, "tracking": tracking,
-                           "streaming": streaming, "test_crash": test_crash},
+                           "test_crash": test_crash},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})},

@@ -45,7 +45,26 @@ def test_encoded_streaming_decodes_in_parallel_in_order(tmp_path, ray_cluster, m
     ds = storage.ray_dataset(m.uri, "train", 32)
     rows = ds.take_all()
     x, y = storage.open_dataset(m.uri).load_split("train", image_size=32)
-    assert torch.equal(torch.from_numpy(np.stack([r["image"] for r in rows])), x)
+    assert torch.equal(torch.from_numpy(np.stack([r["image"] for r in rows])), x.permute(0, 2, 3, 1))  # HWC rows
     assert [int(r["label"]) for r in rows] == y.tolist()
     tasks = int(re.search(r"MapBatches\(_decode_batch\): (\d+) tasks", ds.stats())[1])
     assert tasks > 1, ds.stats()
+
+
+def test_shards_store_images_without_dictionary_and_jpegs_uncompressed(tmp_path, monkeypatch):
+    # Every image is unique (a dictionary only costs), and JPEG bytes do not compress: a reader of these shards
+    # pays for neither. Raw pixels keep zstd.
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import jpeg_loader
+    import pyarrow.parquet as pq
+
+    import storage
+
+    jpeg_loader.generate(str(tmp_path / "images"), 12, (40, 64, 36, 56))
+    enc = storage.prepare_dataset("imagefolder", str(tmp_path / "e"), path=str(tmp_path / "images"), progress_every=0)
+    raw = storage.prepare_dataset("synthetic", str(tmp_path / "r"), seed=0, n_train=20, n_val=5)
+    for m, codec in ((enc, "UNCOMPRESSED"), (raw, "ZSTD")):
+        ss = storage.open_dataset(m.uri)
+        col = pq.ParquetFile(ss.fs.open_input_file(ss.shard_paths("train")[0])).metadata.row_group(0).column(0)
+        assert col.path_in_schema == "image" and col.compression == codec and not col.has_dictionary_page
+        assert len(ss.load_split("train", image_size=16)[1]) == m.splits["train"]  # and they read back

@@ -163,3 +163,57 @@ def _learn(tmp_path):
     assert first < 0.3, f"too easy: {first:.2f} after 20 steps"
     assert acc > 0.5, f"val accuracy {acc:.3f} after 500 steps"
     print(f"synthetic learnability: {first:.3f} -> {acc:.3f} in {time.perf_counter() - t:.1f}s")
+
+
+def _piece_rows(ss, pieces) -> list[int]:
+    """Indices into load_split's rows (shards in manifest order) of what the pieces read."""
+    offset, at = {}, 0
+    for p, info in zip(ss.shard_paths("train"), ss.manifest.shards["train"]):
+        offset[p], at = at, at + info["rows"]
+    return [offset[p["path"]] + i for p in pieces for a, b in p["ranges"] for i in range(a, b)]
+
+
+def test_epoch_pieces_give_ranks_equal_disjoint_shares_that_move_every_epoch(synth):
+    ss = storage.open_dataset(synth.uri)
+    shares = {(e, r): storage.loaders.epoch_pieces(ss, "train", seed=4, epochs=range(e, e + 1), rank=r,
+                                                   world_size=3) for e in range(3) for r in range(3)}
+    for e in range(3):
+        rows = [_piece_rows(ss, shares[e, r]) for r in range(3)]
+        assert [len(r) for r in rows] == [333] * 3  # 1000 // 3 each
+        assert len(set(rows[0]) | set(rows[1]) | set(rows[2])) == 999  # disjoint
+        for r in range(3):  # a shard is read at most once per rank and epoch, even when its share wraps round
+            assert len({p["path"] for p in shares[e, r]}) == len(shares[e, r])
+    assert set(_piece_rows(ss, shares[0, 0])) != set(_piece_rows(ss, shares[1, 0]))
+    whole = storage.loaders.epoch_pieces(ss, "train", seed=4, epochs=range(1), rank=0, world_size=1)
+    assert len(whole) == 4 and sorted(_piece_rows(ss, whole)) == list(range(1000))  # wrapped: 2 ranges, 1 read
+    # a run's epochs in one list are the same as each epoch asked for alone (a resumed run's pieces)
+    assert storage.loaders.epoch_pieces(ss, "train", seed=4, epochs=range(3), rank=1, world_size=3) == \
+        shares[0, 1] + shares[1, 1] + shares[2, 1]
+    with pytest.raises(ValueError, match="does not fit"):
+        storage.loaders.epoch_pieces(ss, "train", seed=4, epochs=range(1), rank=0, world_size=2, rows_per_rank=501)
+
+
+@pytest.mark.ray
+def test_epoch_stream_epochs_are_exact_and_resume_anywhere(synth, ray_cluster):
+    ss = storage.open_dataset(synth.uri)
+    x_all, y_all = ss.load_split("train")
+    kw = dict(batch_size=64, seed=3, world_size=2)
+    ranks = [storage.EpochStream(synth.uri, "train", epochs=3, rank=r, **kw) for r in range(2)]
+    assert ranks[0].steps_per_epoch == 7  # 500 rows per rank, whole batches of 64
+    out = {(r, e): _batches(ranks[r], e) for e in range(3) for r in range(2)}
+    for (r, e), batches in out.items():
+        assert [tuple(x.shape) for x, _ in batches] == [(64, 3, 32, 32)] * 7 and batches[0][0].dtype == torch.uint8
+        want = _piece_rows(ss, storage.loaders.epoch_pieces(ss, "train", seed=3, epochs=range(e, e + 1), rank=r,
+                                                            world_size=2, rows_per_rank=7 * 64))
+        assert _multiset(batches) == _multiset([(x_all[want], y_all[want])])  # that epoch's rows, each once
+    assert _multiset(out[0, 0]) != _multiset(out[0, 1])
+    # a run resumed at epoch 1 (a new execution from there) gets the batches the uninterrupted run got
+    resumed = storage.EpochStream(synth.uri, "train", epochs=3, rank=0, **kw)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(_batches(resumed, 1), out[0, 1]))
+    # an epoch left half-way (a diverged run breaks out of it) does not shift the next one
+    partial = storage.EpochStream(synth.uri, "train", epochs=3, rank=1, **kw)
+    next(iter(partial.epoch(0)))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(_batches(partial, 1), out[1, 1]))
+    next(iter(partial.epoch(2)))
+    partial.close()  # a run that ends mid-epoch stops the decoding; the loader still works if asked again
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(_batches(partial, 2), out[1, 2]))

@@ -54,7 +54,7 @@ def test_streaming_reader_verifies_checksums(corrupt):
 @pytest.mark.ray
 def test_ray_dataset_fails_on_corrupt_shard(corrupt, ray_cluster):
     val = storage.ray_dataset(corrupt.uri, "val").take_all()
-    assert len(val) == 50 and val[0]["image"].shape == (3, 32, 32)
+    assert len(val) == 50 and val[0]["image"].shape == (32, 32, 3)  # rows are HWC, as stored
     with pytest.raises(Exception, match=r"train-00001\.parquet: checksum mismatch"):
         storage.ray_dataset(corrupt.uri, "train").take_all()
 

@@ -145,7 +145,7 @@ def test_in_process_equals_torch_trainer_and_resume_after_kill(ray_cluster, tmp_
 
 @pytest.mark.ray
 def test_streaming_through_ray_data_to_two_workers(ray_cluster, tmp_path, tiny_data):
-    # Ray Data decodes on CPU workers and streaming_split feeds each Train worker its half of every epoch.
+    # Ray Data decodes on CPU workers; each Train worker streams its own half of every epoch (storage.EpochStream).
     # Half a CPU per Train worker leaves the 2-CPU test cluster room for the Ray Data decode tasks.
     cfg = tiny_cfg(seed=5, num_workers=2, cpus_per_worker=0.5, loader="streaming", max_steps=16)
     out = runner.run_torch_trainer(cfg, tiny_data, name="stream", storage_path=str(tmp_path / "ray"))
