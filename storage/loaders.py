@@ -281,18 +281,25 @@ class EpochStream(_Timed):
         self.shardset = ss = open_dataset(uri)
         if split not in ss.manifest.splits:
             raise StorageError(f"{ss.uri}: no split {split!r}; available: {sorted(ss.manifest.splits)}")
-        share = ss.manifest.splits[split] // world_size
-        self.steps_per_epoch = _check(share, batch_size, 0, 1, True, f"rank {rank}'s 1/{world_size} of split {split!r}")
+        n = ss.manifest.splits[split]
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size); got rank={rank}, world_size={world_size}")
+        if batch_size < 1 or n // world_size < batch_size:
+            raise ValueError(f"split {split!r} has {n} rows, {n // world_size} per rank over {world_size}: not one "
+                             f"batch of {batch_size} per epoch; lower the batch size or use fewer workers")
+        self.steps_per_epoch = (n // world_size) // batch_size
         self.split, self.batch_size, self.seed, self.image_size = split, batch_size, seed, image_size
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.capacity = shuffle_batches * batch_size
         self._end = first_epoch + epochs
+        self._blocks = None
         self._start(first_epoch)
 
     def __len__(self):
         return self.steps_per_epoch
 
     def _start(self, epoch: int) -> None:
+        self.close()
         rows = self.steps_per_epoch * self.batch_size
         pieces = epoch_pieces(self.shardset, self.split, seed=self.seed, epochs=range(epoch, max(self._end, epoch + 1)),
                               rank=self.rank, world_size=self.world_size, rows_per_rank=rows)

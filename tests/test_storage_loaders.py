@@ -191,6 +191,8 @@ def test_epoch_pieces_give_ranks_equal_disjoint_shares_that_move_every_epoch(syn
         shares[0, 1] + shares[1, 1] + shares[2, 1]
     with pytest.raises(ValueError, match="does not fit"):
         storage.loaders.epoch_pieces(ss, "train", seed=4, epochs=range(1), rank=0, world_size=2, rows_per_rank=501)
+    with pytest.raises(ValueError, match="500 per rank over 2: not one batch of 600 per epoch; lower the batch"):
+        storage.EpochStream(synth.uri, "train", batch_size=600, seed=0, epochs=1, world_size=2)
 
 
 @pytest.mark.ray
