@@ -505,10 +505,16 @@ class Phases:
 
     def run_config(self, name: str, printer):
         from ray import tune
+        from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
+        # Tune's own JSON and CSV trial loggers (its end-of-fit analysis reads them), not its TensorBoard one: the
+        # study's record is the results table and MLflow, and TensorBoardX warns "NaN or Inf" on a metric left NaN
+        # on purpose (the noise scale of an unmeasured run). Read by Tune when the Tuner fits.
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
         return tune.RunConfig(
             name=f"{self.study.name}-{name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            **storage.uri.ray_storage(storage.uri.join(self.study.study_dir, "tune")), callbacks=[printer], verbose=0,
+            **storage.uri.ray_storage(storage.uri.join(self.study.study_dir, "tune")), verbose=0,
+            callbacks=[printer, JsonLoggerCallback(), CSVLoggerCallback()],
             failure_config=tune.FailureConfig(max_failures=self.study.trial_retries))
 
 
