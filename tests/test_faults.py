@@ -127,8 +127,12 @@ def test_killed_stopped_interrupted_killed_then_resumed_to_the_uninterrupted_num
     rows = table(tmp_path, "faults").read().num_rows
     assert 2 <= rows < scans
     for sig in (signal.SIGTERM, signal.SIGINT):
+        # Counted again now: the last trials of a SIGKILLed driver's Ray can still add their rows as it dies (in a
+        # slow CI run they finished the whole scan).
+        rows = table(tmp_path, "faults").read().num_rows
         out = run_until(tmp_path, "faults", data_root, lambda r, n=rows: len(r) >= n + 1, sig, "--resume")
-        assert "already done" in out  # finished trials are not rerun
+        # finished trials are not rerun: the phase line counts them, or the scan, all done, is not run at all
+        assert "already done" in out or (rows >= scans and "scan:" not in out), out[-2000:]
         assert "INTERRUPTED" in out and "--resume" in out, out[-2000:]
         assert (tmp_path / "out" / "faults" / "summary.txt").read_text().startswith("INTERRUPTED")
         (parent,) = [r for r in c.search_runs([c.get_experiment_by_name("faults").experiment_id])
