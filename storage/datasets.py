@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import simplejpeg
 import torch
 
 from storage import sources
@@ -260,8 +261,6 @@ def decode_encoded_hwc(blobs, image_size: int | None, where: str) -> np.ndarray:
 
 
 def _decode_hwc(blob: bytes, where: str) -> torch.Tensor:
-    import simplejpeg
-
     if blob[:3] == b"\xff\xd8\xff":  # JPEG; a CMYK one raises here and torchvision converts it below
         try:
             return torch.from_numpy(simplejpeg.decode_jpeg(blob, "RGB"))
@@ -338,6 +337,10 @@ class ShardSet:
     def shard_paths(self, split: str) -> list[str]:
         """Filesystem paths (for self.fs) of the split's shards."""
         return [join(self.path, s["path"]) for s in self._shards(split)]
+
+    def rows(self, split: str) -> int:
+        """Rows in the split (a clear error naming the splits there are, for one that is not)."""
+        return sum(s["rows"] for s in self._shards(split))
 
     def _shards(self, split):
         if split not in self.manifest.shards:

@@ -30,9 +30,13 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return derive_seed(seed, epoch)
 
 
-def _check(n: int, batch_size: int, rank: int, world_size: int, drop_last: bool, what: str) -> int:
+def _check_rank(rank: int, world_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size); got rank={rank}, world_size={world_size}")
+
+
+def _check(n: int, batch_size: int, rank: int, world_size: int, drop_last: bool, what: str) -> int:
+    _check_rank(rank, world_size)
     if batch_size < 1 or batch_size % world_size:
         raise ValueError(f"global batch_size {batch_size} must be a positive multiple of world_size {world_size}"
                          f"; use e.g. {max(1, batch_size // world_size) * world_size}")
@@ -148,16 +152,21 @@ def ray_dataset(uri, split: str, image_size: int | None = None, verify: bool = T
     m = ss.manifest
     if m.encoding == "encoded" and image_size is None and m.image_shape is None:
         raise StorageError(f"{ss.uri}: images have mixed sizes; pass image_size=<pixels> to stream them")
-    if pieces is None:
-        pieces = [{"path": p, "sha256": s["sha256"], "rows": s["rows"]}
-                  for p, s in zip(ss.shard_paths(split), ss.manifest.shards[split])]
+    shards = _shard_items(ss, split)
+    pieces = shards if pieces is None else pieces
     ds = ray.data.from_items(pieces, override_num_blocks=max(1, len(pieces)))
     ds.context.execution_options.preserve_order = True  # same seed -> same row order (this dataset only)
-    read = {} if m.encoding == "raw" else _spread_decode(ds.context, len(ss.shard_paths(split)))
+    read = {} if m.encoding == "raw" else _spread_decode(ds.context, len(shards))
     ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow",
                         fn_kwargs={"fs": ss.fs, "dataset": ss.uri, "verify": verify}, **read)
     return ds.map_batches(_decode_batch, batch_format="numpy", zero_copy_batch=True,
                           fn_kwargs={"shape": m.image_shape, "encoding": m.encoding, "image_size": image_size})
+
+
+def _shard_items(ss: ShardSet, split: str) -> list[dict]:
+    """The split's shards as read_shards takes them."""
+    return [{"path": p, "sha256": s["sha256"], "rows": s["rows"]}
+            for p, s in zip(ss.shard_paths(split), ss.manifest.shards[split])]
 
 
 def epoch_pieces(uri, split: str, *, seed: int, epochs: range, rank: int = 0, world_size: int = 1,
@@ -166,9 +175,7 @@ def epoch_pieces(uri, split: str, *, seed: int, epochs: range, rank: int = 0, wo
     split's shards in a seeded order, laid end to end on a circle and rotated by a seeded offset; rank r takes
     the rows_per_rank rows (default: an equal share, n // world_size) that start at r * rows_per_rank. Ranks get
     disjoint rows, every rank the same count, and a different part of the split each epoch."""
-    ss = open_dataset(uri)
-    shards = [{"path": p, "sha256": s["sha256"], "rows": s["rows"]}
-              for p, s in zip(ss.shard_paths(split), ss.manifest.shards[split])]
+    shards = _shard_items(open_dataset(uri), split)
     n = sum(s["rows"] for s in shards)
     per = n // world_size if rows_per_rank is None else rows_per_rank
     if not 0 <= rank < world_size or per * world_size > n:
@@ -186,7 +193,7 @@ def epoch_pieces(uri, split: str, *, seed: int, epochs: range, rank: int = 0, wo
             if mine and mine[0]["path"] == order[i]["path"]:  # wrapped round into the first shard: read it once
                 mine[0]["ranges"].append([start, start + take])
             else:
-                mine.append({**order[i], "ranges": [[start, start + take]], "epoch": epoch})
+                mine.append({**order[i], "ranges": [[start, start + take]]})
             left -= take
             pos = (pos + take) % n
         out += mine
@@ -205,12 +212,14 @@ def _spread_decode(context, shards: int) -> dict:
     return {"compute": ray.data.TaskPoolStrategy(size=max(1, shards))}
 
 
+_DTYPES = {"image": torch.uint8, "label": torch.int64}
+
+
 def iter_torch_batches(data, batch_size: int | None, device="cpu", *, drop_last: bool = True,
                        prefetch_batches: int = 2) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Ray Dataset or DataIterator of ray_dataset rows -> (uint8 images [b, C, H, W], int64 labels) on device; the
     images are a view of the HWC rows (channels_last memory). batch_size None: Ray's blocks as they come."""
-    batches = data.iter_torch_batches(batch_size=batch_size, device=device, drop_last=drop_last,
-                                      dtypes={"image": torch.uint8, "label": torch.int64},
+    batches = data.iter_torch_batches(batch_size=batch_size, device=device, drop_last=drop_last, dtypes=_DTYPES,
                                       prefetch_batches=prefetch_batches)
     for b in batches:
         yield b["image"].permute(0, 3, 1, 2), b["label"]
@@ -268,52 +277,46 @@ def _window(held, count: int, batch_size: int, gen, *, last: bool, drop_last: bo
 
 
 class EpochStream(_Timed):
-    """One rank's training batches of epochs [first_epoch, first_epoch + epochs) from ONE Ray Data execution
-    (rows from epoch_pieces): the next epoch's shards are read and decoded while this one drains. A new execution
-    per epoch (streaming_split's per-epoch barrier under Ray Train) left the CPUs idle at the start of every epoch
-    (one task reading a shard) and at its end (the last decode tasks). Each epoch is exactly steps_per_epoch
-    batches of batch_size rows of that epoch only, through a seeded local shuffle buffer of shuffle_batches
-    batches. Epochs are asked for in order; any other epoch (a resumed run) starts a new execution from there."""
+    """One rank's training batches of a run's epochs [0, epochs) from ONE Ray Data execution (rows from
+    epoch_pieces): the next epoch's shards are read and decoded while this one drains. A new execution per epoch
+    (streaming_split's per-epoch barrier under Ray Train) left the CPUs idle at the start of every epoch (one
+    task reading a shard) and at its end (the last decode tasks). Each epoch is exactly steps_per_epoch batches of
+    batch_size rows of that epoch only, through a seeded local shuffle buffer of shuffle_batches batches. The
+    first epoch asked for (0, or a resumed run's) starts the execution; the next epochs continue it, and any other
+    epoch starts a new one from there."""
 
-    def __init__(self, uri, split: str, *, batch_size: int, seed: int, epochs: int, first_epoch: int = 0,
-                 rank: int = 0, world_size: int = 1, device="cpu", image_size: int | None = None,
-                 shuffle_batches: int = 8):
-        self.shardset = ss = open_dataset(uri)
-        if split not in ss.manifest.splits:
-            raise StorageError(f"{ss.uri}: no split {split!r}; available: {sorted(ss.manifest.splits)}")
-        n = ss.manifest.splits[split]
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size); got rank={rank}, world_size={world_size}")
+    def __init__(self, uri, split: str, *, batch_size: int, seed: int, epochs: int, rank: int = 0,
+                 world_size: int = 1, device="cpu", image_size: int | None = None, shuffle_batches: int = 8):
+        self.shardset = open_dataset(uri)
+        n = self.shardset.rows(split)
+        _check_rank(rank, world_size)
         if batch_size < 1 or n // world_size < batch_size:
             raise ValueError(f"split {split!r} has {n} rows, {n // world_size} per rank over {world_size}: not one "
                              f"batch of {batch_size} per epoch; lower the batch size or use fewer workers")
         self.steps_per_epoch = (n // world_size) // batch_size
         self.split, self.batch_size, self.seed, self.image_size = split, batch_size, seed, image_size
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
-        self.capacity = shuffle_batches * batch_size
-        self._end = first_epoch + epochs
-        self._blocks = None
-        self._start(first_epoch)
+        self.capacity, self.epochs = shuffle_batches * batch_size, epochs
+        self._blocks = self._held = self._next = None  # nothing runs until an epoch is asked for
 
     def __len__(self):
         return self.steps_per_epoch
 
     def _start(self, epoch: int) -> None:
+        """A new execution for epochs [epoch, self.epochs) (this one at least); it runs from the first block asked."""
         self.close()
-        rows = self.steps_per_epoch * self.batch_size
-        pieces = epoch_pieces(self.shardset, self.split, seed=self.seed, epochs=range(epoch, max(self._end, epoch + 1)),
-                              rank=self.rank, world_size=self.world_size, rows_per_rank=rows)
-        self.dataset = ray_dataset(self.shardset, self.split, self.image_size, pieces=pieces)
+        pieces = epoch_pieces(self.shardset, self.split, seed=self.seed,
+                              epochs=range(epoch, max(self.epochs, epoch + 1)), rank=self.rank,
+                              world_size=self.world_size, rows_per_rank=self.steps_per_epoch * self.batch_size)
+        ds = ray_dataset(self.shardset, self.split, self.image_size, pieces=pieces)
         # Ray Data reserves part of the CPUs for each operator; with a read pool of one task per shard beside the
         # decode, that reservation left decode slots empty (1050 -> 1230 images/s on 2 CPUs without it).
-        self.dataset.context.op_resource_reservation_enabled = False
-        self._next, self._blocks, self._held = epoch, None, None
+        ds.context.op_resource_reservation_enabled = False
+        self._blocks = iter(ds.iter_torch_batches(batch_size=None, dtypes=_DTYPES, prefetch_batches=2))
+        self._next = epoch
 
     def _rows(self, n: int):
         """The stream's next n rows, as the (HWC images, labels) pieces of Ray blocks they come in."""
-        if self._blocks is None:  # the execution starts with the first epoch asked for
-            self._blocks = iter(self.dataset.iter_torch_batches(
-                batch_size=None, dtypes={"image": torch.uint8, "label": torch.int64}, prefetch_batches=2))
         while n > 0:
             if self._held is not None:
                 (x, y), self._held = self._held, None
@@ -334,8 +337,9 @@ class EpochStream(_Timed):
         for x, y in local_shuffle(rows, self.batch_size, self.capacity, derive_seed(self.seed, epoch) % 2**32, True):
             # HWC rows -> [b, C, H, W] view; .to keeps the channels_last strides
             yield x.to(self.device, non_blocking=True).permute(0, 3, 1, 2), y.to(self.device, non_blocking=True)
-        self._next = epoch + 1
-        if self._next >= self._end:  # the stream's rows are all taken: let Ray's iterator finish, not be collected
+        if epoch + 1 < self.epochs:
+            self._next = epoch + 1
+        else:  # the stream's rows are all taken: let Ray's iterator finish, not be collected
             if next(self._blocks, None) is not None:
                 raise StorageError("the Ray Data stream held more rows than its epochs; this is a bug")
             self._blocks = None
@@ -346,7 +350,7 @@ class EpochStream(_Timed):
     def close(self) -> None:
         if self._blocks is not None:
             self._blocks.close()  # Ray shuts the execution down
-        self._blocks, self._held, self._next = None, None, None
+        self._blocks = self._held = self._next = None
 
 
 class StreamingLoader(_Timed):
@@ -359,10 +363,7 @@ class StreamingLoader(_Timed):
     def __init__(self, uri, split: str, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  device="cpu", shuffle: bool = True, drop_last: bool = True, image_size: int | None = None):
         self.shardset = open_dataset(uri)
-        n = self.shardset.manifest.splits.get(split)
-        if n is None:
-            raise StorageError(f"{self.shardset.uri}: no split {split!r}; available: "
-                               f"{sorted(self.shardset.manifest.splits)}")
+        n = self.shardset.rows(split)
         self.steps_per_epoch = _check(n, batch_size, rank, world_size, drop_last, f"split {split!r}")
         self.dataset = ray_dataset(self.shardset, split, image_size)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
@@ -400,9 +401,7 @@ def make_loader(dataset, split: str, *, batch_size: int, seed: int, rank: int = 
                 verify: bool = True) -> "ResidentLoader | StreamingLoader":
     """Resident when the decoded split fits in max_resident_bytes (or mode='resident'), else streaming."""
     ss: ShardSet = open_dataset(dataset)
-    if split not in ss.manifest.splits:
-        raise StorageError(f"{ss.uri}: no split {split!r}; available: {sorted(ss.manifest.splits)}")
-    _check(ss.manifest.splits[split], batch_size, rank, world_size, drop_last, f"split {split!r}")
+    _check(ss.rows(split), batch_size, rank, world_size, drop_last, f"split {split!r}")
     mode = loader_mode(ss, split, mode, image_size, max_resident_bytes)
     common = dict(batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, device=device,
                   shuffle=shuffle, drop_last=drop_last)

@@ -209,6 +209,10 @@ def test_epoch_stream_epochs_are_exact_and_resume_anywhere(synth, ray_cluster):
                                                             world_size=2, rows_per_rank=7 * 64))
         assert _multiset(batches) == _multiset([(x_all[want], y_all[want])])  # that epoch's rows, each once
     assert _multiset(out[0, 0]) != _multiset(out[0, 1])
+    # an epoch past the planned ones (the stream is drained) is read afresh: its own rows, not a replay
+    past = _piece_rows(ss, storage.loaders.epoch_pieces(ss, "train", seed=3, epochs=range(3, 4), rank=0,
+                                                        world_size=2, rows_per_rank=7 * 64))
+    assert _multiset(_batches(ranks[0], 3)) == _multiset([(x_all[past], y_all[past])])
     # a run resumed at epoch 1 (a new execution from there) gets the batches the uninterrupted run got
     resumed = storage.EpochStream(synth.uri, "train", epochs=3, rank=0, **kw)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(_batches(resumed, 1), out[0, 1]))
