@@ -35,7 +35,8 @@ HELP = {
     "weight_decay": "weight decay (never on gains, biases, skip gains)",
     "warmup_epochs": "linear warmup length, then cosine decay to 0",
     "warmup_steps": "linear warmup length in optimizer steps (overrides --warmup-epochs)",
-    "schedule_steps": "lr schedule length in steps, when longer than the run (a scan runs the first steps of it)",
+    "schedule_steps": "lr schedule length in steps, when longer than the run",
+    "lr_schedule": "cosine (warmup, then cosine decay to 0) or constant (warmup, then the peak lr held: scans)",
     "compile": "torch.compile the model",
     "epochs": "training length in epochs (fractions allowed)",
     "max_steps": "training length in optimizer steps (overrides --epochs)",
@@ -129,7 +130,10 @@ def add_study_args(p: argparse.ArgumentParser, preset_names, grid_flags: dict[st
     g.add_argument("--lrs", type=float, nargs="+", default=None, help="the base lrs tried in every cell (per 256)")
     g.add_argument("--lr-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="base lrs on a log grid from LOW to HIGH, a factor 2 apart")
-    g.add_argument("--scan-steps", type=int, default=None, help="length of the stability scan in optimizer steps")
+    g.add_argument("--scan-steps", type=int, default=None,
+                   help="the stability scan's length after its warmup: at least this many optimizer steps")
+    g.add_argument("--scan-examples", type=int, default=None,
+                   help="... and at least this many examples (small batches need data to decide)")
     g.add_argument("--full-top", type=int, default=None, help="full runs per cell at the best stable scan lrs")
     g.add_argument("--trials", type=int, default=None, help="TPE trials (hpo)")
     g.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: fits the cluster)")
@@ -175,7 +179,8 @@ def build_study(name: str, presets: dict, args: argparse.Namespace, grid_flags, 
                          "experiment, a folder and a filter)")
     lrs = tuple(args.lrs) if args.lrs else search.log_grid(*args.lr_range) if args.lr_range else preset.lrs
     changes = {k: v for k, v in (("lrs", lrs), ("seeds", args.seeds), ("best_k", args.best_k),
-                                 ("scan_steps", args.scan_steps), ("full_top", args.full_top),
+                                 ("scan_steps", args.scan_steps), ("scan_examples", args.scan_examples),
+                                 ("full_top", args.full_top),
                                  ("trials", args.trials)) if v is not None}
     grid = {axis: getattr(args, f"grid_{axis}") or preset.grid[axis] for axis in grid_flags}
     preset = dataclasses.replace(preset, grid=grid, **changes)
@@ -205,7 +210,9 @@ def run_study_cli(name: str, presets: dict, argv: list[str] | None, doc: str,
     except ValueError as e:
         p.error(str(e))
     pr = study.preset
-    phases = f"scan {pr.scan_steps} steps × {len(study.lrs())} lrs, then full runs at the best {pr.full_top}" \
+    scan = f"≥ {pr.scan_steps} steps" + (f" and ≥ {pr.scan_examples} examples" if pr.scan_examples else "")
+    phases = f"scan {scan} × {len(study.lrs())} lrs, refined once, then full runs at the best {pr.full_top} " \
+        "and the frontier" \
         if pr.scan_steps else f"{pr.trials} TPE trials" if pr.tpe else f"{len(study.lrs())} lr(s) in full"
     print(f"study {study.name}: {len(study.cells())} cells; {phases}; {pr.seeds} seed(s); output {study.study_dir};"
           f" MLflow {redact(study.tracking_uri)}", flush=True)

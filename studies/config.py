@@ -12,6 +12,7 @@ from typing import Any
 
 CLIPPING_MODES = ("none", "norm", "agc")
 PRECISIONS = ("fp32", "bf16")
+LR_SCHEDULES = ("cosine", "constant")
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -46,9 +47,11 @@ class TrainConfig:
     warmup_steps: int | None = None  # overrides warmup_epochs when set
     epochs: float = 5.0
     max_steps: int | None = None  # overrides epochs when set
-    # Length of the lr schedule when longer than the run: a stability scan runs the first max_steps of the full
-    # run's schedule, so it sees the same learning rates the full run would.
+    # Length of the lr schedule when longer than the run (the cosine's end lies past the run's last step).
     schedule_steps: int | None = None
+    # cosine: warmup, then cosine decay to 0 (training). constant: warmup, then the peak lr held (a stability
+    # scan: it reaches the lr it is labelled with and stays there).
+    lr_schedule: str = "cosine"
 
     clipping: str = "agc"
     clip_threshold: float | None = 0.02  # λ for AGC, max global norm for "norm"; None without clipping
@@ -90,6 +93,8 @@ class TrainConfig:
             bad(f"clip_threshold (λ for AGC) must be > 0, got {self.clip_threshold}; use clipping='none' to disable")
         if self.precision not in PRECISIONS:
             bad(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            bad(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.optimizer != "sgd":
             bad(f"optimizer {self.optimizer!r} is not supported; use 'sgd'")
         if not self.base_lr > 0:

@@ -21,6 +21,7 @@ import nfnet
 import storage
 from studies.config import TrainConfig
 from studies.schema import RunSummary
+from studies.verdict import tail_stats
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -105,11 +106,9 @@ class DivergenceMonitor:
     def diverged(self) -> bool:
         return self.step is not None
 
-    def final_train_loss(self) -> float | None:
-        if not self.losses:
-            return None
-        tail = self.losses[-max(1, len(self.losses) // 10):]
-        return sum(tail) / len(tail)
+    def final_train_loss(self) -> tuple[float | None, float | None]:
+        """(mean, standard error) of the last tenth of the steps' losses."""
+        return tail_stats(self.losses)
 
     def state_dict(self):
         return {"initial": self.initial, "losses": self.losses}
@@ -128,10 +127,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """Linear warmup, then cosine decay to 0 at `total`."""
+def lr_at(step: int, total: int, warmup: int, peak: float, schedule: str = "cosine") -> float:
+    """Linear warmup, then cosine decay to 0 at `total` (or, `constant`, the peak held)."""
     if warmup and step < warmup:
         return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
     t = (step - warmup) / max(1, total - warmup)
     return 0.5 * peak * (1 + math.cos(math.pi * min(1.0, t)))
 
@@ -402,7 +403,7 @@ def train(cfg: TrainConfig, dataset_uri: str, ctx: WorkerContext) -> RunSummary:
                 break
             if ctx.on_step:
                 ctx.on_step(step)
-            lr = lr_at(step, schedule, warmup, cfg.lr)
+            lr = lr_at(step, schedule, warmup, cfg.lr, cfg.lr_schedule)
             for g in opt.param_groups:
                 g["lr"] = lr
             x, y_soft = augment(xb, yb, generator=gen)
@@ -434,12 +435,14 @@ def train(cfg: TrainConfig, dataset_uri: str, ctx: WorkerContext) -> RunSummary:
     def finite(v):
         return None if v is None or math.isnan(v) else v
 
+    final_loss, final_se = monitor.final_train_loss()
+
     return RunSummary(
         status="diverged" if monitor.diverged else "completed", steps=step, epochs=state["epoch"],
         diverged_step=monitor.step, diverged_reason=monitor.reason,
         best_val_acc=finite(state["best_val_acc"]), final_val_acc=last_val.get("val_acc"),
         best_val_loss=finite(state["best_val_loss"]), final_val_loss=last_val.get("val_loss"),
-        final_train_loss=monitor.final_train_loss(),
+        initial_train_loss=monitor.initial, final_train_loss=final_loss, final_train_loss_se=final_se,
         images_per_sec=(sum(h["images_per_sec"] for h in hist) / len(hist)) if hist else None,
         train_time_s=train_time, wall_time_s=time.perf_counter() - t_start,
         gns=run.gns.value if run.gns.n else None, history=hist)
@@ -518,7 +521,8 @@ def end_of_epoch(run: Run, epoch: int, step: int, tally: EpochTally) -> float:
                           torch.tensor(float(tally.seen), device=ctx.device)])
     tl, tc, ts = all_reduce_mean(totals, ctx.world_size).tolist()
     m: dict[str, Any] = {
-        "epoch": epoch + 1, "step": step, "lr": lr_at(max(0, step - 1), run.schedule, run.warmup, cfg.lr),
+        "epoch": epoch + 1, "step": step,
+        "lr": lr_at(max(0, step - 1), run.schedule, run.warmup, cfg.lr, cfg.lr_schedule),
         "train_loss": tl / max(1, epoch_steps), "train_acc": tc / max(1.0, ts),
         "images_per_sec": tally.seen * ctx.world_size / dt if dt > 0 else math.nan,
         "step_time_ms": 1000 * dt / max(1, epoch_steps), "gns": run.gns.value,

@@ -14,6 +14,7 @@ import pyarrow as pa
 
 import storage
 from studies.config import TrainConfig
+from studies.verdict import judge
 
 STATUSES = ("completed", "diverged", "failed", "stopped")
 
@@ -30,7 +31,10 @@ class RunSummary:
     final_val_acc: float | None = None
     best_val_loss: float | None = None
     final_val_loss: float | None = None
+    initial_train_loss: float | None = None  # the first step's loss: the loss at initialisation
     final_train_loss: float | None = None  # mean over the last tenth of the steps run
+    final_train_loss_se: float | None = None  # its standard error (spread of those steps' losses / √steps)
+    verdict: str | None = None  # trained | stalled | diverged (studies/verdict.py); None: failed or stopped
     images_per_sec: float | None = None
     train_time_s: float | None = None
     wall_time_s: float | None = None
@@ -38,6 +42,11 @@ class RunSummary:
     node_id: str | None = None
     mlflow_run_id: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)  # per epoch; the epochs table
+
+    def __post_init__(self):
+        if self.verdict is None:
+            self.verdict = judge(self.status, self.initial_train_loss, self.final_train_loss,
+                                 self.final_train_loss_se)
 
     def scalars(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "history"}

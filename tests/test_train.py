@@ -180,10 +180,13 @@ def test_train_command_line(tmp_path, tiny_data, capsys):
 
 def test_run_length_warmup_and_schedule_in_steps():
     cfg = tiny_cfg(max_steps=40, warmup_steps=5, schedule_steps=400)
-    assert loop.run_length(cfg, steps_per_epoch=8) == (40, 400, 5)  # a scan: the first 40 steps of 400
+    assert loop.run_length(cfg, steps_per_epoch=8) == (40, 400, 5)  # the first 40 steps of a 400-step schedule
     assert loop.run_length(tiny_cfg(max_steps=None, epochs=2, warmup_epochs=0.5), 8) == (16, 16, 4)
-    # the scan's learning rates are the full run's
     assert loop.lr_at(39, 400, 5, 1.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 34 / 395)))
+    # A scan's constant schedule: the warmup, then the peak lr it is labelled with, held to its last step.
+    assert [loop.lr_at(s, 40, 4, 1.0, "constant") for s in (0, 3, 4, 39)] == [0.25, 1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        tiny_cfg(lr_schedule="linear")
 
 
 def test_no_clipping_carries_no_threshold():
