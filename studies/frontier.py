@@ -1,0 +1,285 @@
+"""The stable region as pure functions over the results table (rows as dicts or a pyarrow Table): reruns offline,
+no Ray, no plotting.
+
+Per cell (one scientific setting, e.g. batch size × λ) and per tried learning rate, every run has a verdict
+(studies/verdict.py: trained, stalled, diverged). An lr *trains* when a strict majority of its decided seeds
+trained (1 of 2 is not a majority; failed and stopped runs decide nothing).
+
+  best lr     the lr that trains with the lowest final loss (a run's loss counted as min(final, start), a
+              diverged run at its start: Wortsman et al. 2023's reading of an LR-vs-loss curve)
+  frontier    the largest lr such that every lr from the best one up to it trains. Lrs below the best that
+              learn too slowly for the scan are not instability and do not cut it.
+  undecided   no lr of the cell trains, but not every one diverged: the scan was too short to tell (never a
+              number). `none`: every tried lr diverged.
+  LR sensitivity  mean over the lr grid of min(final loss, start loss) − the best of them (Wortsman et al.
+              2023): what is lost by not tuning the lr; one number, no threshold, 0 = a flat curve."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from studies.verdict import DIVERGED, STALLED, TRAINED, VERDICTS, judge
+
+NO_CLIP = "none"
+SCAN_PHASES = ("scan", "refine")  # the short runs that decide stability; `full` runs measure accuracy
+FOUND, UNDECIDED, NONE = "found", "undecided", "none"
+
+
+def rows_of(table: pa.Table | list[dict]) -> list[dict[str, Any]]:
+    return table.to_pylist() if isinstance(table, pa.Table) else list(table)
+
+
+def num(v) -> float:
+    return float(v) if v is not None and not (isinstance(v, float) and math.isnan(v)) else float("nan")
+
+
+def top_k_mean(values: list[float], k: int | None) -> float:
+    vals = sorted((v for v in values if not math.isnan(v)), reverse=True)
+    if not vals:
+        return float("nan")
+    return sum(vals[: k or len(vals)]) / len(vals[: k or len(vals)])
+
+
+def run_verdict(r: dict[str, Any]) -> str | None:
+    """A row's verdict: its own column, or (rows written before it existed) judged from its losses."""
+    return r.get("verdict") or judge(r["status"], r.get("initial_train_loss"), r.get("final_train_loss"),
+                                     r.get("final_train_loss_se"))
+
+
+def by_cell(rows: list[dict], phases: tuple[str, ...] | None = None) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        if phases is None or r.get("phase") in phases:
+            out.setdefault(r["cell"], []).append(r)
+    return out
+
+
+def stability_rows(rows: list[dict]) -> list[dict]:
+    """The rows a cell's stability is judged from: its scan runs, or its full runs in a study without a scan."""
+    return [r for r in rows if r.get("phase") in SCAN_PHASES] or rows
+
+
+def start_loss(rows: list[dict]) -> float:
+    """The cell's loss at initialisation: the mean of its runs' first-step losses (the same init and first batch
+    for every lr of a seed, so in practice one number per seed)."""
+    vals = [num(r.get("initial_train_loss")) for r in rows]
+    vals = [v for v in vals if math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+@dataclass(frozen=True)
+class LrResult:
+    lr: float
+    counts: dict[str, int]  # verdict -> decided seeds
+    loss: float  # mean over decided seeds of min(final, start); a diverged run at start
+    final: float  # mean final loss of the seeds that did not diverge (nan if all did)
+
+    @property
+    def decided(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def trains(self) -> bool:
+        return 2 * self.counts[TRAINED] > self.decided
+
+    @property
+    def verdict(self) -> str:
+        """The lr's verdict: trained (a majority), else the commoner failure (diverged wins a tie)."""
+        if self.trains:
+            return TRAINED
+        return STALLED if self.counts[STALLED] > self.counts[DIVERGED] else DIVERGED
+
+
+def lr_results(rows: list[dict]) -> list[LrResult]:
+    """Per tried lr (ascending), what its decided seeds did."""
+    start = start_loss(rows)
+    by_lr: dict[float, list[dict]] = {}
+    for r in rows:
+        if run_verdict(r) is not None:
+            by_lr.setdefault(float(r["base_lr"]), []).append(r)
+    out = []
+    for lr in sorted(by_lr):
+        rs = by_lr[lr]
+        counts = {v: sum(run_verdict(r) == v for r in rs) for v in VERDICTS}
+        losses = [start if run_verdict(r) == DIVERGED else min(num(r.get("final_train_loss")), start) for r in rs]
+        finals = [num(r.get("final_train_loss")) for r in rs if run_verdict(r) != DIVERGED]
+        out.append(LrResult(lr, counts, _mean(losses), _mean(finals)))
+    return out
+
+
+def _mean(vals: list[float]) -> float:
+    vals = [v for v in vals if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+@dataclass(frozen=True)
+class Frontier:
+    state: str  # found | undecided | none
+    lrs: list[LrResult] = field(default_factory=list)
+    best: LrResult | None = None  # the best lr that trains
+    edge: LrResult | None = None  # the frontier: the largest lr up to which every lr from `best` trains
+    first_fail: LrResult | None = None  # the next lr above it (None: the frontier is the largest lr tried)
+    start: float = float("nan")
+
+    @property
+    def at_edge(self) -> bool:
+        return self.edge is not None and self.first_fail is None
+
+
+def frontier(rows: list[dict]) -> Frontier:
+    lrs = lr_results(rows)
+    start = start_loss(rows)
+    training = [x for x in lrs if x.trains]
+    if not training:
+        state = NONE if lrs and all(x.verdict == DIVERGED for x in lrs) else UNDECIDED
+        return Frontier(state, lrs, start=start)
+    best = min(training, key=lambda x: (x.loss, x.lr))
+    i = lrs.index(best)
+    while i + 1 < len(lrs) and lrs[i + 1].trains:
+        i += 1
+    return Frontier(FOUND, lrs, best, lrs[i], lrs[i + 1] if i + 1 < len(lrs) else None, start)
+
+
+def lr_sensitivity(rows: list[dict]) -> float | None:
+    """Mean over the tried lrs of min(final loss, start loss) − the best of them; None with nothing decided."""
+    losses = [x.loss for x in lr_results(rows) if not math.isnan(x.loss)]
+    return sum(losses) / len(losses) - min(losses) if losses else None
+
+
+def refine_lrs(scan: pa.Table | list[dict]) -> dict[str, float]:
+    """Per cell whose frontier lies inside the grid: the geometric midpoint between the frontier and the first lr
+    that fails (a factor-2 grid refined to √2 there). A pure function of the scan's rows: the same at any
+    concurrency."""
+    out = {}
+    for cell, rows in by_cell(rows_of(scan), ("scan",)).items():
+        f = frontier(rows)
+        if f.state == FOUND and f.first_fail is not None:
+            out[cell] = float(f"{math.sqrt(f.edge.lr * f.first_fail.lr):.4g}")
+    return out
+
+
+def full_phase_lrs(scan: pa.Table | list[dict], top: int) -> dict[str, list[float]]:
+    """Per cell: the `top` lrs at or below the frontier that train with the lowest scan loss (ties: the smaller
+    lr), and the frontier itself, so the study checks that the frontier still trains over the full budget.
+    Cells without a frontier get no full run."""
+    out = {}
+    for cell, rows in by_cell(rows_of(scan), SCAN_PHASES).items():
+        f = frontier(rows)
+        if f.state != FOUND:
+            out[cell] = []
+            continue
+        inside = [x for x in f.lrs if x.trains and x.lr <= f.edge.lr]
+        chosen = {x.lr for x in sorted(inside, key=lambda x: (x.loss, x.lr))[:top]} | {f.edge.lr}
+        out[cell] = sorted(chosen)
+    return out
+
+
+def best_accuracy(rows: list[dict], best_k: int | None) -> tuple[float, float | None]:
+    """(score, base lr) of the best lr among completed full runs; a setting's score is the mean of its best k
+    seeds. Ties go to the smaller lr."""
+    by_lr: dict[float, list[float]] = {}
+    for r in rows:
+        if r["status"] == "completed" and r.get("best_val_acc") is not None:
+            by_lr.setdefault(float(r["base_lr"]), []).append(num(r["best_val_acc"]))
+    best, best_lr = float("nan"), None
+    for lr in sorted(by_lr):
+        score = top_k_mean(by_lr[lr], best_k)
+        if not math.isnan(score) and (math.isnan(best) or score > best):
+            best, best_lr = score, lr
+    return best, best_lr
+
+
+def frontier_holds(full: list[dict], lr: float | None) -> bool | None:
+    """Did the full runs at the frontier lr train (a majority of their decided seeds)? None: none ran."""
+    if lr is None:
+        return None
+    vs = [run_verdict(r) for r in full if float(r["base_lr"]) == lr and run_verdict(r) is not None]
+    return 2 * vs.count(TRAINED) > len(vs) if vs else None
+
+
+# ---- cells.parquet: one row per cell ----
+
+CELL_COLUMNS = {
+    "cell": pa.string(), "batch_size": pa.int64(), "model": pa.string(), "clipping": pa.string(),
+    "clip_threshold": pa.float64(), "lambda": pa.string(), "lrs_tried": pa.int64(),
+    "frontier": pa.string(), "max_stable_lr": pa.float64(), "max_stable_lr_at_edge": pa.bool_(),
+    "first_unstable_lr": pa.float64(), "first_unstable_verdict": pa.string(), "best_scan_lr": pa.float64(),
+    "start_loss": pa.float64(), "best_scan_loss": pa.float64(), "frontier_loss": pa.float64(),
+    "first_unstable_loss": pa.float64(), "lr_sensitivity": pa.float64(), "stable_fraction": pa.float64(),
+    "scan_trials": pa.int64(), "scan_trained": pa.int64(), "scan_stalled": pa.int64(), "scan_diverged": pa.int64(),
+    "full_trials": pa.int64(), "full_trained": pa.int64(), "full_stalled": pa.int64(), "full_diverged": pa.int64(),
+    "failed_trials": pa.int64(), "frontier_holds": pa.bool_(), "best_val_acc": pa.float64(),
+    "best_base_lr": pa.float64(),
+}
+
+
+def _finite_or_none(v: float) -> float | None:
+    return None if v is None or math.isnan(v) else v
+
+
+def cell_row(cell: str, rows: list[dict], best_k: int | None) -> dict[str, Any]:
+    scan = [r for r in rows if r.get("phase") in SCAN_PHASES]
+    full = [r for r in rows if r.get("phase") not in SCAN_PHASES]
+    basis = scan or full
+    f = frontier(basis)
+    grid = [r for r in basis if r.get("phase") != "refine"]  # sensitivity over the design's own lr grid
+    acc, acc_lr = best_accuracy(full, best_k)
+    first = rows[0]
+    count = {(ph, v): sum(run_verdict(r) == v for r in rs) for ph, rs in (("scan", scan), ("full", full))
+             for v in VERDICTS}
+    edge, fail = f.edge, f.first_fail
+    return {
+        "cell": cell, "batch_size": first["batch_size"], "model": first["model"], "clipping": first["clipping"],
+        "clip_threshold": first["clip_threshold"], "lambda": first["lambda"], "lrs_tried": len(f.lrs),
+        "frontier": f.state, "max_stable_lr": edge and edge.lr, "max_stable_lr_at_edge": f.at_edge,
+        "first_unstable_lr": fail and fail.lr, "first_unstable_verdict": fail and fail.verdict,
+        "best_scan_lr": f.best and f.best.lr, "start_loss": _finite_or_none(f.start),
+        "best_scan_loss": f.best and _finite_or_none(f.best.loss),
+        "frontier_loss": edge and _finite_or_none(edge.loss),
+        "first_unstable_loss": fail and _finite_or_none(fail.loss),
+        "lr_sensitivity": lr_sensitivity(grid),
+        "stable_fraction": sum(x.trains for x in f.lrs) / len(f.lrs) if f.lrs else None,
+        "scan_trials": len(scan), **{f"{ph}_{v}": n for (ph, v), n in count.items()}, "full_trials": len(full),
+        "failed_trials": sum(r["status"] == "failed" for r in rows),
+        "frontier_holds": frontier_holds(full, edge.lr) if scan and edge else None,
+        "best_val_acc": _finite_or_none(acc), "best_base_lr": acc_lr,
+    }
+
+
+def frontier_table(results: pa.Table | list[dict], best_k: int | None = None) -> pa.Table:
+    """cells.parquet: stability from the scan (and its refinement), or from the full runs in a study without a
+    scan; accuracy from the full runs."""
+    out = [cell_row(cell, rows, best_k) for cell, rows in by_cell(rows_of(results)).items()]
+    out.sort(key=lambda c: (c["batch_size"], column_of(c)[0]))
+    return pa.Table.from_pylist(out, schema=pa.schema(CELL_COLUMNS))
+
+
+def column_of(c: dict) -> tuple[tuple, str]:
+    """(sort key, label) of a cell's column in the map: its λ, or the rest of its label beside the batch size."""
+    rest = " ".join(t for t in c["cell"].split() if not t.startswith(("batch_size=", "lambda=")))
+    if rest:
+        return (0, rest, 0.0), rest
+    lam = c["lambda"]
+    return (1, "", math.inf if lam == NO_CLIP else float(lam)), ("no clipping" if lam == NO_CLIP else f"λ={lam}")
+
+
+def grid_of(cells: pa.Table):
+    rows = cells.to_pylist()
+    batches = sorted({c["batch_size"] for c in rows})
+    cols = sorted({column_of(c) for c in rows})
+    at = {(c["batch_size"], column_of(c)[1]): c for c in rows}
+    return batches, [label for _, label in cols], at
+
+
+def cell_metrics(cells: pa.Table) -> list[tuple[str, float, int]]:
+    """(metric name, value, step = batch size): the frontier as MLflow metrics, one line per column of the map."""
+    out = []
+    for c in cells.to_pylist():
+        col = column_of(c)[1].replace("λ=", "lambda_").replace(" ", "_").replace("=", "_").replace("+", "_")
+        for k in ("max_stable_lr", "stable_fraction", "lr_sensitivity", "best_val_acc"):
+            if c[k] is not None:
+                out.append((f"{k}/{col}", float(c[k]), int(c["batch_size"])))
+    return out
