@@ -2,11 +2,12 @@
 learning rates that trains — the frontier — and the accuracy inside it.
 
   scientific  batch size × λ (None = no clipping, the control)          → the map's rows × columns
-  nuisance    learning rate: a fixed log grid scanned in EVERY cell (short runs), then full runs at each
-              cell's best stable lrs; lr = base_lr × batch / 256 (linear scaling)
+  nuisance    learning rate: a fixed log grid scanned in EVERY cell (short runs judged trained / stalled /
+              diverged), refined once at the frontier, then full runs at each cell's best lr and at its
+              frontier; lr = base_lr × batch / 256 (linear scaling)
   fixed       everything else (model, data, budget, schedule)
 
-  python studies/agc_lambda.py --preset laptop       # built-in synthetic data, ~4 min on 2 CPU cores
+  python studies/agc_lambda.py --preset laptop       # built-in synthetic data, ~7 min on 2 CPU cores
   python studies/agc_lambda.py --preset cifar10 --dataset-params '{"path": "/data/cifar10"}'
   python studies/agc_lambda.py --preset paper-imagenet --dataset-params '{"path": "/data/imagenet"}'
 """
@@ -21,17 +22,22 @@ from studies.search import Preset, log_grid
 LAMBDAS = [0.01, 0.02, 0.04, 0.08, 0.16, None]  # the paper's λ sweep plus its control
 BATCHES = [256, 512, 1024, 2048, 4096]
 LAPTOP_MODEL = dict(model="nf_resnet_cifar", model_overrides={"width": 8, "depth": 1}, dataset="synthetic")
+SMOKE_DATA = dict(dataset_params={"n_train": 2048, "n_val": 256, "image_size": 16})
 
 PRESETS = {
-    "laptop": Preset(  # 2 CPU cores, ~4 min; 16 px images keep batch 1024 cheap
-        grid={"batch_size": [64, 256, 1024], "clip_threshold": [0.01, 0.04, 0.16, None]},
-        lrs=log_grid(0.2, 12.8), scan_steps=40, full_top=2, seeds=1,
-        fixed=dict(**LAPTOP_MODEL, dataset_params={"n_train": 16384, "n_val": 2048, "image_size": 16}, epochs=2,
+    # 2 CPU cores, ~7 min; 16 px images keep batch 1024 cheap. Budgets measured on this data: nothing learns in
+    # its first ~5k examples (batch 64) or ~30 steps (batch 1024), and without clipping only base lr ≤ 0.025
+    # learns at batch 1024, within ~90 steps; so a scan sees ≥ 20k examples and ≥ 96 steps, from lr 0.025.
+    # 6 epochs give batch 1024 96 steps, where its best run reaches > 0.3 top-1 (2 epochs, 32 steps: 0.17).
+    "laptop": Preset(
+        grid={"batch_size": [64, 256, 1024], "clip_threshold": [0.01, 0.04, None]},
+        lrs=log_grid(0.025, 3.2), scan_steps=96, scan_examples=20480, full_top=1, seeds=1,
+        fixed=dict(**LAPTOP_MODEL, dataset_params={"n_train": 16384, "n_val": 2048, "image_size": 16}, epochs=6,
                    warmup_steps=0, gns_every_steps=0, log_every_steps=4, checkpoint_every_epochs=0),
     ),
-    "cifar10": Preset(  # one GPU node, real CIFAR-10 from a path
-        grid={"batch_size": BATCHES, "clip_threshold": LAMBDAS}, lrs=log_grid(0.025, 1.6), scan_steps=200,
-        full_top=2, seeds=1,
+    "cifar10": Preset(  # one GPU node, real CIFAR-10 from a path; scans run past the 2-epoch warmup
+        grid={"batch_size": BATCHES, "clip_threshold": LAMBDAS}, lrs=log_grid(0.025, 1.6), scan_steps=100,
+        scan_examples=51200, full_top=2, seeds=1,
         fixed=dict(model="nf_resnet_cifar", model_overrides={"width": 64, "depth": 2}, dataset="cifar10",
                    use_gpu=True, epochs=30, warmup_epochs=2, precision="bf16", channels_last=True,
                    augment_strength=0.2, label_smoothing=0.1),
@@ -50,9 +56,11 @@ PRESETS = {
                    cpus_per_worker=8, epochs=90, warmup_epochs=5, precision="bf16", channels_last=True,
                    loader="streaming", label_smoothing=0.1, max_failures=3),
     ),
-    "smoke": Preset(  # --smoke-test: tiny model, one cell, two lrs, a few steps
-        grid={"batch_size": [64], "clip_threshold": [0.04]}, lrs=(0.1, 0.4), scan_steps=3, full_top=1,
-        fixed=dict(**LAPTOP_MODEL, dataset_params={"n_train": 512, "n_val": 128}, max_steps=6, log_every_steps=2),
+    # --smoke-test: tiny model, one cell, two lrs; ~130-step scans, enough for this data to leave chance loss, so
+    # every phase runs (scan, refine, full)
+    "smoke": Preset(
+        grid={"batch_size": [64], "clip_threshold": [0.04]}, lrs=(0.4, 1.6), scan_steps=16, scan_examples=8192,
+        full_top=1, fixed=dict(**LAPTOP_MODEL, **SMOKE_DATA, max_steps=128, log_every_steps=4),
     ),
 }
 PRESETS["imagenet"] = PRESETS["paper-imagenet"]

@@ -47,9 +47,9 @@ def analyze(study, results, epochs):
     import matplotlib.pyplot as plt
     import optuna
 
-    from studies import analysis
+    from studies import frontier
 
-    cells = analysis.frontier_table(results)
+    cells = frontier.frontier_table(results)
     st = optuna_study(results, study.preset.tpe)
     if not st.trials:
         return {}, "no finished trials", {}, cells

@@ -2,8 +2,9 @@
 learning rate is explored with a fixed log grid (the Deep Learning Tuning Playbook's quasi-random exploration
 phase: the design does not depend on completion order), in two phases run as Ray Tune trials:
 
-  scan  short runs (scan_steps optimizer steps) of every lr × seed: where does the cell train at all?
-  full  the whole budget at the cell's best stable scan lrs (lowest scan loss inside the frontier): how well?
+  scan    short runs of every lr × seed, past the warmup at a constant lr: where does the cell train at all?
+  refine  one more lr per cell, the geometric midpoint between its frontier and the first lr that fails (√2)
+  full    the whole budget at the cell's best lrs that train, and at its frontier (does it hold?): how well?
 
 A study without a scan (the paper's protocol) runs every lr of its design in full. `hpo.py` instead searches
 jointly with TPE (exploitation). Each trial is identified by its content (phase + config fingerprint), writes its
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import storage
-from studies import analysis, runner, schema
+from studies import analysis, findings, frontier, runner, schema
 from studies.config import TrainConfig, lambda_label
 from studies.tracking import Tracker, check_tracking_uri, git_commit, hardware, redact
 
@@ -43,7 +44,10 @@ class Preset:
     grid: dict[str, list[Any]]  # axes: TrainConfig fields, "variant" (VARIANTS), clip_threshold None = no clipping
     fixed: dict[str, Any]  # TrainConfig overrides held fixed
     lrs: tuple[float, ...] = ()  # base lr design (per 256 examples); () = the fixed config's base_lr
-    scan_steps: int | None = None  # length of the stability scan; None = no scan, every lr runs in full
+    # The stability scan's budget after its warmup: at least scan_steps optimizer steps AND scan_examples examples
+    # (small batches need data, large ones steps); never cut by the full run's length. None = no scan.
+    scan_steps: int | None = None
+    scan_examples: int = 0
     full_top: int = 2  # full runs per cell, at the best stable scan lrs
     seeds: int = 1
     best_k: int | None = None  # a setting's score: mean of its best k seeds (the paper: best 4 of 5)
@@ -85,8 +89,8 @@ class Study:
             raise ValueError(f"--seeds must be >= 1, got {p.seeds}")
         if p.best_k is not None and not 1 <= p.best_k <= p.seeds:
             raise ValueError(f"--best-k must be in [1, seeds={p.seeds}], got {p.best_k}")
-        if p.scan_steps is not None and p.scan_steps < 1 or p.full_top < 1:
-            raise ValueError("--scan-steps and --full-top must be >= 1")
+        if p.scan_steps is not None and p.scan_steps < 1 or p.full_top < 1 or p.scan_examples < 0:
+            raise ValueError("--scan-steps and --full-top must be >= 1, --scan-examples >= 0")
         if any(not lr > 0 for lr in p.lrs):
             raise ValueError(f"learning rates must be > 0, got {p.lrs}")
         if p.tpe is not None and p.trials < 1:
@@ -162,8 +166,32 @@ class Spec:
         return f"{self.phase} {self.cell} base_lr={c['base_lr']:.3g} seed={c['seed']}"
 
 
+def steps_per_epoch(cfg: TrainConfig, n_train: int) -> int:
+    return max(1, n_train // cfg.batch_size)
+
+
 def run_steps(cfg: TrainConfig, n_train: int) -> int:
-    return cfg.max_steps or max(1, round(cfg.epochs * (n_train // cfg.batch_size)))
+    return cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch(cfg, n_train)))
+
+
+def warmup_steps(cfg: TrainConfig, n_train: int) -> int:
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    return round(cfg.warmup_epochs * steps_per_epoch(cfg, n_train))
+
+
+def scan_length(preset: Preset, batch_size: int) -> int:
+    """Steps a scan runs after its warmup: at least scan_steps, and enough to see scan_examples examples."""
+    return max(preset.scan_steps or 0, -(-preset.scan_examples // batch_size))
+
+
+def scan_config(study: Study, full: TrainConfig, n_train: int) -> TrainConfig:
+    """A scan of a full run's config: the full run's warmup (in steps), then its peak lr held for scan_length
+    steps, so the scan reaches the lr it is labelled with; no evaluation, no checkpoints."""
+    warmup = warmup_steps(full, n_train)
+    return full.replace(max_steps=warmup + scan_length(study.preset, full.batch_size), warmup_steps=warmup,
+                        lr_schedule="constant", schedule_steps=None, eval_every_epochs=0,
+                        checkpoint_every_epochs=0, checkpoint_every_minutes=0)
 
 
 def scan_specs(study: Study, n_train: int) -> list[Spec]:
@@ -171,18 +199,23 @@ def scan_specs(study: Study, n_train: int) -> list[Spec]:
     for cell in study.cells():
         for lr in study.lrs():
             for s in range(study.preset.seeds):
-                full = study.config(cell, base_lr=lr, seed=study.seed + s)
-                # The scan runs the first scan_steps of the full run's schedule, without evaluation.
-                cfg = full.replace(max_steps=min(study.preset.scan_steps, run_steps(full, n_train)),
-                                   schedule_steps=run_steps(full, n_train), eval_every_epochs=0,
-                                   checkpoint_every_epochs=0, checkpoint_every_minutes=0)
+                cfg = scan_config(study, study.config(cell, base_lr=lr, seed=study.seed + s), n_train)
                 out.append(Spec("scan", cell_label(cell), cfg.to_dict()))
     return out
 
 
+def refine_specs(study: Study, scan_rows, n_train: int) -> list[Spec]:
+    """One more scan lr per cell whose frontier lies inside the grid, every seed: a pure function of the scan."""
+    mid = frontier.refine_lrs(scan_rows)
+    return [Spec("refine", cell_label(cell),
+                 scan_config(study, study.config(cell, base_lr=mid[cell_label(cell)], seed=study.seed + s),
+                             n_train).to_dict())
+            for cell in study.cells() if cell_label(cell) in mid for s in range(study.preset.seeds)]
+
+
 def full_specs(study: Study, scan_rows) -> list[Spec]:
-    """Every lr of the design without a scan; else each cell's best stable scan lrs."""
-    chosen = analysis.full_phase_lrs(scan_rows, study.preset.full_top) if study.preset.scan_steps else None
+    """Every lr of the design without a scan; else each cell's best lrs that train, and its frontier."""
+    chosen = frontier.full_phase_lrs(scan_rows, study.preset.full_top) if study.preset.scan_steps else None
     out = []
     for cell in study.cells():
         label = cell_label(cell)
@@ -190,6 +223,25 @@ def full_specs(study: Study, scan_rows) -> list[Spec]:
         out += [Spec("full", label, study.config(cell, base_lr=lr, seed=study.seed + s).to_dict())
                 for lr in lrs for s in range(study.preset.seeds)]
     return out
+
+
+HANDFUL = 4  # fewer batches per epoch than this and an epoch budget means almost nothing
+
+
+def budget_notes(study: Study, n_train: int) -> list[str]:
+    """What the data and budgets cannot decide, said before the first trial (and in the summary)."""
+    notes = []
+    for b in sorted({study.config(cell).batch_size for cell in study.cells()}):
+        cfg = study.fixed.replace(batch_size=b)
+        spe, total = steps_per_epoch(cfg, n_train), run_steps(cfg, n_train)
+        if spe < HANDFUL:
+            notes.append(f"batch {b} gives {spe} step(s) per epoch of the {n_train} training images ({total} steps "
+                         "in the full run): too few to learn from; use more data or smaller batches")
+        elif study.preset.scan_steps and total < scan_length(study.preset, b):
+            notes.append(f"at batch {b} the full run ({total} steps) is shorter than its scan "
+                         f"({scan_length(study.preset, b)} steps after warmup): raise --epochs so the full run can "
+                         "confirm the frontier")
+    return notes
 
 
 # ---- running a phase through Ray Tune ----
@@ -460,12 +512,25 @@ class Phases:
     def scan(self) -> list[Spec]:
         return scan_specs(self.study, self.n_train) if self.study.preset.scan_steps else []
 
-    def full(self) -> list[Spec] | None:
-        """The full phase's runs; None while any scan run lacks its row (the frontier is not known yet)."""
+    def _after(self, before: list[Spec] | None) -> list[dict] | None:
+        """The results table once every run of the phase before has its row; None while one lacks it."""
         done = self.done()
-        if any(s.key not in done for s in self.scan()):
+        if before is None or any(s.key not in done for s in before):
             return None
-        return full_specs(self.study, self.table.read())
+        return self.table.read().to_pylist()
+
+    def refine(self) -> list[Spec] | None:
+        """The refinement runs; None while any scan run lacks its row (the frontier is not known yet)."""
+        if not self.study.preset.scan_steps:
+            return []
+        rows = self._after(self.scan())
+        return None if rows is None else refine_specs(self.study, rows, self.n_train)
+
+    def full(self) -> list[Spec] | None:
+        """The full phase's runs; None while any scan or refinement run lacks its row."""
+        refine = self.refine()
+        rows = self._after(None if refine is None else self.scan() + refine)
+        return None if rows is None else full_specs(self.study, rows)
 
     def pending(self, phase: str, specs: list[Spec] | None) -> list[list[dict]]:
         if not specs:
@@ -475,7 +540,7 @@ class Phases:
         if todo:
             print(f"{phase}: {len(todo)} run(s)" + (f" ({len(specs) - len(todo)} already done)"
                                                     if len(todo) < len(specs) else ""), flush=True)
-        size = SCAN_RUNS_PER_TRIAL if phase == "scan" else 1
+        size = SCAN_RUNS_PER_TRIAL if phase in frontier.SCAN_PHASES else 1
         return [[dataclasses.asdict(s) for s in g] for g in group_specs(todo, size)]
 
     def run(self) -> bool:
@@ -485,6 +550,7 @@ class Phases:
         from studies.tune_glue import PhaseSearcher, ProgressPrinter
 
         searcher = PhaseSearcher([lambda: self.pending("scan", self.scan()),
+                                  lambda: self.pending("refine", self.refine()),
                                   lambda: self.pending("full", self.full())])
         tuner = tune.Tuner(
             self.trainable(),
@@ -531,6 +597,9 @@ def run_study(study: Study) -> dict[str, Any]:
 def _run_locked(study: Study, new: bool) -> dict[str, Any]:
     dataset_uri = runner.prepare_data(study.fixed)
     n_train = validate(study, dataset_uri)
+    notes = budget_notes(study, n_train)
+    for note in notes:
+        print(f"budget: {note}", flush=True)
     runner.init_ray(log_to_driver=False)
     cap = cluster_capacity()
     check_cluster_paths(study, cap.nodes, cap.autoscaling)
@@ -554,10 +623,11 @@ def _run_locked(study: Study, new: bool) -> dict[str, Any]:
         complete = run_tpe(study, ctx, phases)
     else:
         complete = phases.run()
-    return {**finish(study, table, parent, time.time() - t0, complete), "concurrency": concurrency}
+    return {**finish(study, table, parent, time.time() - t0, complete, notes), "concurrency": concurrency}
 
 
-def finish(study: Study, table: storage.ResultsTable, parent: Tracker, wall: float, complete: bool) -> dict[str, Any]:
+def finish(study: Study, table: storage.ResultsTable, parent: Tracker, wall: float, complete: bool,
+           notes: list[str] = ()) -> dict[str, Any]:
     """Analysis from the Parquet tables (resumed trials included), written beside the results and logged on the
     study's MLflow run. An interrupted study is marked so (MLflow KILLED), and --resume continues it."""
     import tempfile
@@ -566,7 +636,7 @@ def finish(study: Study, table: storage.ResultsTable, parent: Tracker, wall: flo
 
     results, epochs = table.read(), table.read_epochs()
     figures, text, extra, cells = (study.analyze or frontier_analysis)(study, results, epochs)
-    summary = summary_text(study, results, text, wall, complete)
+    summary = summary_text(study, results, text, wall, complete, notes)
     out: dict[str, Any] = {"results": results, "epochs": epochs, "cells": cells, "wall_time_s": wall,
                            "dir": study.study_dir, "parent_run_id": parent.run_id, "summary": summary,
                            "complete": complete, **extra}
@@ -586,7 +656,7 @@ def finish(study: Study, table: storage.ResultsTable, parent: Tracker, wall: flo
     statuses = results.column("status").to_pylist()
     parent.log_metrics({"trials": results.num_rows, "wall_time_s": wall,
                         **{f"trials_{s}": statuses.count(s) for s in schema.STATUSES}}, step=0)
-    for name, value, step in analysis.cell_metrics(cells):
+    for name, value, step in frontier.cell_metrics(cells):
         parent.log_metrics({name: value}, step=step)
     parent.set_tags({"status": "completed" if complete else "interrupted"})
     parent.client.set_terminated(parent.run_id, "FINISHED" if complete else "KILLED")
@@ -595,22 +665,25 @@ def finish(study: Study, table: storage.ResultsTable, parent: Tracker, wall: flo
 
 def frontier_analysis(study: Study, results, epochs):
     """Default analysis: the stable region (frontier per cell) and its three figures."""
-    cells = analysis.frontier_table(results, best_k=study.preset.best_k)
+    cells = frontier.frontier_table(results, best_k=study.preset.best_k)
     if not cells.num_rows:
         return {}, "", {}, cells
     title = f"{study.name}: learning-rate frontier per batch size and AGC λ"
     figs = {"stable_region.png": analysis.plot_stable_region(results, cells, title),
             "stability_map.png": analysis.plot_stability_map(cells, title),
-            "lr_sensitivity.png": analysis.plot_lr_sensitivity(results, best_k=study.preset.best_k)}
-    return figs, analysis.frontier_summary(cells), {}, cells
+            "lr_loss.png": analysis.plot_lr_loss(results),
+            "lr_accuracy.png": analysis.plot_lr_accuracy(results, best_k=study.preset.best_k)}
+    return figs, findings.frontier_summary(cells), {}, cells
 
 
-def summary_text(study: Study, results, analysis_text: str, wall: float, complete: bool) -> str:
+def summary_text(study: Study, results, analysis_text: str, wall: float, complete: bool,
+                 notes: list[str] = ()) -> str:
     statuses = results.column("status").to_pylist()
     state = "" if complete else ("INTERRUPTED — partial results (trials stopped, or lost to infrastructure "
                                  "after their retries); continue with --resume. ")
     lines = [f"{state}study {study.name}: {results.num_rows} trials in {wall / 60:.1f} min ("
              + ", ".join(f"{s} {statuses.count(s)}" for s in schema.STATUSES) + ")"]
+    lines += [f"budget: {n}" for n in notes]
     if analysis_text:
         lines.append(analysis_text)
     lines.append(f"outputs: {study.study_dir}/ (results.parquet, cells.parquet, figures, summary.txt)")

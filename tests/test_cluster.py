@@ -152,9 +152,10 @@ def test_study_as_a_ray_job_on_two_nodes_with_s3_and_the_team_server(platform, m
 
     out, data = f"s3://{BUCKET}/results", f"s3://{BUCKET}/data"
     # Two cells → two trials at once, one per node (1 CPU each), each a 2-worker DDP TorchTrainer inside its Tune
-    # trial (checkpoints in S3); 20 steps at batch 32 is two epochs, so the full runs checkpoint.
-    sub_id = submit(p, ["studies/agc_lambda.py", "--smoke-test", "--batch-sizes", "32", "64", "--lrs", "0.4",
-                        "--max-steps", "20",
+    # trial (checkpoints in S3); 80 full steps at batch 32 pass an epoch of the smoke data, so the full runs
+    # checkpoint. At lr 1.6 both cells train in the scan (at the edge of a one-lr grid: no refinement).
+    sub_id = submit(p, ["studies/agc_lambda.py", "--smoke-test", "--batch-sizes", "32", "64", "--lrs", "1.6",
+                        "--max-steps", "80",
                         "--num-workers", "2", "--cpus-per-worker", "0.5", "--max-failures", "1",
                         "--output", out, "--data-root", data,
                         "--tracking-uri", server["url"]], "study")
@@ -172,7 +173,7 @@ def test_study_as_a_ray_job_on_two_nodes_with_s3_and_the_team_server(platform, m
     cells = read_parquet(p, f"{out}/agc_lambda/cells.parquet")
     assert cells.num_rows == 2
     keys = s3_keys(s3, BUCKET)
-    for f in ("stable_region.png", "stability_map.png", "lr_sensitivity.png", "summary.txt", "study.json"):
+    for f in ("stable_region.png", "stability_map.png", "lr_loss.png", "lr_accuracy.png", "summary.txt", "study.json"):
         assert f"results/agc_lambda/{f}" in keys, f
     assert any(k.startswith("data/synthetic-") and k.endswith("manifest.json") for k in keys)
     # Ray Train checkpoints and Tune's experiment state live in the bucket too.
@@ -297,7 +298,7 @@ def test_in_process_trials_on_a_lost_node_are_retried_by_tune_not_recorded_faile
     out = f"s3://{BUCKET}/retried"
     # One-CPU trials run in the Tune trial's own process (no worker group); 2 scan runs of a cell per trial.
     sub_id = submit(p, ["studies/agc_lambda.py", "--smoke-test", "--name", "retried", "--batch-sizes", "32", "64",
-                        "--lrs", "0.1", "0.4", "--scan-steps", "30", "--max-steps", "30",
+                        "--lrs", "0.4", "1.6", "--max-steps", "30",
                         "--output", out, "--data-root", f"s3://{BUCKET}/data", "--tracking-uri", server["url"]],
                     "retried")
     second = next(n["raylet"]["nodeId"] for n in alive_nodes(p["url"], p["token"])
@@ -317,9 +318,11 @@ def test_in_process_trials_on_a_lost_node_are_retried_by_tune_not_recorded_faile
     assert "Trial task failed" in logs, logs[-3000:]  # the lost trial was retried, not skipped
 
     rows = read_parquet(p, f"{out}/retried/results.parquet").to_pylist()
-    assert len(rows) == 6 and len({r["trial_key"] for r in rows}) == 6  # 2 cells × (2 scan + 1 full), once each
+    # 2 cells × (2 scan [+ 1 refinement] + 1 or 2 full), each once
+    assert len({r["trial_key"] for r in rows}) == len(rows) and sum(r["phase"] == "scan" for r in rows) == 4
+    assert {r["cell"] for r in rows if r["phase"] == "full"} == {r["cell"] for r in rows}
     assert all(r["status"] in ("completed", "diverged") for r in rows), [r["error"] for r in rows]
     runs = mlflow_runs(server, "retried")
     children = [r for r in runs if tags(r).get("role") != "study"]
-    assert len(children) == 6 and {c["info"]["run_id"] for c in children} == {r["mlflow_run_id"] for r in rows}
+    assert len(children) == len(rows) and {c["info"]["run_id"] for c in children} == {r["mlflow_run_id"] for r in rows}
     assert {r["info"]["status"] for r in runs} == {"FINISHED"}  # the killed attempt's run was continued, not left

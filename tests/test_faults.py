@@ -27,10 +27,8 @@ def data_root(tmp_path_factory):
 
 def flags(tmp_path, name, data_root, *extra):
     return ["--smoke-test", "--output", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
-            "--data-root", data_root, "--name", name, "--model-overrides", '{"width": 8, "depth": 1}',
-            "--dataset-params", '{"n_train": 512, "n_val": 128}', "--batch-sizes", "32", "--lambdas", "0.04", "none",
-            "--lrs", "0.1", "0.4", "25.6", "--scan-steps", "6", "--max-steps", "24", "--full-top", "1",
-            "--max-concurrent", "1", *extra]
+            "--data-root", data_root, "--name", name, "--batch-sizes", "32", "--lambdas", "0.04", "none",
+            "--lrs", "0.4", "1.6", "25.6", "--max-steps", "48", "--full-top", "1", "--max-concurrent", "1", *extra]
 
 
 def table(tmp_path, name):
@@ -39,7 +37,7 @@ def table(tmp_path, name):
 
 
 def numbers(results):
-    keep = ("trial_key", "phase", "status", "steps", "diverged_step", "best_val_acc", "final_train_loss")
+    keep = ("trial_key", "phase", "status", "verdict", "steps", "diverged_step", "best_val_acc", "final_train_loss")
     return sorted(tuple(r[k] for k in keep) for r in results.to_pylist())
 
 
@@ -48,6 +46,7 @@ def reference(tmp_path_factory, data_root, ray_cluster):
     tmp = tmp_path_factory.mktemp("reference")
     out = agc_lambda.main(flags(tmp, "ref", data_root))
     assert out["complete"] and out["results"].num_rows >= 7
+    assert "full" in out["results"].column("phase").to_pylist()  # something trained in the scan
     return numbers(out["results"])
 
 
@@ -88,7 +87,7 @@ def run_until(tmp_path, name, data_root, ready, sig, *extra):
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
             # Rows alone are not enough: a trial of a killed driver may still add one before Ray reaps it.
-            if any(ln.startswith(("scan:", "full:")) for ln in lines):
+            if any(ln.startswith(("scan:", "refine:", "full:")) for ln in lines):
                 try:
                     if ready(t.read().to_pylist()):
                         break

@@ -2,11 +2,10 @@ import json
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from studies import agc_lambda, analysis, batch_scaling, hpo, schema, search
+from studies import agc_lambda, batch_scaling, findings, frontier, hpo, schema, search
 from studies.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,78 +28,21 @@ def mlflow_runs(tmp_path, experiment):
     return c, parents, children
 
 
-# ---- the frontier: pure functions over hand-made rows ----
-
-def _row(cell, b, lam, lr, status, seed=0, phase="scan", loss=2.0, acc=None):
-    return {"cell": cell, "batch_size": b, "model": "nf_resnet_cifar", "clipping": "none" if lam == "none" else "agc",
-            "clip_threshold": None if lam == "none" else float(lam), "lambda": lam, "base_lr": lr, "seed": seed,
-            "status": status, "phase": phase, "final_train_loss": loss, "best_val_acc": acc}
-
-
-def test_frontier_majority_of_seeds_ties_missing_and_first_lr_diverging():
-    a, b, c = "batch_size=64 lambda=none", "batch_size=1024 lambda=none", "batch_size=1024 lambda=0.01"
-    rows = [
-        # a: 0.2 and 0.4 train in 2 of 3 seeds, 0.8 in 1 of 3 (not a majority) -> frontier 0.4; 1.6 trains again
-        # but lies beyond the first unstable lr.
-        *[_row(a, 64, "none", lr, {"c": "completed", "d": "diverged"}[st], seed=s) for lr, sts in
-          ((0.2, "ccd"), (0.4, "cdc"), (0.8, "dcd"), (1.6, "ccc")) for s, st in enumerate(sts)],
-        # b: the smallest lr already diverges -> no stable lr at all.
-        *[_row(b, 1024, "none", lr, "diverged", seed=s) for lr in (0.2, 0.4) for s in range(3)],
-        # c: a missing seed (one row lost) and a failed run do not decide; a 1-1 tie is not a majority.
-        _row(c, 1024, "0.01", 0.2, "completed", 0), _row(c, 1024, "0.01", 0.2, "completed", 1),
-        _row(c, 1024, "0.01", 0.4, "completed", 0), _row(c, 1024, "0.01", 0.4, "failed", 1),
-        _row(c, 1024, "0.01", 0.8, "completed", 0), _row(c, 1024, "0.01", 0.8, "diverged", 1),
-    ]
-    cells = {r["cell"]: r for r in analysis.frontier_table(pa.Table.from_pylist(rows)).to_pylist()}
-    assert (cells[a]["max_stable_lr"], cells[a]["first_unstable_lr"]) == (0.4, 0.8)
-    assert cells[a]["stable_fraction"] == pytest.approx(3 / 4) and not cells[a]["max_stable_lr_at_edge"]
-    assert cells[b]["max_stable_lr"] is None and cells[b]["first_unstable_lr"] == 0.2
-    assert cells[b]["stable_fraction"] == 0 and cells[b]["scan_diverged"] == 6
-    assert cells[c]["max_stable_lr"] == 0.4 and cells[c]["first_unstable_lr"] == 0.8
-    assert cells[c]["failed_trials"] == 1
-
-    # Full runs go to the lowest-loss stable lrs inside the frontier; equal losses go to the smaller lr.
-    chosen = analysis.full_phase_lrs([
-        *rows, _row(c, 1024, "0.01", 0.2, "completed", 2, loss=1.5)], top=2)
-    assert chosen[a] == [0.2, 0.4] and chosen[b] == [] and chosen[c] == [0.2, 0.4]
-    assert analysis.full_phase_lrs([_row(a, 64, "none", lr, "completed", loss=2.0) for lr in (0.1, 0.2, 0.4)],
-                                   top=1) == {a: [0.1]}
-
-
-def test_frontier_summary_states_both_effects_and_says_when_not_shown():
-    def cells(no_clip_1024, agc_1024):
-        rows = []
-        for b, nc, ag in ((64, 3.2, 6.4), (1024, no_clip_1024, agc_1024)):
-            for lam, top in (("none", nc), ("0.01", ag)):
-                cell = f"batch_size={b} lambda={lam}"
-                for lr in (0.2, 0.4, 0.8, 1.6, 3.2, 6.4):
-                    rows.append(_row(cell, b, lam, lr, "completed" if lr <= top else "diverged"))
-                rows.append(_row(cell, b, lam, min(top, 0.4), "completed", phase="full", acc=0.5))
-        return analysis.frontier_table(rows)
-
-    shown = analysis.frontier_summary(cells(0.4, 1.6))
-    assert "≥6.4" in shown  # stable up to the largest lr tried
-    assert "falls as the batch grows: 3.2 at batch 64 → 0.4 at batch 1024 (÷8)" in shown
-    assert "at batch 1024 AGC λ=0.01 trains up to lr 1.6, 4× the 0.4 without clipping" in shown
-    assert "NOT SHOWN" not in shown
-    hidden = analysis.frontier_summary(cells(3.2, 3.2))
-    assert hidden.count("NOT SHOWN") == 2
-
-
-def test_top_k_mean_is_the_papers_best_4_of_5():
-    assert analysis.top_k_mean([0.1, 0.5, 0.4, 0.3, 0.2], 4) == pytest.approx((0.5 + 0.4 + 0.3 + 0.2) / 4)
-    assert analysis.top_k_mean([float("nan"), 0.3], None) == pytest.approx(0.3)
-
+# ---- the design: every trial known before it runs ----
 
 def test_specs_scan_then_full_and_paper_protocol():
     fixed = TrainConfig(model_overrides={"width": 8, "depth": 1}, epochs=2, warmup_steps=0)
     st = search.Study("s", search.Preset(grid={"batch_size": [64, 256], "clip_threshold": [0.01, None]},
-                                         fixed={}, lrs=(0.2, 0.4, 0.8), scan_steps=10, seeds=2), fixed)
+                                         fixed={}, lrs=(0.2, 0.4, 0.8), scan_steps=10, scan_examples=1280, seeds=2),
+                      fixed)
     specs = search.scan_specs(st, n_train=1024)
     assert len(specs) == 4 * 3 * 2 and len({s.key for s in specs}) == len(specs)
-    cfg = TrainConfig.from_dict(specs[0].config)
-    # The scan runs the first 10 steps of the full run's 2 epochs × 16 steps, without evaluation.
-    assert (cfg.max_steps, cfg.schedule_steps, cfg.eval_every_epochs) == (10, 32, 0)
+    by_batch = {TrainConfig.from_dict(s.config).batch_size: TrainConfig.from_dict(s.config) for s in specs}
+    # The scan budget is a floor in steps AND examples (batch 64: 1280 / 64 = 20 steps; batch 256: 10 steps),
+    # longer than the 2-epoch full run at batch 256 (8 steps): the full run's length never cuts it.
+    assert (by_batch[64].max_steps, by_batch[256].max_steps) == (20, 10)
+    assert all((c.lr_schedule, c.eval_every_epochs, c.schedule_steps) == ("constant", 0, None)
+               for c in by_batch.values())
     none = [TrainConfig.from_dict(s.config) for s in specs if "lambda=none" in s.cell]
     assert all(c.clipping == "none" and c.clip_threshold is None for c in none)
     paper = search.Study("p", search.Preset(grid={"batch_size": [256], "clip_threshold": [0.01]}, fixed={},
@@ -108,6 +50,43 @@ def test_specs_scan_then_full_and_paper_protocol():
     full = search.full_specs(paper, None)
     assert [TrainConfig.from_dict(s.config).seed for s in full] == [0, 1, 2, 3, 4]
     assert {TrainConfig.from_dict(s.config).lr for s in full} == {0.1}  # linear scaling: 0.1 × 256/256
+
+
+def test_a_scan_runs_past_the_warmup_to_the_lr_it_is_labelled_with():
+    from studies import loop
+
+    # cifar10-like: 2 warmup epochs at batch 256 of 50k images are 390 steps, longer than the 100-step scan.
+    fixed = TrainConfig(epochs=30, warmup_epochs=2, batch_size=256)
+    st = search.Study("w", search.Preset(grid={"batch_size": [256, 4096]}, fixed={}, lrs=(0.4,), scan_steps=100),
+                      fixed)
+    for spec in search.scan_specs(st, n_train=50_000):
+        cfg = TrainConfig.from_dict(spec.config)
+        total, schedule, warmup = loop.run_length(cfg, 50_000 // cfg.batch_size)
+        assert total == warmup + 100 and warmup == round(2 * (50_000 // cfg.batch_size))
+        assert loop.lr_at(total - 1, schedule, warmup, cfg.lr, cfg.lr_schedule) == pytest.approx(cfg.lr)
+        assert loop.lr_at(warmup - 1, schedule, warmup, cfg.lr, cfg.lr_schedule) == pytest.approx(cfg.lr)
+    # Every preset of every grid study: each scan ends at its peak lr, after at least its budget of steps.
+    for module in (agc_lambda, batch_scaling):
+        for name, preset in module.PRESETS.items():
+            if not preset.scan_steps:
+                continue
+            study = search.Study(name, preset, TrainConfig(**preset.fixed))
+            for spec in search.scan_specs(study, n_train=50_000):
+                cfg = TrainConfig.from_dict(spec.config)
+                total, schedule, warmup = loop.run_length(cfg, 50_000 // cfg.batch_size)
+                assert total - warmup >= preset.scan_steps, (module.__name__, name)
+                assert loop.lr_at(total - 1, schedule, warmup, cfg.lr, cfg.lr_schedule) == pytest.approx(cfg.lr)
+
+
+def test_a_budget_the_data_cannot_fill_is_said_before_any_trial():
+    fixed = TrainConfig(epochs=2, warmup_steps=0)
+    st = search.Study("b", search.Preset(grid={"batch_size": [64, 256, 1024]}, fixed={}, lrs=(0.4,),
+                                         scan_steps=40), fixed)
+    notes = search.budget_notes(st, n_train=1500)  # 1,500 real images: batch 1024 has 1 step per epoch
+    assert len(notes) == 2
+    assert notes[0].startswith("at batch 256 the full run (10 steps) is shorter than its scan (40 steps")
+    assert notes[1].startswith("batch 1024 gives 1 step(s) per epoch of the 1500 training images (2 steps")
+    assert search.budget_notes(st, n_train=100_000) == []
 
 
 # ---- bad input: one clear line, before any trial ----
@@ -153,19 +132,21 @@ def test_bad_study_input_fails_before_any_trial(tmp_path, flags, msg, ray_cluste
 # ---- end to end through Ray Tune ----
 
 def _grid_flags(tmp_path, name, *extra):
-    return ["--smoke-test", *common_flags(tmp_path, name), *TINY_FLAGS, "--batch-sizes", "32", "64",
-            "--lambdas", "0.04", "none", "--lrs", "0.1", "0.8", "25.6", "--scan-steps", "4", "--full-top", "1",
-            "--max-steps", "8", "--warmup-steps", "0", *extra]
+    # The smoke preset's data and scan budget (≥ 8192 examples: 256 steps at batch 32, 128 at 64), enough for
+    # this data to leave chance loss; lr 25.6 blows up. The full runs are as long as batch 32's scan, so they can
+    # confirm its frontier (shorter ones are flagged in a budget note, and did not hold).
+    return ["--smoke-test", *common_flags(tmp_path, name), "--batch-sizes", "32", "64", "--lambdas", "0.04", "none",
+            "--lrs", "0.4", "1.6", "25.6", "--full-top", "1", "--max-steps", "320", *extra]
 
 
 def _rows(out, phase=None):
     keep = ("trial_key", "phase", "cell", "batch_size", "clipping", "clip_threshold", "base_lr", "lr", "seed",
-            "status", "diverged_step", "steps", "best_val_acc", "final_train_loss")
+            "status", "verdict", "diverged_step", "steps", "best_val_acc", "final_train_loss")
     return sorted(tuple(r[k] for k in keep) for r in out["results"].to_pylist() if phase in (None, r["phase"]))
 
 
 @pytest.mark.ray
-def test_two_phase_study_end_to_end_and_independent_of_concurrency(tmp_path, ray_cluster):
+def test_three_phase_study_end_to_end_and_independent_of_concurrency(tmp_path, ray_cluster):
     one = agc_lambda.main(_grid_flags(tmp_path, "one", "--max-concurrent", "1"))
     two = agc_lambda.main(_grid_flags(tmp_path, "two", "--max-concurrent", "2"))
     assert _rows(one) == _rows(two)  # the same seed gives the same rows, however many trials run at once
@@ -173,25 +154,45 @@ def test_two_phase_study_end_to_end_and_independent_of_concurrency(tmp_path, ray
     res = one["results"]
     rows = res.to_pylist()
     scan = [r for r in rows if r["phase"] == "scan"]
+    refine = [r for r in rows if r["phase"] == "refine"]
     full = [r for r in rows if r["phase"] == "full"]
-    assert len(scan) == 4 * 3 and all(r["steps"] <= 4 and r["best_val_acc"] is None for r in scan)
-    assert any(r["status"] == "diverged" for r in scan)  # lr 25.6 blows up
+    assert len(scan) == 4 * 3 and all(r["best_val_acc"] is None for r in scan + refine)
+    # A scan: the full run's warmup (1 epoch of 2048 images), then its budget at the peak lr.
+    assert {(r["batch_size"], r["steps"]) for r in scan if r["status"] == "completed"} == {(32, 64 + 256),
+                                                                                         (64, 32 + 128)}
+    assert any(r["verdict"] == "diverged" for r in scan) and any(r["verdict"] == "trained" for r in scan)
     for r in rows:  # the values the trial ran with, under TrainConfig's names
         assert r["lr"] == pytest.approx(r["base_lr"] * r["batch_size"] / 256)
         assert (r["clipping"], r["clip_threshold"]) in (("agc", 0.04), ("none", None))
         assert r["model"] == "nf_resnet_cifar" and r["node_id"] and r["mlflow_run_id"]
+        assert r["verdict"] in ("trained", "stalled", "diverged") and r["initial_train_loss"] > 2.0
+    # Each phase is the pure function of the rows before it.
+    assert {r["cell"]: r["base_lr"] for r in refine} == frontier.refine_lrs(scan)
+    chosen = frontier.full_phase_lrs(scan + refine, top=1)
+    assert sorted((r["cell"], r["base_lr"]) for r in full) == sorted((c, lr) for c, lrs in chosen.items()
+                                                                     for lr in lrs)
     cells = {c["cell"]: c for c in one["cells"].to_pylist()}
-    assert len(cells) == 4 and len(full) == sum(c["max_stable_lr"] is not None for c in cells.values())
-    for r in full:  # full runs at the cell's best stable lr only, for the whole budget, evaluated
-        assert r["base_lr"] <= cells[r["cell"]]["max_stable_lr"] and r["steps"] == 8 or r["status"] == "diverged"
-    assert all(c["best_val_acc"] is not None for c in cells.values() if c["max_stable_lr"] is not None)
+    found = [c for c in cells.values() if c["frontier"] == "found"]
+    assert len(cells) == 4 and found
+    for c in found:  # every frontier is checked over the full budget, and has an accuracy
+        assert c["frontier_holds"] is not None and c["best_val_acc"] is not None, c
+    # AGC's frontier holds: its lr, trained over the whole budget, trains. (Without clipping the refined edge at
+    # batch 64 learned in its 128-step scan, then stalled over 320 steps: the study says so, as it must.)
+    assert all(c["frontier_holds"] for c in found if c["lambda"] == "0.04")
+    held = sum(c["frontier_holds"] for c in found)
+    assert f"the frontier lr trained over the full budget in {held} of {len(found)} cells" in one["summary"]
+    for c in found:
+        assert ("NOT held" in findings.cell_sentence(c["batch_size"], "", c)) is (not c["frontier_holds"])
+    assert all(r["steps"] == 320 for r in full if r["status"] == "completed")
+    assert "budget:" not in one["summary"]
 
     d = tmp_path / "out" / "one"
-    assert pq.read_table(d / "cells.parquet").num_rows == 4 and pq.read_table(d / "results.parquet").num_rows == 16
+    assert pq.read_table(d / "cells.parquet").num_rows == 4
+    assert pq.read_table(d / "results.parquet").num_rows == len(rows)
     import numpy as np
     from PIL import Image
 
-    for png in ("stable_region.png", "stability_map.png", "lr_sensitivity.png"):
+    for png in FIGURES:
         img = np.asarray(Image.open(d / png).convert("L"))
         assert img.shape[1] > 400 and len(np.unique(img)) > 20, png  # a real picture, not a blank canvas
 
@@ -199,10 +200,10 @@ def test_two_phase_study_end_to_end_and_independent_of_concurrency(tmp_path, ray
     assert len(parents) == 1 and len(children) == res.num_rows and parents[0].info.status == "FINISHED"
     assert {ch.data.tags["trial_key"] for ch in children} == {r["trial_key"] for r in rows}
     arts = {a.path for a in c.list_artifacts(parents[0].info.run_id)}
-    assert {"stable_region.png", "stability_map.png", "lr_sensitivity.png", "cells.parquet"} <= arts
-    assert "max_stable_lr/lambda_0.04" in parents[0].data.metrics
-    hist = c.get_metric_history(parents[0].info.run_id, "max_stable_lr/lambda_0.04")
-    assert sorted(m.step for m in hist) == [32, 64]  # step = batch size: the frontier charted over the batch
+    assert {*FIGURES, "cells.parquet"} <= arts
+    assert {"max_stable_lr/lambda_0.04", "lr_sensitivity/lambda_0.04"} <= set(parents[0].data.metrics)
+    hist = c.get_metric_history(parents[0].info.run_id, "lr_sensitivity/lambda_0.04")
+    assert sorted(m.step for m in hist) == [32, 64]  # step = batch size: charted over the batch
     by_id = {ch.info.run_id: ch for ch in children}
     for r in rows:
         params = by_id[r["mlflow_run_id"]].data.params
@@ -226,6 +227,9 @@ def test_two_phase_study_end_to_end_and_independent_of_concurrency(tmp_path, ray
     assert _rows(again) == _rows(one)
     _, parents, children = mlflow_runs(tmp_path, "one")
     assert len(parents) == 1 and len(children) == res.num_rows
+
+
+FIGURES = ("stable_region.png", "stability_map.png", "lr_loss.png", "lr_accuracy.png")
 
 
 def test_a_cell_whose_model_cannot_be_built_is_refused_before_any_trial(tmp_path):
@@ -280,7 +284,7 @@ def test_results_schema_is_derived_from_the_summary_and_config():
         assert col in names, col
     assert not [n for n in names if n.startswith(("sci_", "nui_", "metric_"))]
     readme = (ROOT / "README.md").read_text()
-    for col in names + list(analysis.CELL_COLUMNS):  # the public tables are documented, column by column
+    for col in names + list(frontier.CELL_COLUMNS):  # the public tables are documented, column by column
         assert f"`{col}`" in readme, col
     assert json.loads(json.dumps(schema.RunSummary(status="completed").scalars()))["status"] == "completed"
 
