@@ -37,6 +37,11 @@ def close(fig) -> None:
 
 # ---- figures ----
 
+def _grid_lrs(rows: list[dict]) -> set[float]:
+    """The design's lrs, for tick labels: a refinement's midpoint is drawn, not labelled (it would crowd them)."""
+    return {float(r["base_lr"]) for r in rows if r.get("phase") != "refine"}
+
+
 def _lr_axis(ax, lrs) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(lrs), [f"{lr:g}" for lr in sorted(lrs)], fontsize=7)
@@ -48,7 +53,7 @@ def plot_stable_region(results: pa.Table | list[dict], cells: pa.Table, title: s
     stalled or diverged in the majority of seeds), the frontier as a line, undecided cells written out."""
     batches, cols, at = grid_of(cells)
     rows = rows_of(results)
-    lrs_all = {float(r["base_lr"]) for r in stability_rows(rows)}
+    lrs_all = _grid_lrs(stability_rows(rows))
     fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols) + 0.8, 3.6), sharex=True, sharey=True,
                              squeeze=False)
     for ax, col in zip(axes[0], cols):
@@ -154,7 +159,7 @@ def plot_lr_loss(results: pa.Table | list[dict]):
         start = start_loss([r for rs in groups[b].values() for r in rs])
         if math.isfinite(start):
             ax.axhline(start, ls=":", color="gray", lw=1)
-        _lr_axis(ax, {float(r["base_lr"]) for r in rows if r["batch_size"] == b})
+        _lr_axis(ax, _grid_lrs([r for r in rows if r["batch_size"] == b]))
         ax.set_title(f"batch {b}", fontsize=10)
         ax.set_xlabel("base lr (per 256)")
         ax.grid(alpha=0.3)
