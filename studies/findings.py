@@ -31,8 +31,8 @@ def cell_sentence(b: int, col: str, c: dict) -> str:
     if c["frontier"] == NONE:
         return f"{head}: no lr trains — every lr tried diverged"
     if c["frontier"] != FOUND:
-        return (f"{head}: undecided — no lr trained in the scan (start loss {_f(start)}); the scan is too short "
-                "for it: raise --scan-steps / --scan-examples")
+        return (f"{head}: undecided — no lr trained in the scan ({c['scan_stalled']} stalled, {c['scan_diverged']} "
+                f"diverged; start loss {_f(start)}): too short for it, raise --scan-steps / --scan-examples")
     s = f"{head} trains up to lr {c['max_stable_lr']:g} (loss {_f(c['frontier_loss'])}, start {_f(start)})"
     if c["first_unstable_lr"] is None:
         s += ", the largest lr tried"

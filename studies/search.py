@@ -230,10 +230,12 @@ HANDFUL = 4  # fewer batches per epoch than this and an epoch budget means almos
 
 def budget_notes(study: Study, n_train: int) -> list[str]:
     """What the data and budgets cannot decide, said before the first trial (and in the summary)."""
-    notes = []
-    for b in sorted({study.config(cell).batch_size for cell in study.cells()}):
-        cfg = study.fixed.replace(batch_size=b)
-        spe, total = steps_per_epoch(cfg, n_train), run_steps(cfg, n_train)
+    notes, seen = [], set()
+    for cfg in sorted((study.config(cell) for cell in study.cells()), key=lambda c: c.batch_size):
+        b, spe, total = cfg.batch_size, steps_per_epoch(cfg, n_train), run_steps(cfg, n_train)
+        if (b, total) in seen:
+            continue
+        seen.add((b, total))
         if spe < HANDFUL:
             notes.append(f"batch {b} gives {spe} step(s) per epoch of the {n_train} training images ({total} steps "
                          "in the full run): too few to learn from; use more data or smaller batches")
