@@ -117,7 +117,9 @@ def findings(cells: pa.Table) -> list[str]:
     elif large == 0 or best["max_stable_lr"] / large >= 2:
         times = "where no lr trains without clipping" if large == 0 else \
             f"{best['max_stable_lr'] / large:.3g}× the {z} without clipping"
-        out.append(f"at batch {hi} AGC {name} trains up to lr {frontier_text(best)}, {times}.")
+        weak = at[hi, NO_CLIP_COL]["frontier_holds"] is False  # the control is worse still over the full run
+        out.append(f"at batch {hi} AGC {name} trains up to lr {frontier_text(best)}, {times}"
+                   + (f" (and without clipping lr {z} did not even train over the full budget)." if weak else "."))
     else:
         out.append(f"NOT SHOWN: at batch {hi} the best AGC setting ({name}, lr {frontier_text(best)}) is not ≥ 2× "
                    f"no clipping's {z}.")

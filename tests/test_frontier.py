@@ -108,6 +108,13 @@ def test_findings_state_both_effects_with_numbers_and_say_when_not_shown():
     assert "falls as the batch grows: 0.8 at batch 64 → 0.1 at batch 1024 (÷8)" in shown
     assert "at batch 1024 AGC λ=0.01 trains up to lr 0.4, 4× the 0.1 without clipping" in shown
     assert "NOT SHOWN" not in shown and "1/2/0" not in shown and "3/2/0" in shown  # verdict counts per cell
+    rows = []
+    for b, nc in ((64, "ttttd"), (1024, "tdd")):
+        for lam, pat in (("none", nc), ("0.01", "tttss")):
+            rows += _lrs(f"batch_size={b} lambda={lam}", b, lam, pat, lrs=(0.1, 0.2, 0.4, 0.8, 1.6, 3.2))
+    rows.append(_row("batch_size=1024 lambda=none", 1024, "none", 0.1, "s", phase="full", acc=0.1))
+    weak = findings.frontier_summary(frontier.frontier_table(rows))
+    assert "4× the 0.1 without clipping (and without clipping lr 0.1 did not even train over the full budget)" in weak
     nothing = summary("ddd", "tts")
     assert "(no lr trains at the largest batch)" in nothing and "where no lr trains without clipping" in nothing
     hidden = summary("ttttd", "ttttd")  # no fall, and AGC only 1×
