@@ -58,11 +58,10 @@ def _table(title: str, batches, cols, at, text) -> list[str]:
     return lines
 
 
-def frontier_summary(cells: pa.Table, notes: list[str] = ()) -> str:
+def frontier_summary(cells: pa.Table) -> str:
     """The frontier table, verdict counts, LR sensitivity, best accuracy and the findings, with their numbers."""
     batches, cols, at = grid_of(cells)
-    lines = [f"budget: {n}" for n in notes]
-    lines += _table("largest base lr that trains (per 256 examples; ≥ = up to the largest lr tried; undecided = "
+    lines = _table("largest base lr that trains (per 256 examples; ≥ = up to the largest lr tried; undecided = "
                     "no lr trained in the scan):", batches, cols, at, frontier_text)
     lines += _table("scan runs trained / stalled / diverged:", batches, cols, at, lambda c: "-" if c is None else
                     f"{c['scan_trained']}/{c['scan_stalled']}/{c['scan_diverged']}")

@@ -65,9 +65,7 @@ def stability_rows(rows: list[dict]) -> list[dict]:
 def start_loss(rows: list[dict]) -> float:
     """The cell's loss at initialisation: the mean of its runs' first-step losses (the same init and first batch
     for every lr of a seed, so in practice one number per seed)."""
-    vals = [num(r.get("initial_train_loss")) for r in rows]
-    vals = [v for v in vals if math.isfinite(v)]
-    return sum(vals) / len(vals) if vals else float("nan")
+    return _mean([v for v in (num(r.get("initial_train_loss")) for r in rows) if math.isfinite(v)])
 
 
 @dataclass(frozen=True)

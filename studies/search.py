@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import storage
-from studies import analysis, findings, frontier, runner, schema
+from studies import analysis, findings, frontier, loop, runner, schema
 from studies.config import TrainConfig, lambda_label
 from studies.tracking import Tracker, check_tracking_uri, git_commit, hardware, redact
 
@@ -171,13 +171,11 @@ def steps_per_epoch(cfg: TrainConfig, n_train: int) -> int:
 
 
 def run_steps(cfg: TrainConfig, n_train: int) -> int:
-    return cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch(cfg, n_train)))
+    return loop.run_length(cfg, steps_per_epoch(cfg, n_train))[0]
 
 
 def warmup_steps(cfg: TrainConfig, n_train: int) -> int:
-    if cfg.warmup_steps is not None:
-        return cfg.warmup_steps
-    return round(cfg.warmup_epochs * steps_per_epoch(cfg, n_train))
+    return loop.run_length(cfg, steps_per_epoch(cfg, n_train))[2]
 
 
 def scan_length(preset: Preset, batch_size: int) -> int:
@@ -666,7 +664,7 @@ def finish(study: Study, table: storage.ResultsTable, parent: Tracker, wall: flo
 
 
 def frontier_analysis(study: Study, results, epochs):
-    """Default analysis: the stable region (frontier per cell) and its three figures."""
+    """Default analysis: the stable region (frontier per cell), its words and its four figures."""
     cells = frontier.frontier_table(results, best_k=study.preset.best_k)
     if not cells.num_rows:
         return {}, "", {}, cells
