@@ -41,8 +41,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import storage
 from nfnet import adaptive_grad_clip_, agc_parameters, create_model
-from studies.config import TrainConfig
-from studies.loop import WorkerContext, train
+from studies.training.config import TrainConfig
+from studies.training.loop import WorkerContext, train
 
 LAMBDA = 0.01  # AGC threshold of the NFNet recipe
 

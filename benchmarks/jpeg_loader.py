@@ -1,5 +1,5 @@
 """JPEG streaming throughput: the imagefolder streaming path (an ImageFolder prepared into encoded-JPEG Parquet
-shards, streamed by storage.EpochStream exactly as studies/loop.py streams a training worker's epochs: one Ray
+shards, streamed by storage.EpochStream exactly as studies/training/loop.py streams a training worker's epochs: one Ray
 Data execution over all epochs, read + verify, decode, resize + crop to 224 px, seeded local shuffle of 8 batches,
 uint8 batches) vs torchvision datasets.ImageFolder + DataLoader (PIL decode, RandomResizedCrop(224), ToTensor,
 shuffle=True), on the same CPU budget: Ray is started with num_cpus=W, so at most W read/decode tasks run at once,
@@ -87,7 +87,7 @@ def timed_round(epochs) -> tuple[int, float, float]:
 
 
 def ours(uri: str, image_size: int, batch_size: int, seed: int):
-    """k -> k epochs of one storage.EpochStream (as studies/loop.py streams a run's epochs): one Ray Data
+    """k -> k epochs of one storage.EpochStream (as studies/training/loop.py streams a run's epochs): one Ray Data
     execution, the next epoch decoded while this one drains."""
     def epochs(k: int):
         stream = storage.EpochStream(uri, "train", batch_size=batch_size, seed=seed, epochs=k, image_size=image_size)

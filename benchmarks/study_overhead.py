@@ -18,8 +18,8 @@ sys.argv[0] = "study_overhead"
 def torch_trainer_startup() -> float:
     # What each trial would pay if it started a Ray Train worker group: a 1-step run's wall time minus its training.
     import storage
-    from studies import runner
-    from studies.config import TrainConfig
+    from studies.training import runner
+    from studies.training.config import TrainConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         uri = storage.prepare_dataset("synthetic", tmp, seed=0, n_train=256, n_val=64).uri

@@ -146,6 +146,16 @@ def _clear_orphans(fs, dpath: str, uri: str) -> None:
         raise StorageError(f"cannot list {uri} ({one_line(e)}); check the URI and credentials") from e
 
 
+def _check_request(source: str, seed: int, path: str | None, params: dict, **sizes) -> None:
+    """Unknown or bad source parameters and shard sizes, refused before anything is written."""
+    sources.check_params(source, [*params, *(["path"] if path is not None else [])])
+    if source == "synthetic":
+        sources.synthetic_splits(seed, **params, check_only=True)
+    for name, v in sizes.items():
+        if not isinstance(v, int) or v < 1:
+            raise StorageError(f"{name} must be a positive integer, got {v!r}")
+
+
 def prepare_dataset(source: str, root: str, *, seed: int = 0, path: str | None = None,
                     rows_per_shard: int = 10000, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                     progress_every: int = 10000, **params) -> Manifest:
@@ -158,12 +168,7 @@ def prepare_dataset(source: str, root: str, *, seed: int = 0, path: str | None =
         if "/" in source or os.path.isdir(source):
             return open_dataset(source).manifest  # an existing shard set (or a clear error saying what it is)
         raise StorageError(f"unknown dataset source {source!r}; use one of {SOURCES} or an existing shard-set URI")
-    sources.check_params(source, [*params, *(["path"] if path is not None else [])])
-    if source == "synthetic":
-        sources.synthetic_splits(seed, **params, check_only=True)
-    for name, v in (("rows_per_shard", rows_per_shard), ("max_shard_bytes", max_shard_bytes)):
-        if not isinstance(v, int) or v < 1:
-            raise StorageError(f"{name} must be a positive integer, got {v!r}")
+    _check_request(source, seed, path, params, rows_per_shard=rows_per_shard, max_shard_bytes=max_shard_bytes)
     key = dict(params)
     if path is not None:
         key["path"] = path = os.path.abspath(os.path.expanduser(path))

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import sys
 
-from studies.cli import run_study_cli
-from studies.config import parse_lambda
-from studies.search import Preset, log_grid
+from studies.sweep.cli import run_study_cli
+from studies.sweep.design import Preset, log_grid
+from studies.training.config import parse_lambda
 
 LAMBDAS = [0.01, 0.02, 0.04, 0.08, 0.16, None]  # the paper's λ sweep plus its control
 BATCHES = [256, 512, 1024, 2048, 4096]

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import sys
 
-from studies import schema
-from studies.cli import run_study_cli
-from studies.runner import OBJECTIVE
-from studies.search import Preset
-from studies.tune_glue import tpe_space
+from studies.sweep import frontier
+from studies.sweep.cli import run_study_cli
+from studies.sweep.design import Analysis, Preset
+from studies.sweep.tpe import tpe_space
+from studies.training.summary import OBJECTIVE, RunSummary
 
 RANGES = {"base_lr": (0.05, 1.6, True), "clip_threshold": (0.005, 0.32, True), "augment_strength": (0.0, 1.0, False)}
 LAPTOP = dict(model="nf_resnet_cifar", model_overrides={"width": 8, "depth": 1}, dataset="synthetic", clipping="agc")
@@ -39,7 +39,7 @@ def optuna_study(results, ranges: dict):
     for r in results.to_pylist():
         if r["phase"] == "tpe" and all(r.get(k) is not None for k in ranges):
             st.add_trial(optuna.trial.create_trial(params={k: r[k] for k in ranges}, distributions=dists,
-                                                   value=schema.RunSummary.from_scalars(r).objective()))
+                                                   value=RunSummary.from_scalars(r).objective()))
     return st
 
 
@@ -47,12 +47,10 @@ def analyze(study, results, epochs):
     import matplotlib.pyplot as plt
     import optuna
 
-    from studies import frontier
-
     cells = frontier.frontier_table(results)
     st = optuna_study(results, study.preset.tpe)
     if not st.trials:
-        return {}, "no finished trials", {}, cells
+        return Analysis(cells, "no finished trials")
     importances = optuna.importance.get_param_importances(st) if len(st.trials) > 2 else {}
     values = [t.value for t in st.trials]
     fig_h, ax = plt.subplots(figsize=(7, 3.5))
@@ -67,8 +65,8 @@ def analyze(study, results, epochs):
     best = st.best_trial
     text = (f"best: val acc {best.value:.4f} with " + ", ".join(f"{k}={v:.4g}" for k, v in best.params.items())
             + "\nimportances: " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))
-    return ({"search_history.png": fig_h, "importances.png": fig_i}, text,
-            {"best_params": best.params, "best_value": best.value, "importances": importances}, cells)
+    return Analysis(cells, text, {"search_history.png": fig_h, "importances.png": fig_i},
+                    {"best_params": best.params, "best_value": best.value, "importances": importances})
 
 
 def main(argv: list[str] | None = None):

@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,8 +34,9 @@ import torch
 import nfnet
 import storage
 from nfnet.signal import residual_blocks, signal_propagation, without_weight_standardization
-from studies import tracking
-from studies.runner import default_storage_path
+from studies.sweep.report import mlflow_line, write_outputs
+from studies.training import tracking
+from studies.training.runner import default_storage_path
 
 NO_WS = ":no_ws"
 PRESETS = {
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
             nfnet.model_config(spec.removesuffix(NO_WS), **overrides)
         except ValueError as e:
             p.error(str(e))
-    uri = tracking.absolute_tracking_uri(args.tracking_uri) if args.tracking_uri else tracking.default_tracking_uri()
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
     tracking.check_tracking_uri(uri)
     out_dir = storage.uri.join(args.output or default_storage_path(), args.name)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -191,18 +191,12 @@ def main(argv: list[str] | None = None) -> dict:
         run.log_metrics({f"{r['model']}/{q}": r[q] for q in QUANTITIES}, step=r["block"])
 
     header = f"signal propagation at init: {size} px, batch {batch} of N(0, 1) images, {device.type}, {wall:.1f} s"
-    summary = "\n".join([header, *summarize(rows), f"outputs: {out_dir}/; MLflow experiment '{args.name}' at {uri}"])
+    summary = "\n".join([header, *summarize(rows), f"outputs: {out_dir}/", mlflow_line(args.name, uri)])
     table = pa.Table.from_pylist(rows)
-    files = {n: storage.uri.join(out_dir, n) for n in ("signal_prop.png", "signal_prop.parquet", "summary.txt")}
-    with tempfile.TemporaryDirectory() as tmp:
-        local = {n: Path(tmp) / n for n in files}
-        plot(rows, f"Signal propagation at init, {size} px, batch {batch}", local["signal_prop.png"])
-        pq.write_table(table, local["signal_prop.parquet"])
-        local["summary.txt"].write_text(summary)
-        for n, f in local.items():
-            fs, path = storage.resolve(files[n])
-            storage.uri.write_bytes_atomic(fs, path, f.read_bytes())
-            run.log_artifact(f)
+    files = write_outputs(out_dir, {
+        "signal_prop.png": lambda f: plot(rows, f"Signal propagation at init, {size} px, batch {batch}", f),
+        "signal_prop.parquet": lambda f: pq.write_table(table, f),
+        "summary.txt": lambda f: f.write_text(summary)}, run)
     run.log_metrics({"wall_time_s": wall}, step=0)
     run.end("completed")
     print(summary, flush=True)

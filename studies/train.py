@@ -8,9 +8,9 @@ import argparse
 import sys
 import time
 
-from studies import cli, runner
-from studies.config import TrainConfig
-from studies.tracking import absolute_tracking_uri, check_tracking_uri, default_tracking_uri, redact
+from studies.training import flags, runner
+from studies.training.config import TrainConfig
+from studies.training.tracking import check_tracking_uri, redact, resolve_tracking_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,13 +23,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="Ray Train storage for checkpoints (local path, s3://, gs://; default <project>/results)")
     p.add_argument("--in-process", action="store_true",
                    help="run a one-CPU-worker training in this process instead of a Ray worker group")
-    cli.add_train_args(p)
+    flags.add_train_args(p)
     args = p.parse_args(argv)
     try:
-        cfg = TrainConfig(**cli.overrides_from_args(args))
+        cfg = TrainConfig(**flags.overrides_from_args(args))
     except ValueError as e:
         p.error(str(e))
-    uri = absolute_tracking_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
+    uri = resolve_tracking_uri(args.tracking_uri)
     check_tracking_uri(uri)
     # The time in the name: Ray Train would otherwise hand this run an earlier same-named run's checkpoint.
     name = (args.run_name or f"{cfg.model}-b{cfg.batch_size}-lambda{cfg.lambda_label}") + \

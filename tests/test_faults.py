@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from studies import agc_lambda, search
-from studies.config import TrainConfig
+from studies import agc_lambda
+from studies.sweep import design
+from studies.training.config import TrainConfig
 from tests.services import free_port, http, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +33,7 @@ def flags(tmp_path, name, data_root, *extra):
 
 
 def table(tmp_path, name):
-    return search.Study(name, search.Preset(grid={"batch_size": [1]}, fixed={}), TrainConfig(),
+    return design.Study(name, design.Preset(grid={"batch_size": [1]}, fixed={}), TrainConfig(),
                         output=str(tmp_path / "out")).table()
 
 

@@ -37,7 +37,7 @@ def presets() -> dict:
 
 def per_trial(fixed: dict) -> tuple[float, int]:
     """(CPUs, GPUs) one trial of a preset asks for: num_workers × (cpus_per_worker [+ 1 GPU])."""
-    from studies.config import TrainConfig
+    from studies.training.config import TrainConfig
 
     cfg = TrainConfig(**fixed)
     return cfg.num_workers * cfg.cpus_per_worker, cfg.num_workers if cfg.use_gpu else 0

@@ -1,9 +1,8 @@
-"""Figures and batch-scaling analysis as pure functions over the study's pyarrow tables (results, epochs,
-cells): reruns offline, no Ray. The frontier itself is studies/frontier.py; its words, studies/findings.py."""
+"""The study's figures, drawn from its pyarrow tables (results, epochs, cells): reruns offline, no Ray. The
+frontier itself is frontier.py; its words, findings.py."""
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import matplotlib
 
@@ -11,8 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from studies.findings import frontier_text  # noqa: E402
-from studies.frontier import (  # noqa: E402
+from studies.sweep.findings import frontier_text  # noqa: E402
+from studies.sweep.frontier import (  # noqa: E402
     FOUND,
     NONE,
     SCAN_PHASES,
@@ -144,6 +143,20 @@ def _panels(n: int, ylabel: str):
     return fig, axes[0]
 
 
+def _label_panel(ax, batch: int, lrs) -> None:
+    _lr_axis(ax, lrs)
+    ax.set_title(f"batch {batch}", fontsize=10)
+    ax.set_xlabel("base lr (per 256)")
+    ax.grid(alpha=0.3)
+
+
+def _legend_and_fit(fig, axes):
+    if axes[-1].get_legend_handles_labels()[0]:
+        axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def plot_lr_loss(results: pa.Table | list[dict]):
     """Final training loss vs lr (Wortsman et al. 2023), a panel per batch size, a line per column of the map,
     from the scan runs; a diverged lr is drawn at the start loss (✕), the start as a dotted line."""
@@ -159,14 +172,8 @@ def plot_lr_loss(results: pa.Table | list[dict]):
         start = start_loss([r for rs in groups[b].values() for r in rs])
         if math.isfinite(start):
             ax.axhline(start, ls=":", color="gray", lw=1)
-        _lr_axis(ax, _grid_lrs([r for r in rows if r["batch_size"] == b]))
-        ax.set_title(f"batch {b}", fontsize=10)
-        ax.set_xlabel("base lr (per 256)")
-        ax.grid(alpha=0.3)
-    if axes[-1].get_legend_handles_labels()[0]:
-        axes[-1].legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+        _label_panel(ax, b, _grid_lrs([r for r in rows if r["batch_size"] == b]))
+    return _legend_and_fit(fig, axes)
 
 
 def plot_lr_accuracy(results: pa.Table | list[dict], best_k: int | None = None):
@@ -184,72 +191,8 @@ def plot_lr_accuracy(results: pa.Table | list[dict], best_k: int | None = None):
             line, = ax.plot(lrs, [top_k_mean(pts[lr], best_k) for lr in lrs], "o-", label=col)
             bad = [lr for lr in lrs if all(v == 0.0 for v in pts[lr])]
             ax.plot(bad, [0.0] * len(bad), "x", color=line.get_color(), ms=9, mew=2)
-        _lr_axis(ax, {float(r["base_lr"]) for r in rows if r["batch_size"] == b})
-        ax.set_title(f"batch {b}", fontsize=10)
-        ax.set_xlabel("base lr (per 256)")
-        ax.grid(alpha=0.3)
-    if axes[-1].get_legend_handles_labels()[0]:
-        axes[-1].legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def plot_curves(history: list[dict[str, Any]], title: str = ""):
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    steps = [h["step"] for h in history]
-    axes[0].plot(steps, [h.get("train_loss", math.nan) for h in history], "o-", label="train")
-    val = [(h["step"], h["val_loss"], h["val_acc"]) for h in history if "val_loss" in h]
-    if val:
-        axes[0].plot([v[0] for v in val], [v[1] for v in val], "s-", label="val")
-        axes[1].plot([v[0] for v in val], [v[2] for v in val], "s-", label="val top-1")
-    axes[1].plot(steps, [h.get("train_acc", math.nan) for h in history], "o-", label="train")
-    axes[0].set(xlabel="step", ylabel="loss", title="loss")
-    axes[1].set(xlabel="step", ylabel="accuracy", title="accuracy")
-    for a in axes:
-        a.legend()
-        a.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def steps_to_target(epochs: pa.Table | list[dict], target: float, metric: str = "val_acc") -> dict[str, int]:
-    """First step at which each trial's `metric` reached `target` (Shallue et al. 2018); trials that never
-    did are absent."""
-    out: dict[str, int] = {}
-    for r in sorted(rows_of(epochs), key=lambda r: (r["trial_key"], r["step"])):
-        v = r.get(metric)
-        if r["trial_key"] not in out and v is not None and not math.isnan(v) and v >= target:
-            out[r["trial_key"]] = int(r["step"])
-    return out
-
-
-def batch_scaling(results: pa.Table | list[dict], epochs: pa.Table | list[dict], target: float,
-                  metric: str = "best_val_acc") -> dict[str, list[dict]]:
-    """Per column of the map (a model variant) and batch size, over the full runs: best accuracy, fewest steps
-    to `target`, the gradient noise scale measured (NF models only: BN's batch statistics forbid the split)."""
-    reach = steps_to_target(epochs, target)
-    out: dict[str, dict[int, dict]] = {}
-    for r in rows_of(results):
-        if r.get("phase") in SCAN_PHASES:
-            continue
-        v, b = column_of(r)[1], int(r["batch_size"])
-        d = out.setdefault(v, {}).setdefault(b, {"batch_size": b, "acc": math.nan, "steps": None,
-                                                 "trials": 0, "diverged": 0, "gns": []})
-        d["trials"] += 1
-        d["diverged"] += r["status"] == "diverged"
-        acc = num(r.get(metric))
-        if r["status"] == "completed" and not math.isnan(acc) and (math.isnan(d["acc"]) or acc > d["acc"]):
-            d["acc"] = acc
-        s = reach.get(r["trial_key"])
-        if s is not None and (d["steps"] is None or s < d["steps"]):
-            d["steps"] = s
-        if not math.isnan(num(r.get("gns"))):
-            d["gns"].append(num(r["gns"]))
-    for by_b in out.values():
-        for d in by_b.values():
-            d["gns"] = sum(d["gns"]) / len(d["gns"]) if d["gns"] else math.nan
-    return {v: [by_b[b] for b in sorted(by_b)] for v, by_b in out.items()}
+        _label_panel(ax, b, {float(r["base_lr"]) for r in rows if r["batch_size"] == b})
+    return _legend_and_fit(fig, axes)
 
 
 def plot_batch_scaling(curves: dict[str, list[dict]], target: float, gns: float | None = None):

@@ -2,7 +2,7 @@
 no Ray, no plotting.
 
 Per cell (one scientific setting, e.g. batch size × λ) and per tried learning rate, every run has a verdict
-(studies/verdict.py: trained, stalled, diverged). An lr *trains* when a strict majority of its decided seeds
+(studies/training/verdict.py: trained, stalled, diverged). An lr *trains* when a strict majority of its decided seeds
 trained (1 of 2 is not a majority; failed and stopped runs decide nothing).
 
   best lr     the lr that trains with the lowest final loss (a run's loss counted as min(final, start), a
@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from studies.verdict import DIVERGED, STALLED, TRAINED, VERDICTS, judge
+from studies.training.verdict import DIVERGED, STALLED, TRAINED, VERDICTS, judge
 
 NO_CLIP = "none"
 SCAN_PHASES = ("scan", "refine")  # the short runs that decide stability; `full` runs measure accuracy
@@ -281,3 +281,44 @@ def cell_metrics(cells: pa.Table) -> list[tuple[str, float, int]]:
             if c[k] is not None:
                 out.append((f"{k}/{col}", float(c[k]), int(c["batch_size"])))
     return out
+
+
+# ---- batch scaling (Fig. 2a; Shallue et al. 2018): accuracy and steps to a target over batch sizes ----
+
+def steps_to_target(epochs: pa.Table | list[dict], target: float, metric: str = "val_acc") -> dict[str, int]:
+    """First step at which each trial's `metric` reached `target` (Shallue et al. 2018); trials that never
+    did are absent."""
+    out: dict[str, int] = {}
+    for r in sorted(rows_of(epochs), key=lambda r: (r["trial_key"], r["step"])):
+        v = r.get(metric)
+        if r["trial_key"] not in out and v is not None and not math.isnan(v) and v >= target:
+            out[r["trial_key"]] = int(r["step"])
+    return out
+
+
+def batch_scaling(results: pa.Table | list[dict], epochs: pa.Table | list[dict], target: float,
+                  metric: str = "best_val_acc") -> dict[str, list[dict]]:
+    """Per column of the map (a model variant) and batch size, over the full runs: best accuracy, fewest steps
+    to `target`, the gradient noise scale measured (NF models only: BN's batch statistics forbid the split)."""
+    reach = steps_to_target(epochs, target)
+    out: dict[str, dict[int, dict]] = {}
+    for r in rows_of(results):
+        if r.get("phase") in SCAN_PHASES:
+            continue
+        v, b = column_of(r)[1], int(r["batch_size"])
+        d = out.setdefault(v, {}).setdefault(b, {"batch_size": b, "acc": math.nan, "steps": None,
+                                                 "trials": 0, "diverged": 0, "gns": []})
+        d["trials"] += 1
+        d["diverged"] += r["status"] == "diverged"
+        acc = num(r.get(metric))
+        if r["status"] == "completed" and not math.isnan(acc) and (math.isnan(d["acc"]) or acc > d["acc"]):
+            d["acc"] = acc
+        s = reach.get(r["trial_key"])
+        if s is not None and (d["steps"] is None or s < d["steps"]):
+            d["steps"] = s
+        if not math.isnan(num(r.get("gns"))):
+            d["gns"].append(num(r["gns"]))
+    for by_b in out.values():
+        for d in by_b.values():
+            d["gns"] = sum(d["gns"]) / len(d["gns"]) if d["gns"] else math.nan
+    return {v: [by_b[b] for b in sorted(by_b)] for v, by_b in out.items()}

@@ -7,7 +7,7 @@ import math
 
 import pyarrow as pa
 
-from studies.frontier import FOUND, NONE, grid_of
+from studies.sweep.frontier import FOUND, NONE, grid_of
 
 NO_CLIP_COL = "no clipping"
 

@@ -2,7 +2,7 @@
 import pyarrow as pa
 import pytest
 
-from studies import findings, frontier
+from studies.sweep import findings, frontier
 
 START = 2.30
 LOSS = {"t": 1.8, "s": 2.29, "d": None, "f": None}  # trained, stalled, diverged, failed

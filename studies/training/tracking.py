@@ -13,10 +13,15 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from studies.config import PROJECT_DIR
+from studies.training.config import PROJECT_DIR
 
 # MLflow run status for each training status: a divergence is a result, not an error.
 RUN_STATUS = {"completed": "FINISHED", "diverged": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The tracking URI a command uses: the one given (made absolute), else the default."""
+    return absolute_tracking_uri(uri) if uri else default_tracking_uri()
 
 
 def default_tracking_uri() -> str:
@@ -246,3 +251,40 @@ class MetricLogger:
                 return False
             del self.pending[: len(batch)]
         return True
+
+
+def log_curves(tracker: Tracker, history: list[dict[str, Any]], title: str = "") -> None:
+    """The run's loss and accuracy per epoch as `curves.png` (a curve needs two epochs; a scan has one)."""
+    if len(history) < 2:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plot_curves(history, title)
+    tracker.log_figure(fig, "curves.png")
+    plt.close(fig)
+
+
+def plot_curves(history: list[dict[str, Any]], title: str = ""):
+    import math
+
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    steps = [h["step"] for h in history]
+    axes[0].plot(steps, [h.get("train_loss", math.nan) for h in history], "o-", label="train")
+    val = [(h["step"], h["val_loss"], h["val_acc"]) for h in history if "val_loss" in h]
+    if val:
+        axes[0].plot([v[0] for v in val], [v[1] for v in val], "s-", label="val")
+        axes[1].plot([v[0] for v in val], [v[2] for v in val], "s-", label="val top-1")
+    axes[1].plot(steps, [h.get("train_acc", math.nan) for h in history], "o-", label="train")
+    axes[0].set(xlabel="step", ylabel="loss", title="loss")
+    axes[1].set(xlabel="step", ylabel="accuracy", title="accuracy")
+    for a in axes:
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,68 +1,18 @@
-"""What a training run returns (RunSummary) and the study tables derived from it: `results.parquet` (one row per
-trial) and `cells.parquet` (one row per scientific cell). A new column is added here, once; README's "Results
-tables" documents each column."""
+"""The study's tables, derived from the dataclasses: `results.parquet` (one row per training run: identity, the
+config values it ran with, provenance, its RunSummary) and the epochs table (one row per run and epoch). A new
+column is added here or in RunSummary, once; README's "Results tables" documents each column."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
-from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
 import storage
-from studies.config import TrainConfig
-from studies.verdict import judge
-
-STATUSES = ("completed", "diverged", "failed", "stopped")
-
-
-@dataclass
-class RunSummary:
-    status: str  # one of STATUSES
-    steps: int = 0
-    epochs: int = 0
-    diverged_step: int | None = None
-    diverged_reason: str | None = None
-    error: str | None = None
-    best_val_acc: float | None = None
-    final_val_acc: float | None = None
-    best_val_loss: float | None = None
-    final_val_loss: float | None = None
-    initial_train_loss: float | None = None  # the first step's loss: the loss at initialisation
-    final_train_loss: float | None = None  # mean over the last tenth of the steps run
-    final_train_loss_se: float | None = None  # its standard error (spread of those steps' losses / √steps)
-    verdict: str | None = None  # trained | stalled | diverged (studies/verdict.py); None: failed or stopped
-    images_per_sec: float | None = None
-    train_time_s: float | None = None
-    wall_time_s: float | None = None
-    gns: float | None = None  # gradient noise scale B_simple (McCandlish et al. 2018)
-    node_id: str | None = None
-    mlflow_run_id: str | None = None
-    history: list[dict[str, Any]] = field(default_factory=list, repr=False)  # per epoch; the epochs table
-
-    def __post_init__(self):
-        if self.verdict is None:
-            self.verdict = judge(self.status, self.initial_train_loss, self.final_train_loss,
-                                 self.final_train_loss_se)
-
-    def scalars(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "history"}
-
-    @classmethod
-    def from_scalars(cls, d: dict[str, Any]) -> RunSummary:
-        names = {f.name for f in dataclasses.fields(cls)} - {"history"}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def objective(self) -> float:
-        """What searches maximise: best validation top-1; 0 for a run that diverged, failed or never evaluated."""
-        v = self.best_val_acc
-        if self.status in ("diverged", "failed") or v is None or not math.isfinite(v):
-            return 0.0
-        return float(v)
-
+from studies.training.config import TrainConfig
+from studies.training.summary import RunSummary
 
 # Study-side identity of a row: which study, which trial (its content, not Tune's id), which phase.
 IDENTITY = {"study": pa.string(), "trial_key": pa.string(), "phase": pa.string(), "cell": pa.string(),

@@ -1,7 +1,8 @@
 """The driver side of one training run: prepare data, start the MLflow run, then run the worker loop either
 through Ray Train's TorchTrainer (DDP over gloo/NCCL) or, for a single worker (CPU or one GPU, or a share of one)
-inside a Tune trial, in-process (identical numbers; see tests/test_train.py): no worker group to start per run, and
-the Tune actor, reused from trial to trial, keeps the dataset resident on its device for the whole study."""
+inside a Tune trial, in-process (identical numbers; see tests/test_training_runner.py): no worker group to start
+per run, and the Tune actor, reused from trial to trial, keeps the dataset resident on its device all study long.
+Which errors are the machines' (retried) and which the run's own (recorded `failed`): is_infrastructure."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,10 +16,10 @@ from typing import Any
 import torch
 
 import storage
-from studies import loop
-from studies.config import PROJECT_DIR, TrainConfig
-from studies.schema import RunSummary
-from studies.tracking import MetricLogger, Tracker, git_commit, hardware
+from studies.training import loop
+from studies.training.config import PROJECT_DIR, TrainConfig
+from studies.training.summary import OBJECTIVE, RunSummary
+from studies.training.tracking import MetricLogger, Tracker, git_commit, hardware, log_curves
 
 
 def prepare_data(cfg: TrainConfig) -> str:
@@ -94,7 +95,7 @@ def _worker_fn(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
-    cfg = TrainConfig.from_dict(config["cfg"])
+    cfg: TrainConfig = config["cfg"]  # built once, on the driver
     _set_threads(cfg)
     tc = ray.train.get_context()
     rank, world = tc.get_world_rank(), tc.get_world_size()
@@ -124,14 +125,22 @@ def runs_in_process(cfg: TrainConfig) -> bool:
     return cfg.num_workers == 1 and cfg.max_failures == 0
 
 
+def worker_resources(cfg: TrainConfig) -> dict[str, float]:
+    """What one worker of the run holds: its CPUs and, on GPUs, its share of one."""
+    return {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
+
+
+def trial_resources(cfg: TrainConfig) -> dict[str, float]:
+    """What a Tune trial of this run holds. In-process runs train in the trial's actor, so it holds the worker's
+    resources; a TorchTrainer trial only waits on its worker group and holds no CPU (a bundle cannot be empty)."""
+    return worker_resources(cfg) if runs_in_process(cfg) else {"CPU": 0, "memory": 64 << 20}
+
+
 def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}
     out[OBJECTIVE] = RunSummary(status=metrics.get("status", "running"),
                                 best_val_acc=metrics.get("best_val_acc")).objective()
     return out
-
-
-OBJECTIVE = "objective"  # the metric name Tune and Optuna see: RunSummary.objective()
 
 
 def run_in_process(cfg: TrainConfig, dataset_uri: str, tracking: dict[str, str] | None = None,
@@ -187,11 +196,11 @@ def run_torch_trainer(cfg: TrainConfig, dataset_uri: str, *, name: str, storage_
                 "lower --cpus-per-worker, add CPU nodes, or use --loader resident")
     trainer = TorchTrainer(
         _worker_fn,
-        train_loop_config={"cfg": cfg.to_dict(), "dataset_uri": dataset_uri, "tracking": tracking,
+        train_loop_config={"cfg": cfg, "dataset_uri": dataset_uri, "tracking": tracking,
                            "test_crash": test_crash},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})},
+            resources_per_worker=worker_resources(cfg),
         ),
         run_config=ray.train.RunConfig(
             name=name, **storage.uri.ray_storage(storage_path), callbacks=callbacks,
@@ -217,8 +226,6 @@ def train_and_track(cfg: TrainConfig, *, tracking_uri: str, experiment: str, run
                     dataset_uri: str | None = None, quiet: bool = False) -> RunSummary:
     """One run end to end: MLflow run opened first, so failures and divergences are recorded too. A bad config or
     bad data is a result (status failed); an infrastructure fault is raised, so Tune retries the trial."""
-    from studies import analysis
-
     dataset_uri = dataset_uri or prepare_data(cfg)
     tracker = Tracker.create(
         tracking_uri, experiment, run_name,
@@ -247,10 +254,7 @@ def train_and_track(cfg: TrainConfig, *, tracking_uri: str, experiment: str, run
     summary.mlflow_run_id = tracker.run_id
     tracker.log_dict(cfg.to_dict(), "config.json")
     tracker.log_dict(summary.scalars(), "final_metrics.json")
-    if len(summary.history) > 1:  # a curve needs two epochs; a scan has one
-        fig = analysis.plot_curves(summary.history, title=run_name)
-        tracker.log_figure(fig, "curves.png")
-        analysis.close(fig)
+    log_curves(tracker, summary.history, title=run_name)
     tags = {"diverged_step": summary.diverged_step} if summary.status == "diverged" else {}
     if summary.error:
         tags["error"] = summary.error[:500]

@@ -4,8 +4,10 @@ import math
 import pytest
 import torch
 
-from studies import loop, schema
-from studies.verdict import DIVERGED, STALLED, TRAINED, judge, margin, tail_stats
+from studies.sweep import tables
+from studies.training import monitors
+from studies.training.summary import RunSummary
+from studies.training.verdict import DIVERGED, STALLED, TRAINED, judge, margin, tail_stats
 
 CHANCE = math.log(10)
 
@@ -31,7 +33,7 @@ def test_noisy_losses_around_the_margin_need_the_noise_to_be_small():
 
 
 def _monitor(losses, factor=5.0):
-    m = loop.DivergenceMonitor(factor, world_size=1)
+    m = monitors.DivergenceMonitor(factor, world_size=1)
     for i, lv in enumerate(losses):
         m.add(torch.tensor(lv))
         if (i + 1) % 4 == 0 and m.check(i + 1):
@@ -44,17 +46,17 @@ def test_a_loss_that_spikes_and_recovers_is_judged_by_where_it_ends():
     spike = [2.30, 2.31, 6.5, 9.0, 4.0, 2.6] + [1.6] * 40  # up to 3.9x its start, then learns
     m = _monitor(spike)
     final, se = m.final_train_loss()
-    s = schema.RunSummary(status="completed", initial_train_loss=m.initial, final_train_loss=final,
+    s = RunSummary(status="completed", initial_train_loss=m.initial, final_train_loss=final,
                           final_train_loss_se=se)
     assert not m.diverged and s.verdict == TRAINED
     blown = _monitor([2.30, 2.31, 12.0] + [1.6] * 40)  # past 5x its start: diverged, whatever came after
     assert blown.diverged and blown.step == 2
-    assert schema.RunSummary(status="diverged", initial_train_loss=2.3).verdict == DIVERGED
+    assert RunSummary(status="diverged", initial_train_loss=2.3).verdict == DIVERGED
 
 
 def test_the_summary_carries_the_verdict_through_a_round_trip():
-    s = schema.RunSummary(status="completed", initial_train_loss=2.3, final_train_loss=2.29, final_train_loss_se=0.0)
+    s = RunSummary(status="completed", initial_train_loss=2.3, final_train_loss=2.29, final_train_loss_se=0.0)
     assert s.verdict == STALLED
-    back = schema.RunSummary.from_scalars(s.scalars())
+    back = RunSummary.from_scalars(s.scalars())
     assert back.verdict == STALLED and back.initial_train_loss == 2.3
-    assert {"verdict", "initial_train_loss", "final_train_loss_se"} <= set(schema.results_schema().names)
+    assert {"verdict", "initial_train_loss", "final_train_loss_se"} <= set(tables.results_schema().names)

@@ -1,0 +1,126 @@
+"""The study scripts' shared command line: preset → flags → Study → run_study → console summary, and its exit
+codes (2: refused before any trial, with one line naming the fix; the scripts exit 130 when interrupted). Every
+TrainConfig field is a flag too (training/flags.py); one a study sets itself is refused, with why."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import traceback
+from pathlib import Path
+from typing import Any
+
+import storage
+from studies.sweep.design import Preset, Study, log_grid
+from studies.sweep.run import run_study
+from studies.training import runner
+from studies.training.config import TrainConfig
+from studies.training.flags import add_train_args, flag, grid_flag, overrides_from_args
+from studies.training.tracking import redact, resolve_tracking_uri
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def add_study_args(p: argparse.ArgumentParser, preset_names, grid_flags: dict[str, tuple[Any, str]]) -> None:
+    g = p.add_argument_group("study")
+    g.add_argument("--preset", default="laptop", choices=preset_names, help="preset of fixed and grid values")
+    g.add_argument("--smoke-test", action="store_true", help="tiny model, one trial, a few steps")
+    g.add_argument("--name", default=None, help="study name (MLflow experiment and output folder): letters, "
+                                                 "digits, '_', '-', '.'")
+    g.add_argument("--output", default=None,
+                   help="where results go: local path, s3://, gs:// (default <project>/results)")
+    g.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or "
+                                                        "sqlite:///<project>/mlflow.db)")
+    g.add_argument("--seed", dest="study_seed", type=int, default=None,
+                   help="seed of the study: trial seeds are seed, seed+1, … (same seed, same numbers)")
+    g.add_argument("--seeds", type=int, default=None, help="seeds per learning rate")
+    g.add_argument("--best-k", type=int, default=None, help="a setting's score = mean of its best k seeds")
+    g.add_argument("--lrs", type=float, nargs="+", default=None, help="the base lrs tried in every cell (per 256)")
+    g.add_argument("--lr-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="base lrs on a log grid from LOW to HIGH, a factor 2 apart")
+    g.add_argument("--scan-steps", type=int, default=None,
+                   help="the stability scan's length after its warmup: at least this many optimizer steps")
+    g.add_argument("--scan-examples", type=int, default=None,
+                   help="... and at least this many examples (small batches need data to decide)")
+    g.add_argument("--full-top", type=int, default=None, help="full runs per cell at the best stable scan lrs")
+    g.add_argument("--trials", type=int, default=None, help="TPE trials (hpo)")
+    g.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: fits the cluster)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted study (same flags)")
+    g = p.add_argument_group("grid (scientific parameters)")
+    for axis, (conv, hlp) in grid_flags.items():
+        g.add_argument(grid_flag(axis), dest=f"grid_{axis}", type=conv, nargs="+", default=None, help=hlp)
+
+
+def owned_fields(preset, grid_axes) -> dict[str, str]:
+    """TrainConfig fields the study sets itself, with why: a flag for one would do nothing, so it is refused."""
+    owned = {"seed": "the study seeds each trial (use --seed)"}
+    if preset.tpe:
+        owned.update({k: "searched by TPE" for k in preset.tpe})
+    else:
+        owned["base_lr"] = "the lr design sets it per trial (use --lrs or --lr-range)"
+    for axis in grid_axes:
+        if axis == "clip_threshold":
+            owned.update(clip_threshold="a grid axis (use --lambdas)", clipping="set by --lambdas ('none' = off)")
+        elif axis == "variant":
+            owned.update(model=f"set by {grid_flag(axis)}", clipping=f"set by {grid_flag(axis)}")
+        else:
+            owned[axis] = f"a grid axis (use {grid_flag(axis)})"
+    return owned
+
+
+def build_study(name: str, presets: dict[str, Preset], args: argparse.Namespace, grid_flags, analyze=None) -> Study:
+    preset = presets["smoke" if args.smoke_test else args.preset]
+    overrides = overrides_from_args(args)
+    owned = owned_fields(preset, grid_flags)
+    bad = [k for k in overrides if k in owned]
+    if bad:
+        raise ValueError(f"{flag(bad[0])} does nothing in this study: {bad[0]} is {owned[bad[0]]}; remove it")
+    study_name = args.name or name
+    if not NAME.match(study_name):
+        raise ValueError(f"--name {study_name!r}: use letters, digits, '_', '-' and '.' only (it names an MLflow "
+                         "experiment, a folder and a filter)")
+    lrs = tuple(args.lrs) if args.lrs else log_grid(*args.lr_range) if args.lr_range else preset.lrs
+    changes = {k: v for k, v in (("lrs", lrs), ("seeds", args.seeds), ("best_k", args.best_k),
+                                 ("scan_steps", args.scan_steps), ("scan_examples", args.scan_examples),
+                                 ("full_top", args.full_top),
+                                 ("trials", args.trials)) if v is not None}
+    grid = {axis: getattr(args, f"grid_{axis}") or preset.grid[axis] for axis in grid_flags}
+    preset = dataclasses.replace(preset, grid=grid, **changes)
+    output = args.output or runner.default_storage_path()
+    storage.resolve(output)  # refuses 's3:/bucket' (one slash), which would otherwise become a local folder 's3:'
+    if "://" not in output:
+        output = str(Path(output).resolve())
+    return Study(
+        name=study_name, preset=preset, fixed=TrainConfig(**{**preset.fixed, **overrides}),
+        seed=args.study_seed or 0, output=output,
+        tracking_uri=resolve_tracking_uri(args.tracking_uri),
+        max_concurrent=args.max_concurrent, resume=args.resume, analyze=analyze)
+
+
+def run_study_cli(name: str, presets: dict, argv: list[str] | None, doc: str,
+                  grid_flags: dict[str, tuple[Any, str]], analyze=None) -> dict[str, Any]:
+    """`grid_flags` maps a scientific axis to (value parser, help); each becomes --<axis>s V [V ...]."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_study_args(p, list(presets), grid_flags)
+    add_train_args(p, skip=("seed",))  # --seed is the study's
+    args = p.parse_args(argv)
+    try:
+        study = build_study(name, presets, args, grid_flags, analyze)
+    except ValueError as e:
+        p.error(str(e))
+    pr = study.preset
+    scan = f"≥ {pr.scan_steps} steps" + (f" and ≥ {pr.scan_examples} examples" if pr.scan_examples else "")
+    phases = f"scan {scan} × {len(study.lrs())} lrs, refined once, then full runs at the best {pr.full_top} " \
+        "and the frontier" \
+        if pr.scan_steps else f"{pr.trials} TPE trials" if pr.tpe else f"{len(study.lrs())} lr(s) in full"
+    print(f"study {study.name}: {len(study.cells())} cells; {phases}; {pr.seeds} seed(s); output {study.study_dir};"
+          f" MLflow {redact(study.tracking_uri)}", flush=True)
+    try:
+        out = run_study(study)
+    except (ValueError, ConnectionError, PermissionError, FileNotFoundError, RuntimeError) as e:
+        if os.environ.get("NFNET_LAB_TRACEBACK") == "1":  # for whoever debugs the platform, not for users
+            traceback.print_exc()
+        p.exit(2, f"{p.prog}: error: {type(e).__name__ + ': ' if isinstance(e, OSError) else ''}{e}\n")
+    print(out["summary"], flush=True)
+    return out

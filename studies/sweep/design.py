@@ -1,0 +1,248 @@
+"""A study's design as plain data (no Ray): what it holds fixed, its scientific grid of cells, the nuisance lr
+design, and the trials of each phase as Specs, a pure function of the design (and of the scan's results):
+
+  scan    short runs of every lr × seed, past the warmup at a constant lr: where does the cell train at all?
+  refine  one more lr per cell, the geometric midpoint between its frontier and the first lr that fails (√2)
+  full    the whole budget at the cell's best lrs that train, and at its frontier (does it hold?): how well?
+
+A study without a scan (the paper's protocol) runs every lr of its design in full; hpo searches with TPE. The lr
+grid is the Deep Learning Tuning Playbook's exploration phase: the design never depends on completion order."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import storage
+from studies.sweep import frontier, tables
+from studies.training.config import TrainConfig, lambda_label
+from studies.training.flags import grid_flag
+from studies.training.schedule import run_length
+
+# Named config variants a study can use as a scientific axis (batch_scaling.py: the paper's Fig. 2a).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "bn_resnet": {"model": "bn_resnet_cifar", "clipping": "none"},
+    "nf_resnet": {"model": "nf_resnet_cifar", "clipping": "none"},
+    "nf_resnet+agc": {"model": "nf_resnet_cifar", "clipping": "agc"},
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What a study holds fixed, what it varies (grid: scientific) and how it explores the nuisance lr."""
+
+    grid: dict[str, list[Any]]  # axes: TrainConfig fields, "variant" (VARIANTS), clip_threshold None = no clipping
+    fixed: dict[str, Any]  # TrainConfig overrides held fixed
+    lrs: tuple[float, ...] = ()  # base lr design (per 256 examples); () = the fixed config's base_lr
+    # The stability scan's budget after its warmup: at least scan_steps optimizer steps AND scan_examples examples
+    # (small batches need data, large ones steps); never cut by the full run's length. None = no scan.
+    scan_steps: int | None = None
+    scan_examples: int = 0
+    full_top: int = 2  # full runs per cell, at the best stable scan lrs
+    seeds: int = 1
+    best_k: int | None = None  # a setting's score: mean of its best k seeds (the paper: best 4 of 5)
+    tpe: dict[str, tuple[float, float, bool]] | None = None  # hpo: name -> (low, high, log), searched with TPE
+    trials: int = 0  # hpo: TPE trials
+    target_acc: float | None = None  # batch_scaling: the accuracy whose steps-to-reach it counts
+
+
+@dataclass
+class Analysis:
+    """What a study's analysis makes of its tables."""
+
+    cells: Any  # a pyarrow Table: cells.parquet: one row per scientific cell
+    text: str = ""  # its words, in summary.txt and printed
+    figures: dict[str, Any] = field(default_factory=dict)  # file name -> matplotlib figure
+    extra: dict[str, Any] = field(default_factory=dict)  # study-specific values returned to the caller
+
+
+def log_grid(low: float, high: float, per_octave: int = 1) -> tuple[float, ...]:
+    n = round(math.log2(high / low) * per_octave)
+    return tuple(float(f"{low * 2 ** (i / per_octave):.4g}") for i in range(n + 1))
+
+
+@dataclass
+class Study:
+    name: str
+    preset: Preset
+    fixed: TrainConfig
+    seed: int = 0
+    output: str = "results"
+    tracking_uri: str = ""
+    experiment: str | None = None
+    max_concurrent: int | None = None  # default: fitted to the cluster
+    trial_retries: int = 2  # infrastructure failures (lost worker or node) retried per trial
+    resume: bool = False
+    analyze: Callable[[Study, Any, Any], Analysis] | None = None  # (study, results, epochs); default: the frontier
+
+    def __post_init__(self):
+        p = self.preset
+        if not p.grid or any(not v for v in p.grid.values()):
+            raise ValueError(f"study {self.name!r}: every scientific axis needs at least one value")
+        for axis, values in p.grid.items():
+            if len({json.dumps(v, sort_keys=True) for v in values}) < len(values):
+                raise ValueError(f"{grid_flag(axis)} lists a value twice ({values}); list each once")
+            if axis == "clip_threshold" and any(v is not None and not v > 0 for v in values):
+                raise ValueError(f"study {self.name!r}: λ must be > 0 (use 'none' for no clipping), got {values}")
+        if p.seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {p.seeds}")
+        if p.best_k is not None and not 1 <= p.best_k <= p.seeds:
+            raise ValueError(f"--best-k must be in [1, seeds={p.seeds}], got {p.best_k}")
+        if p.scan_steps is not None and p.scan_steps < 1 or p.full_top < 1 or p.scan_examples < 0:
+            raise ValueError("--scan-steps and --full-top must be >= 1, --scan-examples >= 0")
+        if any(not lr > 0 for lr in p.lrs):
+            raise ValueError(f"learning rates must be > 0, got {p.lrs}")
+        if p.tpe is not None and p.trials < 1:
+            raise ValueError(f"--trials must be >= 1, got {p.trials}")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ValueError(f"--max-concurrent must be >= 1, got {self.max_concurrent}")
+        if self.trial_retries < 0:
+            raise ValueError(f"trial retries must be >= 0, got {self.trial_retries}")
+        self.experiment = self.experiment or self.name
+
+    def cells(self) -> list[dict[str, Any]]:
+        keys = list(self.preset.grid)
+        return [dict(zip(keys, vals)) for vals in itertools.product(*self.preset.grid.values())]
+
+    @property
+    def study_dir(self) -> str:
+        return storage.uri.join(self.output, self.name)
+
+    def lrs(self) -> tuple[float, ...]:
+        return self.preset.lrs or (self.fixed.base_lr,)
+
+    def config(self, cell: dict[str, Any], **changes) -> TrainConfig:
+        return self.fixed.replace(**cell_changes(cell), **changes)
+
+    def table(self) -> storage.ResultsTable:
+        return tables.open_table(storage.uri.join(self.study_dir, "results"))
+
+    def record(self) -> dict[str, Any]:
+        """What makes two runs the same study: compared on --resume."""
+        return {"fixed": self.fixed.to_dict(), "seed": self.seed,
+                "preset": json.loads(json.dumps(dataclasses.asdict(self.preset), default=str))}
+
+
+def cell_changes(cell: dict[str, Any]) -> dict[str, Any]:
+    changes: dict[str, Any] = {}
+    for k, v in cell.items():
+        if k == "clip_threshold":  # λ; None = the no-clipping control
+            changes.update(clipping="none" if v is None else "agc", clip_threshold=v)
+        elif k == "variant":
+            changes.update(VARIANTS[v])
+        else:
+            changes[k] = v
+    return changes
+
+
+def cell_label(cell: dict[str, Any]) -> str:
+    def text(k, v):
+        if k == "clip_threshold":
+            return f"lambda={lambda_label(v)}"
+        return f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}"
+
+    return " ".join(text(k, v) for k, v in cell.items())
+
+
+# ---- the trials of each phase: plain data, a pure function of the study (and the scan's results) ----
+
+@dataclass(frozen=True)
+class Spec:
+    """One training run of the study: built once, on the driver; it reaches the loop as this TrainConfig."""
+
+    phase: str
+    cell: str
+    config: TrainConfig = field(repr=False)
+    key: str = ""  # the run's identity in the tables: phase + config fingerprint
+
+    def __post_init__(self):
+        if not self.key:
+            object.__setattr__(self, "key", f"{self.phase}-{self.config.fingerprint()}")
+
+    @property
+    def label(self) -> str:
+        return f"{self.phase} {self.cell} base_lr={self.config.base_lr:.3g} seed={self.config.seed}"
+
+
+def steps_per_epoch(cfg: TrainConfig, n_train: int) -> int:
+    return max(1, n_train // cfg.batch_size)
+
+
+def scan_length(preset: Preset, batch_size: int) -> int:
+    """Steps a scan runs after its warmup: at least scan_steps, and enough to see scan_examples examples."""
+    return max(preset.scan_steps or 0, -(-preset.scan_examples // batch_size))
+
+
+def scan_config(study: Study, full: TrainConfig, n_train: int) -> TrainConfig:
+    """A scan of a full run's config: the full run's warmup (in steps), then its peak lr held for scan_length
+    steps, so the scan reaches the lr it is labelled with; no evaluation, no checkpoints."""
+    warmup = run_length(full, steps_per_epoch(full, n_train))[2]
+    return full.replace(max_steps=warmup + scan_length(study.preset, full.batch_size), warmup_steps=warmup,
+                        lr_schedule="constant", schedule_steps=None, eval_every_epochs=0,
+                        checkpoint_every_epochs=0, checkpoint_every_minutes=0)
+
+
+def scan_specs(study: Study, n_train: int) -> list[Spec]:
+    if not study.preset.scan_steps:
+        return []
+    return [Spec("scan", cell_label(cell), scan_config(study, study.config(cell, base_lr=lr, seed=study.seed + s),
+                                                       n_train))
+            for cell in study.cells() for lr in study.lrs() for s in range(study.preset.seeds)]
+
+
+def refine_specs(study: Study, scan_rows, n_train: int) -> list[Spec]:
+    """One more scan lr per cell whose frontier lies inside the grid, every seed: a pure function of the scan."""
+    mid = frontier.refine_lrs(scan_rows)
+    return [Spec("refine", cell_label(cell),
+                 scan_config(study, study.config(cell, base_lr=mid[cell_label(cell)], seed=study.seed + s), n_train))
+            for cell in study.cells() if cell_label(cell) in mid for s in range(study.preset.seeds)]
+
+
+def full_specs(study: Study, scan_rows) -> list[Spec]:
+    """Every lr of the design without a scan; else each cell's best lrs that train, and its frontier."""
+    chosen = frontier.full_phase_lrs(scan_rows, study.preset.full_top) if study.preset.scan_steps else None
+    out = []
+    for cell in study.cells():
+        label = cell_label(cell)
+        lrs = study.lrs() if chosen is None else chosen.get(label, [])
+        out += [Spec("full", label, study.config(cell, base_lr=lr, seed=study.seed + s))
+                for lr in lrs for s in range(study.preset.seeds)]
+    return out
+
+
+HANDFUL = 4  # fewer batches per epoch than this and an epoch budget means almost nothing
+
+
+def budget_notes(study: Study, n_train: int) -> list[str]:
+    """What the data and budgets cannot decide, said before the first trial (and in the summary)."""
+    notes, seen = [], set()
+    for cfg in sorted((study.config(cell) for cell in study.cells()), key=lambda c: c.batch_size):
+        b, spe = cfg.batch_size, steps_per_epoch(cfg, n_train)
+        total = run_length(cfg, spe)[0]
+        if (b, total) in seen:
+            continue
+        seen.add((b, total))
+        if spe < HANDFUL:
+            notes.append(f"batch {b} gives {spe} step(s) per epoch of the {n_train} training images ({total} steps "
+                         "in the full run): too few to learn from; use more data or smaller batches")
+        elif study.preset.scan_steps and total < scan_length(study.preset, b):
+            notes.append(f"at batch {b} the full run ({total} steps) is shorter than its scan "
+                         f"({scan_length(study.preset, b)} steps after warmup): raise --epochs so the full run can "
+                         "confirm the frontier")
+    return notes
+
+
+def group_specs(specs: list[Spec], size: int) -> list[list[Spec]]:
+    """Consecutive runs of the same cell, `size` at a time (a Tune trial each: fewer, longer trials, as each costs
+    a scheduling round); the costliest groups first (longest-processing-time order packs a phase's end)."""
+    groups: list[list[Spec]] = []
+    for s in specs:
+        if groups and len(groups[-1]) < size and groups[-1][0].cell == s.cell:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    return sorted(groups, key=lambda g: -sum(s.config.batch_size * (s.config.max_steps or 0) for s in g))

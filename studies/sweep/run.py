@@ -1,0 +1,60 @@
+"""run_study, top to bottom: check → lock → prepare → size → record → tune → report."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import storage
+from studies.sweep import cluster, record, report
+from studies.sweep.design import Study, budget_notes
+from studies.training import runner
+from studies.training.tracking import Tracker, check_tracking_uri, git_commit, hardware
+
+
+def run_study(study: Study) -> dict[str, Any]:
+    """Run (or resume) the study; returns its tables, figures, summary and where things are."""
+    record.check_cells(study)
+    check_tracking_uri(study.tracking_uri)
+    record.check_paths(study)
+    # One study per output at a time: a second would share its tables and MLflow runs.
+    with storage.acquire_lock(study.study_dir, owner=f"study {study.name}"):
+        return _run_locked(study, new=record.check_record(study))
+
+
+def _run_locked(study: Study, new: bool) -> dict[str, Any]:
+    from studies.sweep.tpe import run_tpe
+    from studies.sweep.tune import Phases, TrialEnv
+
+    dataset_uri = runner.prepare_data(study.fixed)
+    n_train = record.validate(study, dataset_uri)
+    notes = budget_notes(study, n_train)
+    for note in notes:
+        print(f"budget: {note}", flush=True)
+    runner.init_ray(log_to_driver=False)
+    cap = cluster.cluster_capacity()
+    cluster.check_cluster_paths(study, cap.nodes, cap.autoscaling)
+    concurrency = study.max_concurrent or cluster.cluster_concurrency(study.fixed, cap)
+    if new:  # only now: a study refused before any trial leaves nothing that would ask for --resume
+        record.write_record(study)
+    parent = study_run(study, concurrency)
+    table = study.table()
+    env = TrialEnv(study.name, study.experiment, dataset_uri, study.tracking_uri, parent.run_id, table.uri,
+                   storage.uri.join(study.study_dir, "train"))
+    t0 = time.time()
+    if study.preset.tpe is not None:
+        complete = run_tpe(study, env, concurrency)
+    else:
+        complete = Phases(study, env, table, concurrency, n_train).fit()
+    return {**report.finish(study, table, parent, time.time() - t0, complete, notes), "concurrency": concurrency}
+
+
+def study_run(study: Study, concurrency: int) -> Tracker:
+    """The study's own MLflow run (the parent of its trials' runs); a resumed study continues the same one."""
+    parent = Tracker.create(study.tracking_uri, study.experiment, study.name,
+                            tags={"role": "study", "git_commit": git_commit(), "hardware": hardware()},
+                            reuse_tag=("study_key", f"{study.name}@{study.study_dir}"))
+    parent.log_params({"study.preset": json.dumps(study.record()["preset"])[:6000], "study.seed": study.seed,
+                       "study.max_concurrent": concurrency, **{f"fixed.{k}": v for k, v in study.fixed.flat().items()}})
+    parent.set_tags({"status": "running"})
+    return parent

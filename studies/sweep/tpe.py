@@ -1,0 +1,54 @@
+"""hpo's joint search: Optuna's TPE over the preset's ranges in one cell, on the same trainable as the grid
+phases (each trial one run, its own row). On --resume the finished trials are told to Optuna from the results
+table (a data format, not a pickled searcher), then the remaining trials run."""
+from __future__ import annotations
+
+from typing import Any
+
+from ray import tune
+
+from studies.sweep import tables
+from studies.sweep.design import Spec, Study, cell_label
+from studies.sweep.tune import TrialEnv, fit, train_specs, trainable
+from studies.training.config import TrainConfig
+from studies.training.summary import OBJECTIVE, RunSummary
+
+
+def tpe_space(ranges: dict[str, tuple[float, float, bool]]):
+    import optuna
+
+    return {k: optuna.distributions.FloatDistribution(lo, hi, log=log) for k, (lo, hi, log) in ranges.items()}
+
+
+def tpe_trial(config: dict[str, Any], env: TrialEnv, base: TrainConfig, cell: str) -> None:
+    """The trainable of a TPE trial: the searched values onto the cell's config."""
+    train_specs([Spec("tpe", cell, base.replace(**config))], env)
+
+
+def tpe_rows(table) -> list[dict]:
+    return [r for r in table.read().to_pylist() if r["phase"] == "tpe"]
+
+
+def run_tpe(study: Study, env: TrialEnv, concurrency: int) -> bool:
+    """True once the study has all its TPE trials."""
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    (cell,) = study.cells()
+    base = study.config(cell, seed=study.seed)
+    space = tpe_space(study.preset.tpe)
+    table = tables.open_table(env.results_uri)
+    rows = tpe_rows(table)
+    remaining = study.preset.trials - len(rows)
+    if remaining <= 0:
+        return True
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    searcher = OptunaSearch(space=space, metric=OBJECTIVE, mode="max",
+                            sampler=optuna.samplers.TPESampler(seed=study.seed, n_startup_trials=4),
+                            points_to_evaluate=[{k: r[k] for k in space} for r in rows] or None,
+                            evaluated_rewards=[RunSummary.from_scalars(r).objective() for r in rows] or None)
+    fit(study, trainable(tpe_trial, base, env=env, base=base, cell=cell_label(cell)),
+        tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency),
+                        num_samples=remaining, reuse_actors=True), "tpe")
+    return len(tpe_rows(table)) >= study.preset.trials

@@ -1,0 +1,226 @@
+"""The study's phases through Ray Tune: ONE Tune experiment for all of them (its trial processes stay warm from
+scan to full), a deterministic searcher that hands out a phase only once every run of the phase before has its
+row, the trainable (a few runs of one cell in a row, each writing its own row), progress lines, SIGTERM as
+Ctrl-C. Runs whose rows exist are skipped: nothing is lost or run twice. Public Ray API only."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ray import tune
+from ray.tune.search import Searcher
+
+import storage
+from studies.sweep import frontier, tables
+from studies.sweep.design import Spec, Study, full_specs, group_specs, refine_specs, scan_specs
+from studies.training import runner
+from studies.training.summary import OBJECTIVE, RunSummary
+from studies.training.tracking import git_commit, hardware
+
+SCAN_RUNS_PER_TRIAL = 4
+
+
+@dataclass
+class TrialEnv:
+    """Where every trial of the study reads and writes (the same for all its trials)."""
+
+    study: str
+    experiment: str
+    dataset_uri: str
+    tracking_uri: str
+    parent_run_id: str
+    results_uri: str
+    storage_path: str  # Ray Train's storage for multi-worker runs' checkpoints
+
+
+def train_specs(specs: list[Spec], env: TrialEnv) -> None:
+    """Run the specs in a row inside one Tune trial; each writes its row when it ends, and a retried trial skips
+    the runs that have one."""
+    table = tables.open_table(env.results_uri)
+    done = set(table.read().column("trial_key").to_pylist()) if len(specs) > 1 else set()
+    for spec in specs:
+        if spec.key in done:
+            continue
+        summary = train_spec(spec, env, table)
+        tune.report({**{k: v for k, v in summary.scalars().items() if v is not None}, "trial_key": spec.key,
+                     "label": spec.label, OBJECTIVE: summary.objective()})
+
+
+def phase_trial(config: dict[str, Any], env: TrialEnv) -> None:
+    """The trainable of the grid phases: config["specs"] holds the runs the PhaseSearcher handed out."""
+    train_specs(config["specs"], env)
+
+
+def train_spec(spec: Spec, env: TrialEnv, table: storage.ResultsTable) -> RunSummary:
+    cfg = spec.config
+    summary = runner.train_and_track(
+        cfg, tracking_uri=env.tracking_uri, experiment=env.experiment, run_name=spec.label,
+        storage_path=env.storage_path, parent_run_id=env.parent_run_id, reuse_key=f"{env.study}:{spec.key}",
+        tags={"study": env.study, "cell": spec.cell, "phase": spec.phase, "trial_key": spec.key,
+              "lambda": cfg.lambda_label, "seed": str(cfg.seed)},
+        in_tune=True, dataset_uri=env.dataset_uri, quiet=True)
+    table.append_epochs(tables.epoch_rows(spec.key, summary.history))
+    # The row last: once it exists the run is done, and --resume skips it.
+    table.append([tables.results_row({"study": env.study, "trial_key": spec.key, "phase": spec.phase,
+                                      "cell": spec.cell}, cfg, summary, hardware(), git_commit())])
+    return summary
+
+
+def trainable(fn: Callable, cfg, **params):
+    """A Tune trainable holding what one run of `cfg` needs (runner.trial_resources)."""
+    return tune.with_resources(tune.with_parameters(fn, **params), runner.trial_resources(cfg))
+
+
+class PhaseSearcher(Searcher):
+    """Hands out the trials of one phase after another: a phase's trials are computed (by its function) only once
+    every trial of the previous phase has ended, so the full phase sees the whole scan. Deterministic: no
+    suggestion depends on the order in which trials finish."""
+
+    def __init__(self, phases: list[Callable[[], list[list[Spec]]]]):
+        super().__init__(metric=OBJECTIVE, mode="max")
+        self.phases, self.queue, self.running = list(phases), [], set()
+
+    def suggest(self, trial_id: str):
+        while not self.queue:
+            if self.running:
+                return None  # the phase is still running: wait
+            if not self.phases:
+                return Searcher.FINISHED
+            self.queue = self.phases.pop(0)()
+        self.running.add(trial_id)
+        return {"specs": self.queue.pop(0)}
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        self.running.discard(trial_id)
+
+    def save(self, checkpoint_path: str) -> None:
+        pass  # nothing to save: the phases are recomputed from the results table on --resume
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass
+
+
+class ProgressPrinter(tune.Callback):
+    """A line per finished training run."""
+
+    def __init__(self):
+        self.done = 0
+        self.t0: dict[str, float] = {}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.t0.setdefault(trial.trial_id, time.time())
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "label" in result:  # one training run of the trial ended
+            self._line(trial, result["label"], result.get("status", "?"), result)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        # No row: a trial that failed on infrastructure (after its retries) is rerun by --resume. A bad config or
+        # bad data never gets here: the trial records it as a `failed` row itself.
+        where = getattr(trial, "error_file", "") or "the Tune logs"
+        runs = trial.config.get("specs") or [None]
+        self._line(trial, f"a trial of {len(runs)} run(s)", "failed",
+                   {"error": f"after {trial.num_failures} attempt(s), see {where}; --resume reruns it"})
+
+    def _line(self, trial, label: str, status: str, r: dict[str, Any]) -> None:
+        self.done += 1
+        extra = f" at step {r.get('diverged_step')}" if status == "diverged" else \
+            f": {str(r.get('error', ''))[:160]}" if status == "failed" else ""
+        acc = f" best val acc {r['best_val_acc']:.3f}" if r.get("best_val_acc") is not None else \
+            f" loss {r['final_train_loss']:.3f}" if r.get("final_train_loss") is not None and status == "completed" \
+            else ""
+        dt = r.get("wall_time_s") or time.time() - self.t0.get(trial.trial_id, time.time())
+        print(f"[{self.done}] {label}: {status}{extra}{acc} ({dt:.0f} s)", flush=True)
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """SIGTERM (a scheduler, `kill`) stops the study as Ctrl-C does: Tune stops the trials, the study is marked
+    interrupted and stays resumable. Installed after ray.init, whose own SIGTERM handler would end the driver."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def fit(study: Study, trainable_, tune_config: tune.TuneConfig, name: str) -> None:
+    """Fit one Tune experiment of the study (its own JSON and CSV trial loggers, progress lines, retries)."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    # Tune's own JSON and CSV trial loggers (its end-of-fit analysis reads them), not its TensorBoard one: the
+    # study's record is the results table and MLflow, and TensorBoardX warns "NaN or Inf" on a metric left NaN
+    # on purpose (the noise scale of an unmeasured run). Read by Tune when the Tuner fits.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    run_config = tune.RunConfig(
+        name=f"{study.name}-{name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        **storage.uri.ray_storage(storage.uri.join(study.study_dir, "tune")), verbose=0,
+        callbacks=[ProgressPrinter(), JsonLoggerCallback(), CSVLoggerCallback()],
+        failure_config=tune.FailureConfig(max_failures=study.trial_retries))
+    with sigterm_as_ctrl_c():
+        tune.Tuner(trainable_, tune_config=tune_config, run_config=run_config).fit()
+
+
+class Phases:
+    """scan → refine → full, each computed from the rows of the phases before it."""
+
+    def __init__(self, study: Study, env: TrialEnv, table: storage.ResultsTable, concurrency: int, n_train: int):
+        self.study, self.env, self.table, self.concurrency, self.n_train = study, env, table, concurrency, n_train
+
+    def done(self) -> set[str]:
+        return set(self.table.read().column("trial_key").to_pylist())
+
+    def scan(self) -> list[Spec]:
+        return scan_specs(self.study, self.n_train)
+
+    def _after(self, before: list[Spec] | None) -> list[dict] | None:
+        """The results table once every run of the phase before has its row; None while one lacks it."""
+        done = self.done()
+        if before is None or any(s.key not in done for s in before):
+            return None
+        return self.table.read().to_pylist()
+
+    def refine(self) -> list[Spec] | None:
+        """The refinement runs; None while any scan run lacks its row (the frontier is not known yet)."""
+        if not self.study.preset.scan_steps:
+            return []
+        rows = self._after(self.scan())
+        return None if rows is None else refine_specs(self.study, rows, self.n_train)
+
+    def full(self) -> list[Spec] | None:
+        """The full phase's runs; None while any scan or refinement run lacks its row."""
+        refine = self.refine()
+        rows = self._after(None if refine is None else self.scan() + refine)
+        return None if rows is None else full_specs(self.study, rows)
+
+    def pending(self, phase: str, specs: list[Spec] | None) -> list[list[Spec]]:
+        if not specs:
+            return []
+        done = self.done()
+        todo = [s for s in specs if s.key not in done]
+        if todo:
+            print(f"{phase}: {len(todo)} run(s)" + (f" ({len(specs) - len(todo)} already done)"
+                                                    if len(todo) < len(specs) else ""), flush=True)
+        return group_specs(todo, SCAN_RUNS_PER_TRIAL if phase in frontier.SCAN_PHASES else 1)
+
+    def fit(self) -> bool:
+        """True when every run of every phase has its row (False: interrupted, or lost to infrastructure)."""
+        searcher = PhaseSearcher([lambda: self.pending("scan", self.scan()),
+                                  lambda: self.pending("refine", self.refine()),
+                                  lambda: self.pending("full", self.full())])
+        # reuse_actors: a finished trial's process runs the next one (no Python + torch start per trial).
+        fit(self.study, trainable(phase_trial, self.study.fixed, env=self.env),
+            tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=self.concurrency,
+                            reuse_actors=True), "grid")
+        full = self.full()
+        done = self.done()
+        return full is not None and all(s.key in done for s in full)

@@ -1,0 +1,88 @@
+"""The study command line: bad input refused before any trial, with one line naming the fix."""
+import time
+
+import pytest
+
+from studies import agc_lambda, batch_scaling
+from studies.sweep import design
+from studies.sweep.run import run_study
+from studies.training.config import TrainConfig
+from tests.helpers import common_flags
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--batch-sizes", "100000"], "larger than the training split"),
+    (["--lambdas", "-0.1"], "λ must be > 0"),
+    (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--max-concurrent", "-1"], "--max-concurrent must be >= 1"),
+    (["--max-failures", "-1"], "max_failures must be >= 0"),
+    (["--gns-every-steps", "-1"], "gns_every_steps must be >= 0"),
+    (["--image-size", "-5"], "image_size must be > 0, got -5"),
+    (["--base-lr", "0.3"], "--base-lr does nothing in this study"),
+    (["--clipping", "none"], "--clipping does nothing"),
+    (["--name", "lr's test"], "--name"),
+    (["--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
+    (["--dataset", "cifar10", "--dataset-params", '{"path": "/no/such/dir"}'], "/no/such/dir"),
+    (["--use-gpu", "true"], "GPU"),
+    (["--batch-sizes", "100", "--num-workers", "8"], "not divisible by num_workers 8"),
+    (["--dataset-params", '{"num_train": 5000}'], "did you mean n_train"),
+    (["--model-overrides", '{"widht": 16}'], "widht"),
+    (["--data-root", "data"], "relative path"),
+    (["--output", "s3:/bucket"], "s3:/bucket"),
+    (["--output", "/proc/no-such-dir"], "cannot write"),
+    (["--tracking-uri", "sqlite://mlflow.db"], "three slashes"),
+    (["--tracking-uri", "mlflow.db"], "looks like a SQLite file"),
+])
+def test_bad_study_input_fails_before_any_trial(tmp_path, flags, msg, ray_cluster, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a bad path taken for a relative one would land here
+    base = ["--smoke-test", *common_flags(tmp_path)]
+    t0 = time.time()
+    with pytest.raises(SystemExit) as e:
+        agc_lambda.main(base + flags)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and msg in err and "Traceback" not in err
+    assert len(err.strip().splitlines()[-1]) > 30 and time.time() - t0 < 30  # one clear line, at once
+    assert not (tmp_path / "out" / "s" / "results").exists()
+    assert not (tmp_path / "out" / "s" / "study.json").exists()  # the fixed command is not told to --resume
+    assert not (tmp_path / "s3:").exists()  # 's3:/bucket' was not taken for a relative folder
+
+
+def test_a_cell_whose_model_cannot_be_built_is_refused_before_any_trial(tmp_path):
+    study = design.Study(
+        name="fails", preset=design.Preset(grid={"model_overrides": [{"width": 8, "depth": 1},
+                                                                     {"width": -4, "depth": 1}]}, fixed={}),
+        fixed=TrainConfig(max_steps=4, batch_size=32, dataset_params={"n_train": 256, "n_val": 64},
+                          data_root=str(tmp_path / "data")),
+        output=str(tmp_path / "out"), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", max_concurrent=2)
+    with pytest.raises(ValueError, match="width must be >= 1, got -4"):
+        run_study(study)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+
+
+def test_a_second_study_on_the_same_output_is_refused(tmp_path, ray_cluster, capsys):
+    import storage
+
+    held = storage.acquire_lock(str(tmp_path / "out" / "s"), owner="study s", heartbeat=False)  # the first study
+    try:
+        with pytest.raises(SystemExit) as e:
+            agc_lambda.main(["--smoke-test", *common_flags(tmp_path)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "is in use by study s" in err and "another --output" in err
+        assert not (tmp_path / "out" / "s" / "results").exists()
+    finally:
+        held.release()
+
+
+@pytest.mark.parametrize("module, flags, line", [
+    (agc_lambda, ["--lambdas", "0.02", "0.02"], "--lambdas lists a value twice ([0.02, 0.02]); list each once"),
+    (agc_lambda, ["--batch-sizes", "64", "64"], "--batch-sizes lists a value twice ([64, 64]); list each once"),
+    (batch_scaling, ["--variants", "nf_resnet", "nf_resnet"],
+     "--variants lists a value twice (['nf_resnet', 'nf_resnet']); list each once"),
+    (agc_lambda, ["--lambda", "0.1"], "--lambda does nothing in this study: clip_threshold is a grid axis (use "
+                                     "--lambdas); remove it"),
+])
+def test_a_refused_flag_is_named_as_the_user_typed_it(tmp_path, capsys, module, flags, line):
+    with pytest.raises(SystemExit) as e:
+        module.main(["--smoke-test", *common_flags(tmp_path), *flags])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].split(" error: ", 1)[1] == line

@@ -1,0 +1,66 @@
+"""The design: every trial known before it runs."""
+
+import pytest
+
+from studies import agc_lambda, batch_scaling
+from studies.sweep import design
+from studies.training import schedule
+from studies.training.config import TrainConfig
+
+
+def test_specs_scan_then_full_and_paper_protocol():
+    fixed = TrainConfig(model_overrides={"width": 8, "depth": 1}, epochs=2, warmup_steps=0)
+    st = design.Study("s", design.Preset(grid={"batch_size": [64, 256], "clip_threshold": [0.01, None]},
+                                         fixed={}, lrs=(0.2, 0.4, 0.8), scan_steps=10, scan_examples=1280, seeds=2),
+                      fixed)
+    specs = design.scan_specs(st, n_train=1024)
+    assert len(specs) == 4 * 3 * 2 and len({s.key for s in specs}) == len(specs)
+    by_batch = {s.config.batch_size: s.config for s in specs}
+    # The scan budget is a floor in steps AND examples (batch 64: 1280 / 64 = 20 steps; batch 256: 10 steps),
+    # longer than the 2-epoch full run at batch 256 (8 steps): the full run's length never cuts it.
+    assert (by_batch[64].max_steps, by_batch[256].max_steps) == (20, 10)
+    assert all((c.lr_schedule, c.eval_every_epochs, c.schedule_steps) == ("constant", 0, None)
+               for c in by_batch.values())
+    none = [s.config for s in specs if "lambda=none" in s.cell]
+    assert all(c.clipping == "none" and c.clip_threshold is None for c in none)
+    paper = design.Study("p", design.Preset(grid={"batch_size": [256], "clip_threshold": [0.01]}, fixed={},
+                                            lrs=(0.1,), seeds=5, best_k=4), fixed)
+    full = design.full_specs(paper, None)
+    assert [s.config.seed for s in full] == [0, 1, 2, 3, 4]
+    assert {s.config.lr for s in full} == {0.1}  # linear scaling: 0.1 × 256/256
+
+
+def test_a_scan_runs_past_the_warmup_to_the_lr_it_is_labelled_with():
+
+    # cifar10-like: 2 warmup epochs at batch 256 of 50k images are 390 steps, longer than the 100-step scan.
+    fixed = TrainConfig(epochs=30, warmup_epochs=2, batch_size=256)
+    st = design.Study("w", design.Preset(grid={"batch_size": [256, 4096]}, fixed={}, lrs=(0.4,), scan_steps=100),
+                      fixed)
+    for spec in design.scan_specs(st, n_train=50_000):
+        cfg = spec.config
+        total, sched, warmup = schedule.run_length(cfg, 50_000 // cfg.batch_size)
+        assert total == warmup + 100 and warmup == round(2 * (50_000 // cfg.batch_size))
+        assert schedule.lr_at(total - 1, sched, warmup, cfg.lr, cfg.lr_schedule) == pytest.approx(cfg.lr)
+        assert schedule.lr_at(warmup - 1, sched, warmup, cfg.lr, cfg.lr_schedule) == pytest.approx(cfg.lr)
+    # Every preset of every grid study: each scan ends at its peak lr, after at least its budget of steps.
+    for module in (agc_lambda, batch_scaling):
+        for name, preset in module.PRESETS.items():
+            if not preset.scan_steps:
+                continue
+            study = design.Study(name, preset, TrainConfig(**preset.fixed))
+            for spec in design.scan_specs(study, n_train=50_000):
+                cfg = spec.config
+                total, sched, warmup = schedule.run_length(cfg, 50_000 // cfg.batch_size)
+                assert total - warmup >= preset.scan_steps, (module.__name__, name)
+                assert schedule.lr_at(total - 1, sched, warmup, cfg.lr, cfg.lr_schedule) == pytest.approx(cfg.lr)
+
+
+def test_a_budget_the_data_cannot_fill_is_said_before_any_trial():
+    fixed = TrainConfig(epochs=2, warmup_steps=0)
+    st = design.Study("b", design.Preset(grid={"batch_size": [64, 256, 1024]}, fixed={}, lrs=(0.4,),
+                                         scan_steps=40), fixed)
+    notes = design.budget_notes(st, n_train=1500)  # 1,500 real images: batch 1024 has 1 step per epoch
+    assert len(notes) == 2
+    assert notes[0].startswith("at batch 256 the full run (10 steps) is shorter than its scan (40 steps")
+    assert notes[1].startswith("batch 1024 gives 1 step(s) per epoch of the 1500 training images (2 steps")
+    assert design.budget_notes(st, n_train=100_000) == []

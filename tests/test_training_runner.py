@@ -1,0 +1,105 @@
+"""The runner: in-process vs TorchTrainer (same numbers), DDP, streaming, failures sorted."""
+import math
+
+import pytest
+
+from studies.training import runner
+from studies.training.config import TrainConfig
+from studies.training.tracking import Tracker
+from tests.helpers import tiny_cfg
+
+
+def _losses(summary):
+    return [h["train_loss"] for h in summary.history]
+
+
+def test_failed_run_is_tracked(tmp_path, tiny_data):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = tiny_cfg(dataset=str(tmp_path / "no-such-shards"))
+    out = runner.train_and_track(cfg, tracking_uri=uri, experiment="t", run_name="broken",
+                                 storage_path=str(tmp_path), in_process=True, dataset_uri=str(tmp_path / "nowhere"))
+    assert out.status == "failed" and out.error
+    run = Tracker(uri, out.mlflow_run_id).client.get_run(out.mlflow_run_id)
+    assert run.info.status == "FAILED" and run.data.tags["status"] == "failed"
+
+
+@pytest.mark.ray
+def test_ddp_two_workers_match_one_and_land_in_mlflow(ray_cluster, tmp_path, tiny_data):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = tiny_cfg(seed=1, max_steps=16, num_workers=2, batch_size=64)
+    ddp = runner.train_and_track(cfg, tracking_uri=uri, experiment="ddp", run_name="ddp2",
+                                 storage_path=str(tmp_path / "ray"), in_process=False, dataset_uri=tiny_data)
+    assert ddp.status == "completed", ddp.error
+    one = runner.run_in_process(cfg.replace(num_workers=1), tiny_data, quiet=True)
+    # Same global batch, same samples per step: 1×64 and 2×32 follow the same curve (float reduction order only).
+    assert _losses(ddp) == pytest.approx(_losses(one), rel=2e-3)
+    assert ddp.final_val_acc == pytest.approx(one.final_val_acc, abs=2 / 128)
+
+    run = Tracker(uri, ddp.mlflow_run_id).client.get_run(ddp.mlflow_run_id)
+    assert run.data.params["num_workers"] == "2" and run.data.params["batch_size"] == "64"
+    assert run.data.params["clipping"] == "agc" and float(run.data.params["lr"]) == pytest.approx(cfg.lr)
+    for m in ("train_loss", "val_acc", "grad_norm_before", "grad_norm_after", "agc_clipped_frac", "images_per_sec",
+              "gns", "agc_clipped_frac.stem"):
+        assert m in run.data.metrics, m
+    assert run.data.tags["status"] == "completed" and run.info.status == "FINISHED"
+    arts = {a.path for a in Tracker(uri, ddp.mlflow_run_id).client.list_artifacts(ddp.mlflow_run_id)}
+    assert {"config.json", "final_metrics.json", "curves.png"} <= arts
+
+
+@pytest.mark.ray
+def test_in_process_equals_torch_trainer_and_resume_after_kill(ray_cluster, tmp_path, tiny_data):
+    # 512 images / 64 = 8 steps per epoch; 3 epochs, checkpoint every epoch, the worker dies once at step 13.
+    cfg = tiny_cfg(seed=2, max_steps=24, checkpoint_every_epochs=1)
+    ref = runner.run_in_process(cfg, tiny_data, quiet=True)
+    trainer = runner.run_torch_trainer(cfg, tiny_data, name="one", storage_path=str(tmp_path / "ray"))
+    assert _losses(trainer) == _losses(ref)
+    assert trainer.final_val_acc == ref.final_val_acc
+
+    resumed = runner.run_torch_trainer(cfg.replace(max_failures=1), tiny_data, name="killed",
+                                       storage_path=str(tmp_path / "ray"), test_crash=(13, str(tmp_path / "crashed")))
+    assert (tmp_path / "crashed").exists()  # it really died once
+    assert resumed.status == "completed" and resumed.steps == 24
+    assert _losses(resumed) == _losses(ref)
+    assert resumed.final_val_acc == ref.final_val_acc
+
+
+@pytest.mark.ray
+def test_streaming_through_ray_data_to_two_workers(ray_cluster, tmp_path, tiny_data):
+    # Ray Data decodes on CPU workers; each Train worker streams its own half of every epoch (storage.EpochStream).
+    # Half a CPU per Train worker leaves the 2-CPU test cluster room for the Ray Data decode tasks.
+    cfg = tiny_cfg(seed=5, num_workers=2, cpus_per_worker=0.5, loader="streaming", max_steps=16)
+    out = runner.run_torch_trainer(cfg, tiny_data, name="stream", storage_path=str(tmp_path / "ray"))
+    assert out.status == "completed" and out.steps == 16
+    assert all(math.isfinite(h["train_loss"]) for h in out.history)
+    assert out.history[-1]["train_loss"] < out.history[0]["train_loss"] + 0.05
+
+
+def test_bad_config_is_recorded_failed_but_infrastructure_faults_are_raised_for_retry(tmp_path, tiny_data,
+                                                                                        monkeypatch):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+
+    def run(exc):
+        def boom(*a, **k):
+            raise exc
+        monkeypatch.setattr(runner, "run_in_process", boom)
+        return runner.train_and_track(tiny_cfg(), tracking_uri=uri, experiment="t", run_name="r",
+                                      storage_path=str(tmp_path), in_process=True, dataset_uri=tiny_data)
+
+    out = run(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))  # a bug or a bad config: same again
+    assert out.status == "failed" and "shapes" in out.error
+    for exc in (ConnectionError("tracking server unreachable"), TimeoutError("storage timed out")):
+        with pytest.raises(type(exc)):  # the machines' fault: Tune retries the trial
+            run(exc)
+    from ray.exceptions import ActorDiedError
+
+    assert runner.is_infrastructure(ActorDiedError()) and not runner.is_infrastructure(ValueError("bad lr"))
+
+
+def test_one_gpu_trials_run_in_the_tune_actor_holding_their_gpu_share():
+
+    gpu = TrainConfig(use_gpu=True, gpus_per_worker=0.25, cpus_per_worker=2)
+    assert runner.runs_in_process(gpu)  # no worker group per run: the actor (and its device copy) is reused
+    assert runner.trial_resources(gpu) == {"CPU": 2, "GPU": 0.25}
+    assert runner.trial_resources(TrainConfig()) == {"CPU": 1}
+    for cfg in (gpu.replace(num_workers=2), gpu.replace(max_failures=1)):  # DDP or Train-level recovery
+        assert not runner.runs_in_process(cfg) and runner.trial_resources(cfg)["CPU"] == 0
