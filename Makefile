@@ -1,8 +1,8 @@
 # Both targets do all set-up on a fresh machine: create .venv and install the project if missing.
 PY ?= python3
-# Test processes (pytest-xdist), each a whole test file at a time with its own local Ray. One process leaves a
-# core idle a third of the time (process and cluster start-ups, one-worker phases): 2 fill 2 cores (13m41 → 10m36
-# measured on 2 cores); 1 = sequential.
+# Test processes (pytest-xdist), each with its own local Ray; tests sharing a module-scoped set-up stay together
+# (tests/conftest.py). One process leaves a core idle a third of the time (process and cluster start-ups,
+# one-worker phases): 2 fill 2 cores (13m41 → 10m36 measured on 2 cores); 1 = sequential.
 TEST_WORKERS ?= 2
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -21,7 +21,7 @@ study: $(STAMP)
 test: $(STAMP)
 	bash platform/ci/install-test-deps.sh
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
