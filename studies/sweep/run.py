@@ -23,6 +23,7 @@ def run_study(study: Study) -> dict[str, Any]:
 
 
 def _run_locked(study: Study, new: bool) -> dict[str, Any]:
+    # Ray Tune is imported only here, once the checks have passed: `--help` and a refused flag answer at once.
     from studies.sweep.tpe import run_tpe
     from studies.sweep.tune import Phases, TrialEnv
 
