@@ -13,6 +13,24 @@ class StorageError(ValueError):
     """Bad data or location; the message names the file and the fix."""
 
 
+class StorageUnavailable(StorageError):
+    """Storage could not be reached (network, throttling, a server's 5xx): the same request may succeed later, so
+    a run that meets it is retried, never recorded as failed."""
+
+
+# pyarrow's and the object stores' words for a transport failure, as opposed to a refusal (access denied, no such
+# bucket) or bad bytes, which would fail the same way again.
+_TRANSIENT = ("NETWORK_CONNECTION", "SLOW_DOWN", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "REQUEST_TIMEOUT",
+              "THROTTL", "Connection refused", "Connection reset", "connection was", "timed out", "Timeout",
+              "HTTP 500", "HTTP 502", "HTTP 503", "HTTP 504", "Broken pipe", "Temporary failure")
+
+
+def transient(e: BaseException) -> bool:
+    """Whether an OSError from a storage call is a transport failure (retry) rather than a refusal."""
+    text = str(e)
+    return isinstance(e, (ConnectionError, TimeoutError)) or any(w.lower() in text.lower() for w in _TRANSIENT)
+
+
 # "s3:/bucket" (one slash) or "s3:bucket" would otherwise be a local folder named "s3:"
 _ONE_SLASH = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/(?!/)")
 _NO_SLASH = re.compile(r"^(s3|s3a|gs|gcs|file|hdfs):(?!/)")
@@ -105,8 +123,8 @@ def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
     except FileNotFoundError as e:
         raise StorageError(f"{path}: file not found; check the URI or prepare the data again") from e
     except OSError as e:
-        raise StorageError(f"{path}: cannot read ({one_line(e)}); check the URI, credentials and "
-                           "AWS_ENDPOINT_URL") from e
+        kind = StorageUnavailable if transient(e) else StorageError
+        raise kind(f"{path}: cannot read ({one_line(e)}); check the URI, credentials and AWS_ENDPOINT_URL") from e
 
 
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:

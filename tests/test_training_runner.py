@@ -2,6 +2,7 @@
 import math
 
 import pytest
+import torch
 
 from studies.training import runner
 from studies.training.config import TrainConfig
@@ -103,3 +104,89 @@ def test_one_gpu_trials_run_in_the_tune_actor_holding_their_gpu_share():
     assert runner.trial_resources(TrainConfig()) == {"CPU": 1}
     for cfg in (gpu.replace(num_workers=2), gpu.replace(max_failures=1)):  # DDP or Train-level recovery
         assert not runner.runs_in_process(cfg) and runner.trial_resources(cfg)["CPU"] == 0
+
+
+class FlakyStore:
+    """A filesystem whose shard reads fail `times` times with an object store's transport error, then work."""
+
+    def __init__(self, fs, times: int, error: str):
+        self.fs, self.times, self.error = fs, times, error
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+    def open_input_stream(self, path):
+        if path.endswith(".parquet") and self.times > 0:
+            self.times -= 1
+            raise OSError(self.error)
+        return self.fs.open_input_stream(path)
+
+
+@pytest.mark.parametrize("error, retried", [
+    ("When reading information for key 'train-00000.parquet': AWS Error NETWORK_CONNECTION during GetObject", True),
+    ("AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate", True),
+    ("AWS Error ACCESS_DENIED during GetObject operation: Access Denied", False),
+])
+def test_a_storage_outage_while_reading_a_shard_is_retried_a_refusal_is_recorded(tmp_path, monkeypatch, error,
+                                                                                 retried):
+    import storage
+    import storage.datasets
+
+    uri = storage.prepare_dataset("synthetic", str(tmp_path / "data"), seed=0, n_train=256, n_val=64).uri
+    real, flaky = storage.datasets.resolve, {}
+
+    def resolve(u):  # the dataset's filesystem, flaky for one shard read
+        fs, path = real(u)
+        return flaky.setdefault("fs", FlakyStore(fs, 1, error)), path
+
+    monkeypatch.setattr(storage.datasets, "resolve", resolve)
+
+    def run():
+        return runner.train_and_track(tiny_cfg(max_steps=2), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                                      experiment="t", run_name="r", storage_path=str(tmp_path), in_process=True,
+                                      dataset_uri=uri)
+
+    if retried:
+        with pytest.raises(storage.StorageUnavailable, match="NETWORK_CONNECTION|SLOW_DOWN"):
+            run()  # raised, so Tune retries the trial; no failed row
+        assert run().status == "completed"  # the store is back: the retry trains
+    else:
+        out = run()
+        assert out.status == "failed" and "ACCESS_DENIED" in out.error  # would fail again: recorded
+
+
+@pytest.mark.ray
+def test_corrupt_data_under_ray_datas_wrapper_is_failed_naming_the_shard(tmp_path, ray_cluster):
+    import os
+
+    import storage
+
+    m = storage.prepare_dataset("synthetic", str(tmp_path / "data"), seed=0, n_train=256, n_val=64,
+                                rows_per_shard=128)
+    shard = os.path.join(m.uri, m.shards["train"][1]["path"])
+    blob = bytearray(open(shard, "rb").read())
+    blob[len(blob) // 2] ^= 0xFF
+    open(shard, "wb").write(bytes(blob))
+    out = runner.train_and_track(tiny_cfg(max_steps=8, loader="streaming"), tracking_uri=f"sqlite:///{tmp_path}/m.db",
+                                 experiment="t", run_name="r", storage_path=str(tmp_path), in_process=True,
+                                 dataset_uri=m.uri)
+    assert out.status == "failed" and "train-00001.parquet: checksum mismatch" in out.error  # not retried forever
+
+
+def test_faults_are_sorted_by_their_cause_under_rays_wrappers():
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    import storage
+
+    def wrapped(cause):  # what a Ray task (e.g. a Ray Data read) raises for an error inside it
+        return RayTaskError("read_shards", "traceback", cause).as_instanceof_cause()
+
+    corrupt = storage.StorageError("train-00001.parquet: checksum mismatch (corrupt or truncated shard)")
+    outage = storage.StorageUnavailable("train-00001.parquet: cannot read (AWS Error NETWORK_CONNECTION)")
+    assert not runner.is_infrastructure(wrapped(corrupt)) and runner.is_infrastructure(wrapped(outage))
+    assert runner.root_cause(wrapped(corrupt)) is corrupt
+    assert runner.is_infrastructure(ActorDiedError()) and not runner.is_infrastructure(wrapped(ValueError("bad")))
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    shared, own = TrainConfig(use_gpu=True, gpus_per_worker=0.25), TrainConfig(use_gpu=True)
+    assert runner.is_infrastructure(oom, shared) and not runner.is_infrastructure(oom, own)
+    assert runner.is_infrastructure(wrapped(oom), shared)

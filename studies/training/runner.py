@@ -213,9 +213,8 @@ def run_torch_trainer(cfg: TrainConfig, dataset_uri: str, *, name: str, storage_
         err = result.error
         # A worker's own deterministic error (bad config or data) is re-raised as itself: no retry.
         for e in getattr(err, "worker_failures", {}).values():
-            cause = getattr(e, "cause", None) or e
-            if not is_infrastructure(cause):
-                raise cause
+            if not is_infrastructure(e, cfg):
+                raise root_cause(e)
         raise err
     return RunSummary(**result.return_value)
 
@@ -247,7 +246,7 @@ def train_and_track(cfg: TrainConfig, *, tracking_uri: str, experiment: str, run
             summary = run_torch_trainer(cfg, dataset_uri, name=f"{run_name}-{cfg.fingerprint()}",
                                         storage_path=storage_path, tracking=tracking, in_tune=in_tune)
     except Exception as e:
-        if is_infrastructure(e):
+        if is_infrastructure(e, cfg):
             raise  # Tune retries the trial (its last checkpoint, if any); --resume reruns it if retries run out
         summary = RunSummary(status="failed", error=f"{type(e).__name__}: {e}")  # would fail again: recorded
         tracker.log_text(traceback.format_exc()[-4000:], "traceback.txt")
@@ -263,14 +262,38 @@ def train_and_track(cfg: TrainConfig, *, tracking_uri: str, experiment: str, run
     return summary
 
 
-def is_infrastructure(e: BaseException) -> bool:
-    """A fault of the machines, not of the config or the data: a lost worker or node, an unreachable tracking
-    server or object store. Retried; anything else (a bad config, bad data, a shape error) would fail the same
-    way again and is recorded as `failed`."""
+def root_cause(e: BaseException) -> BaseException:
+    """The exception under Ray's wrappers: a task's error (RayTaskError.cause, also Ray Data's reads), a worker
+    group's failure (its first worker's cause), an explicit `raise … from`."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        failures = getattr(e, "worker_failures", None)
+        nxt = getattr(e, "cause", None) or (next(iter(failures.values()), None) if failures else None)
+        if nxt is None and type(e).__module__.split(".")[0] == "ray":
+            nxt = e.__cause__
+        if not isinstance(nxt, BaseException):
+            return e
+        e = nxt
+    return e
+
+
+def is_infrastructure(e: BaseException, cfg: TrainConfig | None = None) -> bool:
+    """A fault of the machines, not of the config or the data, judged by its cause under Ray's wrappers: a lost
+    worker or node, an unreachable tracking server or object store, out of memory on a GPU this run shares with
+    other trials. Retried; anything else (a bad config, corrupt data naming its shard, a shape error, out of memory
+    on a GPU of its own) would fail the same way again and is recorded as `failed`."""
+    e = root_cause(e)
+    if isinstance(e, storage.StorageUnavailable):
+        return True
+    if isinstance(e, storage.StorageError):  # bad data or a refused location: the message names it
+        return False
+    if isinstance(e, torch.OutOfMemoryError):  # another trial's memory on the same GPU may be gone next time
+        return cfg is not None and cfg.use_gpu and cfg.gpus_per_worker < 1
     if isinstance(e, (ConnectionError, TimeoutError)):
         return True
     if type(e).__module__.split(".")[0] in ("ray", "requests", "urllib3", "botocore", "grpc"):
-        return True
+        return True  # Ray's own (a dead actor, worker or node) with no user error under it, or a transport's
     text = str(e)
     return type(e).__name__ == "MlflowException" and any(
         s in text for s in ("Max retries exceeded", "Connection refused", "timed out", "502", "503", "504"))
