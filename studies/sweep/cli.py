@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import storage
-from studies.sweep.design import Preset, Study, log_grid
+from studies.sweep.design import Preset, Study, cell_changes, log_grid
 from studies.sweep.run import run_study
 from studies.training import runner
 from studies.training.config import TrainConfig
@@ -59,13 +59,9 @@ def owned_fields(preset, grid_axes) -> dict[str, str]:
         owned.update({k: "searched by TPE" for k in preset.tpe})
     else:
         owned["base_lr"] = "the lr design sets it per trial (use --lrs or --lr-range)"
-    for axis in grid_axes:
-        if axis == "clip_threshold":
-            owned.update(clip_threshold="a grid axis (use --lambdas)", clipping="set by --lambdas ('none' = off)")
-        elif axis == "variant":
-            owned.update(model=f"set by {grid_flag(axis)}", clipping=f"set by {grid_flag(axis)}")
-        else:
-            owned[axis] = f"a grid axis (use {grid_flag(axis)})"
+    for axis in grid_axes:  # every field a cell of this axis sets (λ also sets clipping; a variant, the model)
+        for k in cell_changes({axis: preset.grid[axis][0]}):
+            owned[k] = f"a grid axis (use {grid_flag(axis)})" if k == axis else f"set by {grid_flag(axis)}"
     return owned
 
 
