@@ -304,24 +304,6 @@ def read_verified_shard(fs: pafs.FileSystem, path: str, sha256: str | None, rows
     return table
 
 
-def _looks_like_image_folder(fs: pafs.FileSystem, path: str) -> bool:
-    """A few class sub-folders (maybe under train/) hold .jpg/.png files: raw images, not shards."""
-    try:
-        for depth in range(2):
-            dirs = [i for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.Directory]
-            for d in sorted(dirs, key=lambda i: i.path)[:3]:
-                files = fs.get_file_info(pafs.FileSelector(d.path))
-                if any(f.base_name.lower().endswith(IMAGE_EXTS) for f in files):
-                    return True
-            train = [d for d in dirs if d.base_name == "train"]
-            if depth or not train:
-                return False
-            path = train[0].path
-    except OSError:
-        return False
-    return False
-
-
 class ShardSet:
     """A committed shard set: manifest + readers."""
 
@@ -332,7 +314,7 @@ class ShardSet:
         if not exists(self.fs, mpath):
             if not exists(self.fs, self.path):
                 raise StorageError(f"{uri}: does not exist; prepare it with storage.prepare_dataset or fix the URI")
-            if _looks_like_image_folder(self.fs, self.path):
+            if sources.looks_like_image_folder(self.fs, self.path):
                 raise StorageError(f"{uri} is a folder of images, not a prepared dataset; use the imagefolder "
                                    f'source: dataset "imagefolder" with dataset_params {{"path": "{uri}"}}')
             raise StorageError(f"{mpath}: no manifest (empty directory or an interrupted write); "

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from storage import synthetic
 from storage.uri import StorageError
@@ -162,6 +163,24 @@ def list_imagefolder(path: str | None, seed: int, val_fraction: float = 0.1) -> 
         n_val = max(1, int(round(len(files) * val_fraction)))
         rows = {"val": [files[i] for i in perm[:n_val]], "train": [files[i] for i in perm[n_val:]]}
     return Listing(classes, rows, h.hexdigest()[:16])
+
+
+def looks_like_image_folder(fs: pafs.FileSystem, path: str) -> bool:
+    """A few class sub-folders (maybe under train/) hold .jpg/.png files: raw images, not shards."""
+    try:
+        for depth in range(2):
+            dirs = [i for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.Directory]
+            for d in sorted(dirs, key=lambda i: i.path)[:3]:
+                files = fs.get_file_info(pafs.FileSelector(d.path))
+                if any(f.base_name.lower().endswith(IMAGE_EXTS) for f in files):
+                    return True
+            train = [d for d in dirs if d.base_name == "train"]
+            if depth or not train:
+                return False
+            path = train[0].path
+    except OSError:
+        return False
+    return False
 
 
 def _image_table(blobs: list[bytes], labels: list[int], hw: list[tuple[int, int]]) -> pa.Table:
