@@ -69,15 +69,45 @@ def synthetic_splits(seed: int, n_train: int = 20000, n_val: int = 5000, num_cla
     return out, list(synthetic.CLASS_NAMES[:num_classes])
 
 
+# What a CIFAR python batch holds: a dict of bytes keys -> lists, bytes and one numpy uint8 array. Containers and
+# bytes need no global; the array needs numpy's rebuilder, ndarray and dtype. Any other global (os.system, eval,
+# builtins...) is how a pickle runs code, and a CIFAR file never names one.
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]  # numpy's array rebuilder, from whichever module this numpy keeps it in
+_CIFAR_GLOBALS = {("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,  # as the CIFAR files name it
+                  ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,  # as numpy 2 writes it
+                  ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """pickle.load runs whatever callable the file names, so anyone who can write the CIFAR folder would run code
+    on the driver; this one resolves only the globals a numpy array needs, and refuses the rest unrun."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _CIFAR_GLOBALS:
+            return _CIFAR_GLOBALS[module, name]
+        raise _Refused(f"{module}.{name}")
+
+
 def _unpickle(path: str) -> dict:
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            d = _CifarUnpickler(f, encoding="bytes").load()
     except FileNotFoundError as e:
         raise StorageError(f"{path}: missing CIFAR batch file; point path= at the folder holding it "
                            "(torchvision python format) or pass download=True") from e
-    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+    except _Refused as e:
+        raise StorageError(f"{path}: the pickle calls {e}, which no CIFAR batch does (unpickling it could run "
+                           "code); refused without running it, replace the folder with a fresh download "
+                           "(download=True)") from e
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
         raise StorageError(f"{path}: not a readable CIFAR pickle ({e}); re-download the dataset") from e
+    if not isinstance(d, dict):
+        raise StorageError(f"{path}: holds a {type(d).__name__}, not a CIFAR batch (a dict); re-download the dataset")
+    return d
 
 
 def cifar_splits(path: str | None, hundred: bool, download: bool = False):

@@ -26,6 +26,17 @@ def _file_in_the_way(tmp):
     return str(tmp / "file" / "out")
 
 
+def _pickle_calling(tmp, call, arg):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return call, (arg,)
+
+    (tmp / "data_batch_1").write_bytes(pickle.dumps({b"data": Payload()}))
+    return str(tmp / "data_batch_1")
+
+
 CASES = {
     "s3 one slash": (lambda t: storage.resolve("s3:/bucket/key"),
                      r"'s3:/bucket/key' is not a URI .*; write s3://bucket/key"),
@@ -60,6 +71,9 @@ CASES = {
     "bad synthetic value": (lambda t: storage.prepare_dataset("synthetic", str(t / "out"), num_classes=11),
                             r"synthetic num_classes must be in 2\.\.10, got 11; pass a value in that range"),
     "zero ttl": (lambda t: storage.acquire_lock(str(t), "me", ttl_s=0), r"ttl_s must be > 0"),
+    "CIFAR pickle that runs code": (lambda t: storage.sources._unpickle(_pickle_calling(t, os.system, "true")),
+                                    r"data_batch_1: the pickle calls posix\.system, which no CIFAR batch does .*"
+                                    r"download=True\)$"),
 }
 
 
