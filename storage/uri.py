@@ -128,7 +128,11 @@ def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
 
 
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Local: write a temp name then rename (atomic). Object stores: one PUT is already all-or-nothing."""
+    """Local: write a temp name, fsync it, rename, fsync the folder. Object stores: one PUT is all-or-nothing.
+
+    Without the fsyncs a power loss can leave the new name pointing at a file whose bytes never reached the disk
+    (a zero-length results part or manifest on ext4/xfs): the data first, then the rename's directory entry.
+    """
     parent = path.rsplit("/", 1)[0]
     try:
         fs.create_dir(parent, recursive=True)
@@ -137,9 +141,16 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
                 f.write(data)
             return
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-        with fs.open_output_stream(tmp) as f:
+        with open(tmp, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fd = os.open(parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError as e:
         raise StorageError(f"cannot write {path!r} ({one_line(e)}); check permissions / credentials") from e
 

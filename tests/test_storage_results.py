@@ -66,3 +66,30 @@ def test_corrupt_part_named(tmp_path):
     (tmp_path / "results" / "part-99999999999999999999-deadbeef.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(StorageError, match="part-99999999999999999999-deadbeef.parquet"):
         rt.read()
+
+
+def test_local_atomic_write_fsyncs_file_then_folder(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from storage.uri import resolve, write_bytes_atomic
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", "dir" if stat.S_ISDIR(st.st_mode) else "file", st.st_ino))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    fs, path = resolve(str(tmp_path / "d" / "part-1.parquet"))
+    write_bytes_atomic(fs, path, b"payload")
+    assert (tmp_path / "d" / "part-1.parquet").read_bytes() == b"payload"
+    file_ino, dir_ino = (tmp_path / "d" / "part-1.parquet").stat().st_ino, (tmp_path / "d").stat().st_ino
+    # the data is on disk before the new name points at it, and the rename itself is on disk before we return
+    assert events == [("fsync", "file", file_ino), ("replace", "part-1.parquet"), ("fsync", "dir", dir_ino)]
