@@ -66,8 +66,17 @@ class ResultsTable:
         parts = sorted(i.path for i in infos if i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
         tables = []
         for p in parts:
+            blob = read_bytes(self.fs, p)
+            if not blob:  # renamed into place before its bytes reached the disk (a power loss): it holds no rows
+                import warnings  # only this rare path needs it
+
+                lost = "the trials it held have no row, so --resume reruns them" if sub == "results" else \
+                    "the epoch rows it held are gone (their trials keep their results rows)"
+                warnings.warn(f"{p}: empty results part (cut off by a crash or power loss), skipped; {lost}",
+                              stacklevel=3)
+                continue
             try:
-                tables.append(pq.read_table(pa.BufferReader(read_bytes(self.fs, p))))
+                tables.append(pq.read_table(pa.BufferReader(blob)))
             except (pa.ArrowInvalid, OSError) as e:
                 raise StorageError(f"{p}: unreadable results part ({e}); move it aside and re-run the trials "
                                    "it held") from e

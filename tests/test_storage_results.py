@@ -68,6 +68,23 @@ def test_corrupt_part_named(tmp_path):
         rt.read()
 
 
+def test_empty_part_after_power_loss_skipped_with_warning(tmp_path):
+    rt = table(str(tmp_path))
+    rt.append([_row("t1", final_val_acc=0.5)])
+    rt.append_epochs([{"trial_id": "t1", "epoch": 0, "val_acc": 0.5}])
+    empty = tmp_path / "results" / "part-99999999999999999999-0badc0de.parquet"
+    empty.write_bytes(b"")  # renamed into place, its bytes never reached the disk
+    (tmp_path / "epochs" / empty.name).write_bytes(b"")
+    with pytest.warns(UserWarning, match=r"part-99999999999999999999-0badc0de\.parquet: empty results part .*"
+                                         r"skipped; the trials it held have no row, so --resume reruns them"):
+        assert rt.read().column("trial_id").to_pylist() == ["t1"]
+    with pytest.warns(UserWarning, match="the epoch rows it held are gone"):
+        assert rt.read_epochs().num_rows == 1
+    empty.write_bytes(b"\0" * 16)  # not empty but not parquet: still refused, as before
+    with pytest.raises(StorageError, match="0badc0de.parquet: unreadable results part"):
+        rt.read()
+
+
 def test_local_atomic_write_fsyncs_file_then_folder(tmp_path, monkeypatch):
     import os
     import stat
