@@ -29,7 +29,7 @@ import torch
 from storage import sources
 from storage.lock import acquire_lock
 from storage.sources import IMAGE_EXTS, SOURCES, SPLITS, source_params  # noqa: F401  (re-exported)
-from storage.uri import StorageError, exists, join, one_line, read_bytes, resolve, write_bytes_atomic
+from storage.uri import StorageError, exists, join, one_line, read_bytes, resolve, stays_inside, write_bytes_atomic
 
 SCHEMA_VERSION = 1
 DEFAULT_MAX_SHARD_BYTES = 256 << 20  # bounds preparation memory (imagefolder) and keeps shards well below 2 GiB
@@ -56,6 +56,11 @@ class Manifest:
             self.image_shape = tuple(int(d) for d in self.image_shape)
         if self.encoding == "raw" and self.image_shape is None:
             raise StorageError(f"manifest {self.uri}: raw encoding needs image_shape; prepare the data again")
+        for split, entries in self.shards.items():  # readers join these to the dataset's root: '../x' reads elsewhere
+            for s in entries:
+                if not stays_inside(s["path"]):
+                    raise StorageError(f"manifest {self.uri}: shard path {s['path']!r} of split {split!r} points "
+                                       "outside the dataset; the manifest is damaged or hand-edited, prepare again")
         for split, n in self.splits.items():
             got = sum(s["rows"] for s in self.shards.get(split, []))
             if got != n:

@@ -1,6 +1,7 @@
 """One place that turns a URI into (pyarrow FileSystem, path); everything else goes through it."""
 
 import os
+import posixpath
 import re
 import uuid
 from urllib.parse import urlparse
@@ -102,6 +103,15 @@ def ray_storage(uri: str) -> dict:
 def join(base: str, *parts: str) -> str:
     """Join a URI or filesystem path with '/' (object stores have no os.sep)."""
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def stays_inside(rel) -> bool:
+    """Whether rel, a path read from a file someone else may have written, names something under the base it is
+    joined to: relative, no way out through '..', not a URI."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "://" in rel:
+        return False
+    norm = posixpath.normpath(rel)
+    return norm not in (".", "..") and not norm.startswith("../")
 
 
 def is_local(fs: pafs.FileSystem) -> bool:

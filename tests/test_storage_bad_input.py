@@ -26,6 +26,23 @@ def _file_in_the_way(tmp):
     return str(tmp / "file" / "out")
 
 
+def _tampered_dataset(tmp, **changes):
+    """A small prepared set whose manifest.json has been edited: changes maps a key path 'a.b.0.c' to a value."""
+    import json
+
+    m = storage.prepare_dataset("synthetic", str(tmp / "data"), n_train=20, n_val=10)
+    mpath = os.path.join(m.uri, "manifest.json")
+    d = json.load(open(mpath))
+    for key, value in changes.items():
+        *path, last = key.split(".")
+        at = d
+        for k in path:
+            at = at[int(k)] if k.isdigit() else at[k]
+        at[int(last) if last.isdigit() else last] = value
+    json.dump(d, open(mpath, "w"))
+    return m.uri
+
+
 def _pickle_calling(tmp, call, arg):
     import pickle
 
@@ -71,6 +88,9 @@ CASES = {
     "bad synthetic value": (lambda t: storage.prepare_dataset("synthetic", str(t / "out"), num_classes=11),
                             r"synthetic num_classes must be in 2\.\.10, got 11; pass a value in that range"),
     "zero ttl": (lambda t: storage.acquire_lock(str(t), "me", ttl_s=0), r"ttl_s must be > 0"),
+    "shard path out of the dataset": (lambda t: storage.open_dataset(_tampered_dataset(
+        t, **{"shards.train.0.path": "../../elsewhere.parquet"})),
+        r"shard path '\.\./\.\./elsewhere\.parquet' of split 'train' points outside the dataset; .* prepare again$"),
     "CIFAR pickle that runs code": (lambda t: storage.sources._unpickle(_pickle_calling(t, os.system, "true")),
                                     r"data_batch_1: the pickle calls posix\.system, which no CIFAR batch does .*"
                                     r"download=True\)$"),

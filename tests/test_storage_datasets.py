@@ -203,3 +203,24 @@ def test_imagefolder_mixed_sizes_need_image_size(tmp_path):
         storage.open_dataset(m.uri).load_split("train")
     x, _ = storage.open_dataset(m.uri).load_split("train", image_size=8)
     assert x.shape == (m.splits["train"], 3, 8, 8)
+
+
+@pytest.mark.parametrize("path", ["../outside/train-00000.parquet", "shards-x/../../outside.parquet", "/etc/hosts",
+                                  "s3://other-bucket/train-00000.parquet", ".", ""])
+def test_manifest_shard_path_outside_the_dataset_refused(tmp_path, synth, path):
+    import json
+
+    uri = _copy(synth.uri, tmp_path / "p")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    first = os.path.join(uri, synth.shards["train"][0]["path"])
+    (outside / "train-00000.parquet").write_bytes(open(first, "rb").read())  # a good shard, but not the dataset's
+    mpath = os.path.join(uri, "manifest.json")
+    m = json.load(open(mpath))
+    m["shards"]["train"][0]["path"] = path
+    json.dump(m, open(mpath, "w"))
+    with pytest.raises(StorageError) as e:
+        storage.open_dataset(uri)
+    assert str(e.value) == (f"manifest {uri}: shard path {path!r} of split 'train' points outside the dataset; the "
+                            "manifest is damaged or hand-edited, prepare again")
+
