@@ -1,4 +1,6 @@
 """TrainConfig: validated on construction, each field's bounds and help in one place; the flags."""
+import dataclasses
+import typing
 
 import pytest
 
@@ -26,8 +28,6 @@ def test_no_clipping_carries_no_threshold():
 
 
 def test_train_command_line(tmp_path, tiny_data, capsys):
-    import dataclasses
-
     from studies import train
 
     with pytest.raises(SystemExit):
@@ -47,3 +47,52 @@ def test_train_command_line(tmp_path, tiny_data, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "status: completed" in out and "epoch 1/1" in out
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/m.db" in out
+
+
+FLOAT_FIELDS = [f.name for f in dataclasses.fields(TrainConfig)  # float and float | None
+                if float in (tp := typing.get_type_hints(TrainConfig)[f.name], *typing.get_args(tp))]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+def test_every_float_field_refuses_nan_and_infinity(name, value):
+    from studies.training.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        tiny_cfg(**{name: value})
+    assert str(e.value) == f"invalid TrainConfig: {name} must be a finite number, got {value}"
+    assert e.value.field == name and "\n" not in str(e.value)
+
+
+def test_float_fields_are_all_checked():
+    assert {"base_lr", "momentum", "weight_decay", "warmup_epochs", "epochs", "gpus_per_worker",
+            "cpus_per_worker", "clip_threshold", "checkpoint_every_minutes", "divergence_factor"} <= set(FLOAT_FIELDS)
+
+
+@pytest.mark.parametrize("kw, text", [
+    (dict(momentum=1.0), "momentum must be in [0, 1), got 1.0"),
+    (dict(momentum=-0.1), "momentum must be in [0, 1), got -0.1"),
+    (dict(momentum=0.0, nesterov=True),
+     "nesterov needs a momentum > 0, got momentum 0.0; turn nesterov off or use a momentum in (0, 1)"),
+    (dict(weight_decay=-1e-4), "weight_decay must be >= 0, got -0.0001"),
+    (dict(epochs=0.0), "epochs must be > 0, got 0.0"),  # with max_steps too: a 0 is a mistake, never a setting
+    (dict(epochs=0.0, max_steps=None), "epochs must be > 0, got 0.0"),
+])
+def test_optimizer_and_length_settings_are_refused_out_of_range(kw, text):
+    with pytest.raises(ValueError) as e:
+        tiny_cfg(**kw)
+    assert str(e.value) == f"invalid TrainConfig: {text}"
+
+
+def test_plain_momentum_without_nesterov_is_accepted():
+    assert tiny_cfg(momentum=0.0, nesterov=False).momentum == 0.0 and tiny_cfg(weight_decay=0.0).weight_decay == 0
+
+
+def test_train_refuses_an_infinite_learning_rate(capsys):
+    from studies import train
+
+    with pytest.raises(SystemExit) as e:
+        train.main(["--base-lr", "inf"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].split(" error: ", 1)[1] == \
+        "invalid TrainConfig: base_lr must be a finite number, got inf"

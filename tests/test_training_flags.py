@@ -34,9 +34,28 @@ def test_one_rule_spells_every_field_and_the_parser_reads_it_back():
     ("label_smoothing", 1.0, "label_smoothing must be in [0, 1), got 1.0"),
     ("divergence_factor", 1.0, "divergence_factor must be > 1, got 1.0"),
     ("loader", "fast", "loader must be one of auto, resident, streaming, got 'fast'"),
-    ("base_lr", float("nan"), "base_lr must be > 0, got nan"),
+    ("base_lr", float("nan"), "base_lr must be a finite number, got nan"),
+    ("base_lr", float("inf"), "base_lr must be a finite number, got inf"),  # > 0, yet no learning rate
+    ("momentum", 1.0, "momentum must be in [0, 1), got 1.0"),
+    ("weight_decay", -0.1, "weight_decay must be >= 0, got -0.1"),
+    ("epochs", 0.0, "epochs must be > 0, got 0.0"),
 ])
 def test_a_field_is_checked_against_its_own_bounds(name, value, text):
     with pytest.raises(ValueError) as e:
         TrainConfig(**{name: value})
     assert str(e.value) == f"invalid TrainConfig: {text}"
+
+
+@pytest.mark.parametrize("kw, line", [
+    (dict(momentum=1.5), "--momentum must be in [0, 1), got 1.5"),
+    (dict(clipping="agc", clip_threshold=-1.0),  # λ is --lambda on the command line
+     "--lambda (λ for AGC) must be > 0, got -1.0; use clipping='none' to disable"),
+    (dict(warmup_epochs=float("nan")), "--warmup-epochs must be a finite number, got nan"),
+    (dict(model="resnet9000"), "invalid TrainConfig: unknown model 'resnet9000'"),  # no one flag at fault: as is
+])
+def test_a_refused_config_names_the_flag_of_its_field(kw, line):
+    from studies.training.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(**kw)
+    assert flags.flag_message(e.value).startswith(line) and "\n" not in flags.flag_message(e.value)

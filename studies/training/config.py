@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,15 @@ class Bound:
 POSITIVE, NON_NEGATIVE, AT_LEAST_1 = Bound(0, lo_open=True), Bound(0), Bound(1)
 
 
+class ConfigError(ValueError):
+    """A refused TrainConfig; `field` names the setting at fault (None when it is the combination), and `detail`
+    is the message without its prefix, starting with that field's name, so a command line can name the flag."""
+
+    def __init__(self, detail: str, field: str | None = None):
+        super().__init__(f"invalid TrainConfig: {detail}")
+        self.detail, self.field = detail, field
+
+
 def setting(default: Any = dataclasses.MISSING, *, help: str, bound: Bound | None = None,
             choices: tuple[str, ...] | None = None, factory: Any = dataclasses.MISSING):
     """A TrainConfig field with its help text (the flag's --help) and what values it accepts."""
@@ -76,13 +86,13 @@ class TrainConfig:
     optimizer: str = setting("sgd", choices=("sgd",), help="only 'sgd' (Nesterov momentum), the paper's optimizer")
     base_lr: float = setting(0.1, bound=POSITIVE, help="learning rate per 256 examples; the run uses "
                                                        "base_lr * batch_size / 256 (linear scaling rule)")
-    momentum: float = setting(0.9, help="SGD momentum")
+    momentum: float = setting(0.9, bound=Bound(0, 1, hi_open=True), help="SGD momentum")
     nesterov: bool = setting(True, help="Nesterov momentum")
-    weight_decay: float = setting(5e-5, help="weight decay (never on gains, biases, skip gains)")
+    weight_decay: float = setting(5e-5, bound=NON_NEGATIVE, help="weight decay (never on gains, biases, skip gains)")
     warmup_epochs: float = setting(1.0, bound=NON_NEGATIVE, help="linear warmup length, then the schedule")
     warmup_steps: int | None = setting(None, bound=NON_NEGATIVE, help="linear warmup length in optimizer steps "
                                                                       "(overrides --warmup-epochs)")
-    epochs: float = setting(5.0, help="training length in epochs (fractions allowed)")
+    epochs: float = setting(5.0, bound=POSITIVE, help="training length in epochs (fractions allowed)")
     max_steps: int | None = setting(None, bound=POSITIVE, help="training length in optimizer steps (overrides "
                                                                "--epochs)")
     schedule_steps: int | None = setting(None, bound=AT_LEAST_1, help="lr schedule length in steps, when longer "
@@ -121,27 +131,31 @@ class TrainConfig:
     def __post_init__(self):
         from nfnet import list_models
 
-        def bad(msg: str):
-            raise ValueError(f"invalid TrainConfig: {msg}")
+        def bad(msg: str, name: str | None = None):
+            raise ConfigError(msg, name)
 
         for f in dataclasses.fields(self):
             v, bound, choices = getattr(self, f.name), f.metadata["bound"], f.metadata["choices"]
             if choices and v not in choices:
-                bad(f"{f.name} must be one of {', '.join(choices)}, got {v!r}")
+                bad(f"{f.name} must be one of {', '.join(choices)}, got {v!r}", f.name)
+            if isinstance(v, float) and not math.isfinite(v):  # inf passes a bound open above, and any unbounded field
+                bad(f"{f.name} must be a finite number, got {v}", f.name)
             if bound and v is not None and not bound.holds(v):
-                bad(f"{f.name} must be {bound.text()}, got {v}")
+                bad(f"{f.name} must be {bound.text()}, got {v}", f.name)
         if self.model not in list_models():
             bad(f"unknown model {self.model!r}; choose one of {', '.join(list_models())}")
         if self.batch_size % self.num_workers:
             bad(f"batch_size {self.batch_size} is not divisible by num_workers {self.num_workers}; "
-                f"use a multiple of {self.num_workers}")
+                f"use a multiple of {self.num_workers}", "batch_size")
         if self.clipping != "none" and not (self.clip_threshold or 0) > 0:
-            bad(f"clip_threshold (λ for AGC) must be > 0, got {self.clip_threshold}; use clipping='none' to disable")
-        if self.max_steps is None and not self.epochs > 0:
-            bad(f"epochs must be > 0 (or set max_steps), got {self.epochs}")
+            bad(f"clip_threshold (λ for AGC) must be > 0, got {self.clip_threshold}; use clipping='none' to disable",
+                "clip_threshold")
+        if self.nesterov and self.momentum == 0:  # torch.optim.SGD would refuse it inside the first trial
+            bad("nesterov needs a momentum > 0, got momentum 0.0; turn nesterov off or use a momentum in (0, 1)",
+                "nesterov")
         g = self.gpus_per_worker
         if not (0 < g <= 1 or float(g).is_integer()):
-            bad(f"gpus_per_worker must be a fraction in (0, 1] or a whole number, got {g}")
+            bad(f"gpus_per_worker must be a fraction in (0, 1] or a whole number, got {g}", "gpus_per_worker")
         if self.clipping == "none":
             self.clip_threshold = None  # no clipping: no λ, so none is logged or stored
 

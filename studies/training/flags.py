@@ -10,7 +10,7 @@ import json
 import types
 import typing
 
-from studies.training.config import TrainConfig, parse_lambda
+from studies.training.config import ConfigError, TrainConfig, parse_lambda
 
 CLI_NAMES = {"clip_threshold": "lambda"}  # fields the command line names otherwise
 
@@ -18,6 +18,14 @@ CLI_NAMES = {"clip_threshold": "lambda"}  # fields the command line names otherw
 def flag(name: str) -> str:
     """The flag of a TrainConfig field (or of a study's own axis such as 'variant')."""
     return "--" + CLI_NAMES.get(name, name).replace("_", "-")
+
+
+def flag_message(e: ConfigError) -> str:
+    """A refused TrainConfig as the command line says it: the setting at fault named by its flag
+    ('--momentum must be in [0, 1), got 1.0'); the field name stays where no single field is at fault."""
+    if e.field and e.detail.startswith(e.field):
+        return flag(e.field) + e.detail[len(e.field):]
+    return str(e)
 
 
 def grid_flag(axis: str) -> str:
