@@ -1,7 +1,7 @@
-"""MLflow tracking: buffered metrics survive an outage; credentials never printed."""
+"""MLflow tracking: buffered metrics survive an outage; credentials never printed, never taken from a flag."""
+import pytest
 
-
-from studies.training.tracking import Tracker
+from studies.training.tracking import Tracker, check_tracking_uri, resolve_tracking_uri
 
 
 def test_metric_logging_survives_a_tracking_outage(tmp_path):
@@ -26,3 +26,47 @@ def test_credentials_in_a_tracking_uri_are_never_printed():
 
     assert redact("http://ml:s3cret@mlflow.example:5000/") == "http://ml:***@mlflow.example:5000/"
     assert redact("sqlite:////abs/mlflow.db") == "sqlite:////abs/mlflow.db"
+    assert redact("https://ghp_T0KEN@MLflow.Example/x") == "https://***@MLflow.Example/x"  # a user part alone
+    assert redact("http://u:p@[::1]:5000") == "http://u:***@[::1]:5000"
+    assert redact("htps://alice:s3cret@host") == "htps://alice:***@host"
+    assert redact("alice:s3cret@mlflow:5000") == "alice:***@mlflow:5000"
+    assert redact("http://[broken") == "http://[broken"  # never raises
+
+
+def test_an_unknown_scheme_is_refused_without_its_password():
+    with pytest.raises(ValueError) as e:
+        check_tracking_uri("htps://alice:s3cret@host")
+    assert str(e.value) == "unsupported MLflow tracking URI 'htps://alice:***@host'; use http(s)://, " \
+        "sqlite:///ABS/PATH or a path"
+
+
+CREDENTIALS = "credentials in a URI end up in logs, the process list and Ray job entrypoints; remove them and use " \
+    "the environment"
+
+
+@pytest.mark.parametrize("uri, line", [
+    ("http://alice:s3cret@mlflow.example:5000/", "--tracking-uri http://***@mlflow.example:5000/: "
+     f"{CREDENTIALS} (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN)"),
+    ("https://s3cret@mlflow.example", "--tracking-uri https://***@mlflow.example: "
+     f"{CREDENTIALS} (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN)"),
+    ("alice:s3cret@mlflow.example:5000", "--tracking-uri ***@mlflow.example:5000: "
+     f"{CREDENTIALS} (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN)"),
+    ("postgresql://mlflow:s3cret@db/mlflow", "--tracking-uri postgresql://***@db/mlflow: "
+     f"{CREDENTIALS} (PGPASSWORD or ~/.pgpass for PostgreSQL)"),
+    ("mlflow.internal:5000", "--tracking-uri 'mlflow.internal:5000' is a server without its scheme (MLflow would "
+     "make a local folder of it); use http://mlflow.internal:5000"),
+    ("localhost:5000/", "--tracking-uri 'localhost:5000/' is a server without its scheme (MLflow would make a "
+     "local folder of it); use http://localhost:5000/"),
+])
+def test_a_tracking_uri_flag_with_credentials_or_without_its_scheme_is_refused(uri, line):
+    with pytest.raises(ValueError) as e:
+        resolve_tracking_uri(uri)
+    assert str(e.value) == line and "s3cret" not in line
+
+
+def test_tracking_uris_that_hold_no_secret_pass(tmp_path, monkeypatch):
+    assert resolve_tracking_uri("http://mlflow.example:5000") == "http://mlflow.example:5000"
+    assert resolve_tracking_uri("postgresql://mlflow@db/mlflow") == "postgresql://mlflow@db/mlflow"  # PGPASSWORD
+    assert resolve_tracking_uri(str(tmp_path / "runs@2024")) == f"file://{tmp_path}/runs@2024"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://u:p@mlflow.example")  # the environment is not printed
+    assert resolve_tracking_uri(None) == "http://u:p@mlflow.example"

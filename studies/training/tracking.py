@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import socket
 import subprocess
 import tempfile
@@ -20,8 +21,12 @@ RUN_STATUS = {"completed": "FINISHED", "diverged": "FINISHED", "stopped": "KILLE
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    """The tracking URI a command uses: the one given (made absolute), else the default."""
-    return absolute_tracking_uri(uri) if uri else default_tracking_uri()
+    """The tracking URI a command uses: the one given as --tracking-uri (made absolute), else the default. A
+    given one holds no credentials: a command line shows in the process list and in Ray job entrypoints."""
+    if not uri:
+        return default_tracking_uri()
+    check_no_credentials(uri, "--tracking-uri")
+    return absolute_tracking_uri(uri, "--tracking-uri")
 
 
 def default_tracking_uri() -> str:
@@ -32,12 +37,23 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{PROJECT_DIR / 'mlflow.db'}"
 
 
-def absolute_tracking_uri(uri: str) -> str:
+# 'mlflow.internal:5000' (or 'user@host:5000/'): a server without its scheme, which MLflow would take for a
+# local file store named after the host.
+HOST_PORT = re.compile(r"(?:(?P<user>[^/@]*)@)?(?P<host>[A-Za-z0-9][A-Za-z0-9-]*(?:\.[A-Za-z0-9-]+)*:\d{1,5})"
+                       r"(?P<rest>/.*)?", re.DOTALL)
+
+
+def absolute_tracking_uri(uri: str, given: str = "tracking URI") -> str:
+    """`given` names where the URI came from in a refusal: the flag, or the default 'tracking URI'."""
     if uri.startswith("sqlite:") and not uri.startswith("sqlite:///"):
-        raise ValueError(f"tracking URI {uri!r}: a SQLite URI takes three slashes and a path, e.g. "
+        raise ValueError(f"{given} {redact(uri)!r}: a SQLite URI takes three slashes and a path, e.g. "
                          f"sqlite:///{Path(uri.split(':', 1)[1].lstrip('/') or 'mlflow.db').resolve()}")
     if "://" not in uri and uri.endswith((".db", ".sqlite")):
-        raise ValueError(f"tracking URI {uri!r} looks like a SQLite file; use sqlite:///{Path(uri).resolve()}")
+        raise ValueError(f"{given} {uri!r} looks like a SQLite file; use sqlite:///{Path(uri).resolve()}")
+    server = HOST_PORT.fullmatch(uri)
+    if server:
+        raise ValueError(f"{given} {redact(uri)!r} is a server without its scheme (MLflow would make a local folder "
+                         f"of it); use http://{server['host']}{server['rest'] or ''}")
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
     if "://" not in uri:  # a plain directory: file store
@@ -69,9 +85,11 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     elif parsed.scheme == "sqlite":
         db = Path(uri[len("sqlite:///"):])
         if not db.parent.is_dir():
-            raise FileNotFoundError(f"MLflow sqlite store {uri}: directory {db.parent} does not exist; create it")
+            raise FileNotFoundError(f"MLflow sqlite store {redact(uri)}: directory {db.parent} does not exist; "
+                                    "create it")
     elif parsed.scheme not in ("file", "databricks", "postgresql", "mysql", ""):
-        raise ValueError(f"unsupported MLflow tracking URI {uri!r}; use http(s)://, sqlite:///ABS/PATH or a path")
+        raise ValueError(f"unsupported MLflow tracking URI {redact(uri)!r}; use http(s)://, sqlite:///ABS/PATH or "
+                         "a path")
 
 
 def check_credentials(uri: str, timeout: float = 5.0) -> None:
@@ -100,12 +118,45 @@ def check_credentials(uri: str, timeout: float = 5.0) -> None:
         pass  # reachable a moment ago: a slow or odd server is left to MLflow's own retries
 
 
+def _user_part(uri: str) -> tuple[str, str, str] | None:
+    """(scheme://, user part, host and the rest) of a URI with a user part before its host (also a scheme-less
+    'user:pw@host:5000'), else None."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        server = HOST_PORT.fullmatch(uri)
+        if server is None or server["user"] is None:
+            return None
+        return "", server["user"], server["host"] + (server["rest"] or "")
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    return (f"{scheme}://", userinfo, host + slash + path) if at else None
+
+
 def redact(uri: str) -> str:
-    """The URI without a password: it goes into summaries, params and logs."""
-    p = urllib.parse.urlparse(uri)
-    if p.password is None:
+    """The URI without its secret (it goes into summaries, params and logs): user:***@ for user:password@, and
+    ***@ for a bare user part, which may be a token. Never raises: it also shows the URIs that are refused."""
+    parts = _user_part(uri)
+    if parts is None:
         return uri
-    return p._replace(netloc=f"{p.username}:***@{p.hostname}" + (f":{p.port}" if p.port else "")).geturl()
+    prefix, userinfo, rest = parts
+    user, colon, _ = userinfo.partition(":")
+    return f"{prefix}{user + ':***' if colon else '***'}@{rest}"
+
+
+def check_no_credentials(uri: str, given: str = "--tracking-uri") -> None:
+    """Refuse user:password@ (or a token as the user) in a URI, as `storage` refuses them in storage URIs: the
+    URI shows in logs, the process list and Ray job entrypoints. The refusal shows the URI without them."""
+    parts = _user_part(uri)
+    if parts is None or not parts[1]:
+        return
+    prefix, userinfo, rest = parts
+    database = prefix.startswith(("postgresql", "mysql"))
+    if database and ":" not in userinfo:
+        return  # a database user name alone; its password comes from the environment
+    env = "PGPASSWORD or ~/.pgpass for PostgreSQL" if database else \
+        "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
+    raise ValueError(f"{given} {prefix}***@{rest}: credentials in a URI end up in logs, the process list and Ray "
+                     f"job entrypoints; remove them and use the environment ({env})")
 
 
 def _client(uri: str):
