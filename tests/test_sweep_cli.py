@@ -15,9 +15,9 @@ from tests.helpers import common_flags
     (["--lambdas", "-0.1"], "λ must be > 0"),
     (["--seeds", "0"], "--seeds must be >= 1"),
     (["--max-concurrent", "-1"], "--max-concurrent must be >= 1"),
-    (["--max-failures", "-1"], "max_failures must be >= 0"),
-    (["--gns-every-steps", "-1"], "gns_every_steps must be >= 0"),
-    (["--image-size", "-5"], "image_size must be > 0, got -5"),
+    (["--max-failures", "-1"], "--max-failures must be >= 0"),
+    (["--gns-every-steps", "-1"], "--gns-every-steps must be >= 0"),
+    (["--image-size", "-5"], "--image-size must be > 0, got -5"),
     (["--base-lr", "0.3"], "--base-lr does nothing in this study"),
     (["--clipping", "none"], "--clipping does nothing"),
     (["--name", "lr's test"], "--name"),
@@ -86,3 +86,46 @@ def test_a_refused_flag_is_named_as_the_user_typed_it(tmp_path, capsys, module, 
         module.main(["--smoke-test", *common_flags(tmp_path), *flags])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].split(" error: ", 1)[1] == line
+
+
+CREDENTIALS = "credentials in a URI end up in logs, the process list and Ray job entrypoints; remove them and use " \
+    "the environment (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN)"
+NAME_RULE = "use letters, digits, '_', '-' and '.' only (it names an MLflow experiment, a folder and a filter)"
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
+    (["--momentum", "-0.5"], "--momentum must be in [0, 1), got -0.5"),
+    (["--nesterov", "true", "--momentum", "0"],
+     "--nesterov needs a momentum > 0, got momentum 0.0; turn nesterov off or use a momentum in (0, 1)"),
+    (["--weight-decay", "-0.0001"], "--weight-decay must be >= 0, got -0.0001"),
+    (["--epochs", "0"], "--epochs must be > 0, got 0.0"),  # the smoke preset sets max_steps: epochs was ignored
+    (["--warmup-epochs", "nan"], "--warmup-epochs must be a finite number, got nan"),
+    (["--epochs", "inf"], "--epochs must be a finite number, got inf"),
+    (["--checkpoint-every-minutes", "inf"], "--checkpoint-every-minutes must be a finite number, got inf"),
+    (["--lr-range", "0.8", "0.05"], "--lr-range 0.8 0.05: LOW is above HIGH; use --lr-range 0.05 0.8"),
+    (["--lr-range", "0", "1"],
+     "--lr-range 0 1: a log grid cannot start at 0; LOW must be > 0, e.g. --lr-range 0.05 0.8"),
+    (["--lr-range", "0.05", "inf"],
+     "--lr-range 0.05 inf: LOW and HIGH must be finite numbers, e.g. --lr-range 0.05 0.8"),
+    (["--lrs", "0.1", "0.1"], "--lrs lists a value twice ([0.1, 0.1]); list each once"),
+    (["--lrs", "0.1", "inf"], "--lrs must be finite numbers > 0, got [0.1, inf]"),
+    (["--tracking-uri", "mlflow.internal:5000"], "--tracking-uri 'mlflow.internal:5000' is a server without its "
+     "scheme (MLflow would make a local folder of it); use http://mlflow.internal:5000"),
+    (["--tracking-uri", "http://alice:s3cret@mlflow.internal:5000/"],
+     f"--tracking-uri http://***@mlflow.internal:5000/: {CREDENTIALS}"),
+    (["--tracking-uri", "htps://alice:s3cret@host"], f"--tracking-uri htps://***@host: {CREDENTIALS}"),
+    (["--name", "s\n"], f"--name 's\\n': {NAME_RULE}"),
+    (["--name", "s\x1b[2J"], f"--name 's\\x1b[2J': {NAME_RULE}"),
+    (["--name", "../s"], f"--name '../s': {NAME_RULE}"),
+])
+def test_bad_input_is_refused_in_one_line_naming_the_flag_before_anything_is_written(tmp_path, capsys, monkeypatch,
+                                                                                       flags, line):
+    monkeypatch.chdir(tmp_path)  # 'mlflow.internal:5000' taken for a folder would land here
+    with pytest.raises(SystemExit) as e:
+        agc_lambda.main(["--smoke-test", *common_flags(tmp_path), *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and "s3cret" not in err
+    assert err.endswith("\n") and err.strip().splitlines()[-1].split(" error: ", 1)[1] == line
+    assert line.startswith(flags[0]) and "\n" not in line  # one line, naming the flag as typed
+    assert list(tmp_path.iterdir()) == []  # no output folder, no study.json, no MLflow store, no stray folder

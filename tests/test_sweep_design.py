@@ -64,3 +64,20 @@ def test_a_budget_the_data_cannot_fill_is_said_before_any_trial():
     assert notes[0].startswith("at batch 256 the full run (10 steps) is shorter than its scan (40 steps")
     assert notes[1].startswith("batch 1024 gives 1 step(s) per epoch of the 1500 training images (2 steps")
     assert design.budget_notes(st, n_train=100_000) == []
+
+
+@pytest.mark.parametrize("low, high", [(0.8, 0.05), (0.0, 1.0), (0.05, float("inf")), (float("nan"), 1.0)])
+def test_a_log_grid_refuses_bounds_it_cannot_span(low, high):
+    with pytest.raises(ValueError, match="a log grid needs finite 0 < low <= high"):
+        design.log_grid(low, high)  # was () (the lr design fell back to one lr) or a ZeroDivisionError
+
+
+@pytest.mark.parametrize("lrs, line", [
+    ((0.1, 0.1), "--lrs lists a value twice ([0.1, 0.1]); list each once"),
+    ((0.1, float("inf")), "--lrs must be finite numbers > 0, got [0.1, inf]"),
+    ((float("nan"),), "--lrs must be finite numbers > 0, got [nan]"),
+])
+def test_an_lr_design_that_would_run_a_trial_twice_or_at_no_lr_is_refused(lrs, line):
+    with pytest.raises(ValueError) as e:
+        design.Study("s", design.Preset(grid={"batch_size": [64]}, fixed={}, lrs=lrs), TrainConfig())
+    assert str(e.value) == line

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import traceback
@@ -15,11 +16,11 @@ import storage
 from studies.sweep.design import Preset, Study, cell_changes, log_grid
 from studies.sweep.run import run_study
 from studies.training import runner
-from studies.training.config import TrainConfig
-from studies.training.flags import add_train_args, flag, grid_flag, overrides_from_args
+from studies.training.config import ConfigError, TrainConfig
+from studies.training.flags import add_train_args, flag, flag_message, grid_flag, overrides_from_args
 from studies.training.tracking import redact, resolve_tracking_uri
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # fullmatch: '$' would also match before a trailing newline
 
 
 def add_study_args(p: argparse.ArgumentParser, preset_names, grid_flags: dict[str, tuple[Any, str]]) -> None:
@@ -65,6 +66,21 @@ def owned_fields(preset, grid_axes) -> dict[str, str]:
     return owned
 
 
+def lr_design(args: argparse.Namespace, preset: Preset) -> tuple[float, ...]:
+    """The base lrs tried in every cell: --lrs (checked by Study), else --lr-range's log grid, else the preset's."""
+    if args.lrs or not args.lr_range:
+        return tuple(args.lrs) if args.lrs else preset.lrs
+    low, high = args.lr_range
+    given = f"--lr-range {low:g} {high:g}"
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{given}: LOW and HIGH must be finite numbers, e.g. --lr-range 0.05 0.8")
+    if not low > 0:
+        raise ValueError(f"{given}: a log grid cannot start at {low:g}; LOW must be > 0, e.g. --lr-range 0.05 0.8")
+    if low > high:
+        raise ValueError(f"{given}: LOW is above HIGH; use --lr-range {high:g} {low:g}")
+    return log_grid(low, high)
+
+
 def build_study(name: str, presets: dict[str, Preset], args: argparse.Namespace, grid_flags, analyze=None) -> Study:
     preset = presets["smoke" if args.smoke_test else args.preset]
     overrides = overrides_from_args(args)
@@ -73,11 +89,10 @@ def build_study(name: str, presets: dict[str, Preset], args: argparse.Namespace,
     if bad:
         raise ValueError(f"{flag(bad[0])} does nothing in this study: {bad[0]} is {owned[bad[0]]}; remove it")
     study_name = args.name or name
-    if not NAME.match(study_name):
+    if not NAME.fullmatch(study_name):
         raise ValueError(f"--name {study_name!r}: use letters, digits, '_', '-' and '.' only (it names an MLflow "
                          "experiment, a folder and a filter)")
-    lrs = tuple(args.lrs) if args.lrs else log_grid(*args.lr_range) if args.lr_range else preset.lrs
-    changes = {k: v for k, v in (("lrs", lrs), ("seeds", args.seeds), ("best_k", args.best_k),
+    changes = {k: v for k, v in (("lrs", lr_design(args, preset)), ("seeds", args.seeds), ("best_k", args.best_k),
                                  ("scan_steps", args.scan_steps), ("scan_examples", args.scan_examples),
                                  ("full_top", args.full_top),
                                  ("trials", args.trials)) if v is not None}
@@ -87,8 +102,12 @@ def build_study(name: str, presets: dict[str, Preset], args: argparse.Namespace,
     storage.resolve(output)  # refuses 's3:/bucket' (one slash), which would otherwise become a local folder 's3:'
     if "://" not in output:
         output = str(Path(output).resolve())
+    try:
+        fixed = TrainConfig(**{**preset.fixed, **overrides})
+    except ConfigError as e:
+        raise ValueError(flag_message(e)) from None
     return Study(
-        name=study_name, preset=preset, fixed=TrainConfig(**{**preset.fixed, **overrides}),
+        name=study_name, preset=preset, fixed=fixed,
         seed=args.study_seed or 0, output=output,
         tracking_uri=resolve_tracking_uri(args.tracking_uri),
         max_concurrent=args.max_concurrent, resume=args.resume, analyze=analyze)

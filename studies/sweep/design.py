@@ -61,6 +61,8 @@ class Analysis:
 
 
 def log_grid(low: float, high: float, per_octave: int = 1) -> tuple[float, ...]:
+    if not 0 < low <= high < math.inf:  # else a ZeroDivisionError, or () (the lr design silently falls back)
+        raise ValueError(f"a log grid needs finite 0 < low <= high, got {low:g} .. {high:g}")
     n = round(math.log2(high / low) * per_octave)
     return tuple(float(f"{low * 2 ** (i / per_octave):.4g}") for i in range(n + 1))
 
@@ -94,8 +96,10 @@ class Study:
             raise ValueError(f"--best-k must be in [1, seeds={p.seeds}], got {p.best_k}")
         if p.scan_steps is not None and p.scan_steps < 1 or p.full_top < 1 or p.scan_examples < 0:
             raise ValueError("--scan-steps and --full-top must be >= 1, --scan-examples >= 0")
-        if any(not lr > 0 for lr in p.lrs):
-            raise ValueError(f"learning rates must be > 0, got {p.lrs}")
+        if any(not 0 < lr < math.inf for lr in p.lrs):
+            raise ValueError(f"--lrs must be finite numbers > 0, got {list(p.lrs)}")
+        if len(set(p.lrs)) < len(p.lrs):  # the same trials twice: one result counted as two
+            raise ValueError(f"--lrs lists a value twice ({list(p.lrs)}); list each once")
         if p.tpe is not None and p.trials < 1:
             raise ValueError(f"--trials must be >= 1, got {p.trials}")
         if self.max_concurrent is not None and self.max_concurrent < 1:
