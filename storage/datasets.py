@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import simplejpeg
@@ -56,6 +57,9 @@ class Manifest:
             self.image_shape = tuple(int(d) for d in self.image_shape)
         if self.encoding == "raw" and self.image_shape is None:
             raise StorageError(f"manifest {self.uri}: raw encoding needs image_shape; prepare the data again")
+        if not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise StorageError(f"manifest {self.uri}: num_classes {self.num_classes!r} is not a positive integer; "
+                               "the manifest is damaged, prepare the data again")
         for split, entries in self.shards.items():  # readers join these to the dataset's root: '../x' reads elsewhere
             for s in entries:
                 if not stays_inside(s["path"]):
@@ -287,11 +291,14 @@ def _decode_hwc(blob: bytes, where: str) -> torch.Tensor:
         raise StorageError(f"{where} is not a decodable image ({e}); prepare the data again") from e
 
 
-def read_verified_shard(fs: pafs.FileSystem, path: str, sha256: str | None, rows: int, dataset: str) -> pa.Table:
-    """One shard's table, its bytes checked against the manifest's sha256 first (skipped when sha256 is None).
+def read_verified_shard(fs: pafs.FileSystem, path: str, sha256: str | None, rows: int, dataset: str,
+                        num_classes: int | None = None) -> pa.Table:
+    """One shard's table, its bytes checked against the manifest's sha256 first (skipped when sha256 is None),
+    its labels against [0, num_classes) (when given; one min/max pass over an int column, a cheap check).
 
     Both the resident path (ShardSet.read_shard) and Ray Data's streaming reads go through here, so a flipped
-    byte fails the run with the shard's name instead of training on it.
+    byte, or a label past the class list (the loss would index out of range), fails the run with the shard's name
+    instead of training on it.
     """
     blob = read_bytes(fs, path)
     if sha256 is not None and hashlib.sha256(blob).hexdigest() != sha256:
@@ -306,7 +313,20 @@ def read_verified_shard(fs: pafs.FileSystem, path: str, sha256: str | None, rows
                            "match the shards, prepare the data again")
     if table.num_rows != rows:
         raise StorageError(f"{path}: {table.num_rows} rows, manifest says {rows}; prepare again")
+    if num_classes is not None:
+        _check_labels(table.column("label"), num_classes, path, dataset)
     return table
+
+
+def _check_labels(labels: pa.ChunkedArray, num_classes: int, path: str, dataset: str) -> None:
+    if not pa.types.is_integer(labels.type):
+        raise StorageError(f"{path}: column 'label' has type {labels.type}, expected integers; delete {dataset} and "
+                           "prepare again")
+    span = pc.min_max(labels)
+    lo, hi = span["min"].as_py(), span["max"].as_py()
+    if labels.null_count or (lo is not None and not 0 <= lo <= hi < num_classes):
+        raise StorageError(f"{path}: labels span {lo}..{hi}{' with nulls' if labels.null_count else ''}, outside "
+                           f"[0, {num_classes}) of the manifest's num_classes; delete {dataset} and prepare again")
 
 
 class ShardSet:
@@ -347,7 +367,7 @@ class ShardSet:
     def read_shard(self, split: str, index: int, verify: bool = True) -> pa.Table:
         info = self._shards(split)[index]
         return read_verified_shard(self.fs, join(self.path, info["path"]), info["sha256"] if verify else None,
-                                   info["rows"], self.uri)
+                                   info["rows"], self.uri, self.manifest.num_classes)
 
     def load_shard(self, split: str, index: int, verify: bool = True,
                    image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

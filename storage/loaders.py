@@ -121,14 +121,15 @@ def _decode_batch(batch: dict, shape, encoding: str, image_size: int | None) -> 
     return {"image": images, "label": np.asarray(batch["label"], dtype=np.int64)}
 
 
-def read_shards(batch, fs, dataset: str, verify: bool = True) -> Iterator:
+def read_shards(batch, fs, dataset: str, verify: bool = True, num_classes: int | None = None) -> Iterator:
     """map_batches body (runs on CPU workers): rows naming shards (path, sha256, rows, and optionally `ranges`,
-    the [start, stop) row ranges to keep) -> each shard's image/label rows, its checksum verified first; a corrupt
-    shard fails the read with its name."""
+    the [start, stop) row ranges to keep) -> each shard's image/label rows, its checksum (and labels, given
+    num_classes) verified first; a corrupt shard fails the read with its name."""
     ranges = batch["ranges"].to_pylist() if "ranges" in batch.column_names else [None] * batch.num_rows
     for path, sha, rows, keep in zip(batch["path"].to_pylist(), batch["sha256"].to_pylist(),
                                      batch["rows"].to_pylist(), ranges):
-        table = read_verified_shard(fs, path, sha if verify else None, rows, dataset).select(["image", "label"])
+        table = read_verified_shard(fs, path, sha if verify else None, rows, dataset, num_classes)
+        table = table.select(["image", "label"])
         for a, b in keep or [(0, rows)]:
             yield table.slice(a, b - a)
 
@@ -158,7 +159,8 @@ def ray_dataset(uri, split: str, image_size: int | None = None, verify: bool = T
     ds.context.execution_options.preserve_order = True  # same seed -> same row order (this dataset only)
     read = {} if m.encoding == "raw" else _spread_decode(ds.context, len(shards))
     ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow",
-                        fn_kwargs={"fs": ss.fs, "dataset": ss.uri, "verify": verify}, **read)
+                        fn_kwargs={"fs": ss.fs, "dataset": ss.uri, "verify": verify, "num_classes": m.num_classes},
+                        **read)
     return ds.map_batches(_decode_batch, batch_format="numpy", zero_copy_batch=True,
                           fn_kwargs={"shape": m.image_shape, "encoding": m.encoding, "image_size": image_size})
 

@@ -110,6 +110,18 @@ def _unpickle(path: str) -> dict:
     return d
 
 
+def _labels(values, n: int, num_classes: int, path: str) -> np.ndarray:
+    """A batch's labels, refused unless there is one per image in [0, num_classes): a label past the class list
+    would otherwise reach the loss as an index (a CUDA assert, or a silently wrong class on CPU)."""
+    y = np.asarray(values, dtype=np.int64)
+    if len(y) != n:
+        raise StorageError(f"{path}: {len(y)} labels for {n} images; the file is not CIFAR, re-download it")
+    if n and not (y.min() >= 0 and y.max() < num_classes):
+        raise StorageError(f"{path}: labels span {y.min()}..{y.max()}, outside [0, {num_classes}) of the class "
+                           "list; the file is not this CIFAR, re-download it")
+    return y
+
+
 def cifar_splits(path: str | None, hundred: bool, download: bool = False):
     if path is None:
         raise StorageError("cifar needs path=<directory containing cifar-10-batches-py/ or cifar-100-python/>")
@@ -139,7 +151,7 @@ def cifar_splits(path: str | None, hundred: bool, download: bool = False):
                 raise StorageError(f"{os.path.join(folder, fn)}: expected data of shape [N, 3072], got "
                                    f"{data.shape}; the file is not CIFAR, re-download it")
             xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # stored CHW planes -> HWC
-            ys.append(np.asarray(d[label_key], dtype=np.int64))
+            ys.append(_labels(d[label_key], len(data), len(names), os.path.join(folder, fn)))
         out[split] = (np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys))
     return out, names
 

@@ -91,6 +91,9 @@ CASES = {
     "shard path out of the dataset": (lambda t: storage.open_dataset(_tampered_dataset(
         t, **{"shards.train.0.path": "../../elsewhere.parquet"})),
         r"shard path '\.\./\.\./elsewhere\.parquet' of split 'train' points outside the dataset; .* prepare again$"),
+    "labels past num_classes": (lambda t: storage.open_dataset(_tampered_dataset(
+        t, num_classes=1, class_names=["only"])).load_split("train"),
+        r"train-00000\.parquet: labels span 0\.\.\d, outside \[0, 1\) of the manifest's num_classes; delete "),
     "CIFAR pickle that runs code": (lambda t: storage.sources._unpickle(_pickle_calling(t, os.system, "true")),
                                     r"data_batch_1: the pickle calls posix\.system, which no CIFAR batch does .*"
                                     r"download=True\)$"),

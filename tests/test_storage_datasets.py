@@ -224,3 +224,77 @@ def test_manifest_shard_path_outside_the_dataset_refused(tmp_path, synth, path):
     assert str(e.value) == (f"manifest {uri}: shard path {path!r} of split 'train' points outside the dataset; the "
                             "manifest is damaged or hand-edited, prepare again")
 
+
+def _tamper_labels(uri, synth, split, index, labels):
+    """Rewrite one shard with other labels and give the manifest its new sha256: damage the checksums cannot see."""
+    import hashlib
+    import json
+
+    import pyarrow.parquet as pq
+
+    import storage.datasets as ds
+
+    shard = os.path.join(uri, synth.shards[split][index]["path"])
+    t = pq.read_table(shard)
+    blob = ds._shard_bytes(t.set_column(t.schema.get_field_index("label"), "label", labels(t)))
+    open(shard, "wb").write(blob)
+    mpath = os.path.join(uri, "manifest.json")
+    m = json.load(open(mpath))
+    m["shards"][split][index]["sha256"] = hashlib.sha256(blob).hexdigest()
+    json.dump(m, open(mpath, "w"))
+    return shard
+
+
+def test_labels_outside_num_classes_refused(tmp_path, synth):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    uri = _copy(synth.uri, tmp_path / "l")
+    shard = _tamper_labels(uri, synth, "train", 1, lambda t: pc.add(t["label"], 10))  # labels 10..19
+    with pytest.raises(StorageError) as e:
+        storage.open_dataset(uri).load_split("train")
+    assert str(e.value).startswith(f"{shard}: labels span 10..19, outside [0, 10) of the manifest's num_classes; "
+                                   f"delete {uri} and prepare again")
+    with pytest.raises(StorageError, match=r"train-00001\.parquet: labels span"):  # verify=False checks them too
+        storage.open_dataset(uri).load_split("train", verify=False)
+    _tamper_labels(uri, synth, "train", 1, lambda t: pa.array([-1] * t.num_rows, pa.int64()))
+    with pytest.raises(StorageError, match=r"labels span -1\.\.-1, outside \[0, 10\)"):
+        storage.open_dataset(uri).load_split("train")
+    uri2 = _copy(synth.uri, tmp_path / "n")  # intact shards, a manifest that claims fewer classes
+    mpath = os.path.join(uri2, "manifest.json")
+    m = json.load(open(mpath))
+    m["num_classes"], m["class_names"] = 5, m["class_names"][:5]
+    json.dump(m, open(mpath, "w"))
+    with pytest.raises(StorageError, match=r"train-00000\.parquet: labels span 0\.\.9, outside \[0, 5\)"):
+        storage.open_dataset(uri2).load_split("train")
+    m["num_classes"] = 0
+    json.dump(m, open(mpath, "w"))
+    with pytest.raises(StorageError, match="num_classes 0 is not a positive integer"):
+        storage.open_dataset(uri2)
+
+
+def test_streaming_reader_checks_labels(tmp_path, synth):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from storage.loaders import read_shards
+
+    uri = _copy(synth.uri, tmp_path / "s")
+    _tamper_labels(uri, synth, "val", 0, lambda t: pc.add(t["label"], 10))
+    ss = storage.open_dataset(uri)
+    rows = pa.table({"path": ss.shard_paths("val"), "sha256": [s["sha256"] for s in ss.manifest.shards["val"]],
+                     "rows": [s["rows"] for s in ss.manifest.shards["val"]]})
+    with pytest.raises(StorageError, match=r"val-00000\.parquet: labels span 10\.\."):
+        list(read_shards(rows, ss.fs, uri, num_classes=10))
+
+
+@pytest.mark.ray
+def test_ray_dataset_checks_labels(tmp_path, synth, ray_cluster):
+    import pyarrow.compute as pc
+
+    uri = _copy(synth.uri, tmp_path / "r")
+    _tamper_labels(uri, synth, "val", 0, lambda t: pc.add(t["label"], 10))
+    with pytest.raises(Exception, match=r"val-00000\.parquet: labels span 10\.\."):
+        storage.ray_dataset(uri, "val").take_all()

@@ -105,3 +105,12 @@ def test_unpickler_allows_numpy_arrays_only(tmp_path):
     with pytest.raises(StorageError, match="holds a list, not a CIFAR batch"):
         sources._unpickle(str(tmp_path / "list"))
 
+
+@pytest.mark.parametrize("labels, pattern", [([0, 1, 10, 2], r"labels span 0\.\.10, outside \[0, 10\)"),
+                                             ([0, -1, 2, 3], r"labels span -1\.\.3"),
+                                             ([0, 1, 2], r"3 labels for 4 images")])
+def test_cifar_labels_outside_the_class_list_refused(tmp_path, labels, pattern):
+    _cifar10(tmp_path / "src", np.random.default_rng(2), labels=labels)
+    with pytest.raises(StorageError, match=pattern) as e:
+        storage.prepare_dataset("cifar10", str(tmp_path / "out"), path=str(tmp_path / "src"))
+    assert "data_batch_1" in str(e.value) and "re-download" in str(e.value) and "\n" not in str(e.value)
