@@ -1,7 +1,8 @@
 """Dataset format: Parquet shards + manifest.json, written by prepare_dataset, read by open_dataset.
 
 Layout under root/<source>-<hash>/:
-  shards-<token>/<split>-00000.parquet   one attempt's shards (an interrupted attempt leaves an orphan dir)
+  shards-<token>/<split>-00000.parquet   one attempt's shards (an interrupted attempt leaves an orphan dir, cleared
+                                         by the next attempt, except under a best-effort lease: gs://)
   manifest.json                          written LAST: its presence is the commit marker
   .lock                                  held while writing (storage.lock): a second writer waits, then reuses
 Fixed-size sets store raw uint8 HWC bytes per row; imagefolder stores the encoded file bytes. The hash covers
@@ -13,6 +14,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -28,7 +30,7 @@ import simplejpeg
 import torch
 
 from storage import sources
-from storage.lock import acquire_lock
+from storage.lock import _PlainLease, acquire_lock
 from storage.sources import IMAGE_EXTS, SOURCES, SPLITS, source_params  # noqa: F401  (re-exported)
 from storage.uri import StorageError, exists, join, one_line, read_bytes, resolve, stays_inside, write_bytes_atomic
 
@@ -145,12 +147,26 @@ def _write_split(fs, dpath: str, shard_dir: str, split: str, tables: Iterator[pa
     return out
 
 
-def _clear_orphans(fs, dpath: str, uri: str) -> None:
-    """Shard dirs of attempts that died before their manifest; only called while holding the dataset's lock."""
+def _clear_orphans(fs, dpath: str, uri: str, lock) -> None:
+    """Shard dirs of attempts that died before their manifest; only called while holding the dataset's lock.
+
+    Deleted only where that lock provably excludes other writers (flock, S3's conditional-put lease). Under a
+    best-effort lease (gs://, storage.lock) two preparers can both hold it, and a dir that looks orphaned may be a
+    live attempt's: those dirs are kept (each attempt writes its own dir and its manifest names only its own
+    shards, so whichever manifest lands last is a complete set) and named, for deleting by hand.
+    """
+    exclusive = not isinstance(lock._backend, _PlainLease)  # lock.py (another owner's) has no public word for it
     try:
-        for info in fs.get_file_info(pafs.FileSelector(dpath, allow_not_found=True)):
-            if info.base_name.startswith("shards-") and info.type == pafs.FileType.Directory:
-                fs.delete_dir(info.path)
+        dirs = [i.path for i in fs.get_file_info(pafs.FileSelector(dpath, allow_not_found=True))
+                if i.base_name.startswith("shards-") and i.type == pafs.FileType.Directory]
+        if not exclusive:
+            if dirs:
+                print(f"note: kept {len(dirs)} shard dir(s) of other attempts under {uri} (the lock there is best "
+                      "effort, one may be live); delete those not named in manifest.json once no preparer runs",
+                      file=sys.stderr, flush=True)
+            return
+        for d in dirs:
+            fs.delete_dir(d)
     except OSError as e:
         raise StorageError(f"cannot list {uri} ({one_line(e)}); check the URI and credentials") from e
 
@@ -196,7 +212,7 @@ def prepare_dataset(source: str, root: str, *, seed: int = 0, path: str | None =
     with acquire_lock(uri, owner, wait_s=None) as lock:
         if exists(fs, join(dpath, "manifest.json")):
             return open_dataset(uri).manifest  # another writer finished it while we waited
-        _clear_orphans(fs, dpath, uri)
+        _clear_orphans(fs, dpath, uri, lock)
         shard_dir = f"shards-{uuid.uuid4().hex[:8]}"
         fs.create_dir(join(dpath, shard_dir), recursive=True)
         if listing is None:

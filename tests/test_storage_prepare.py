@@ -160,3 +160,61 @@ def test_two_writers_of_one_dataset(tmp_path, monkeypatch, capsys):
     assert len([p for p in d.iterdir() if p.name.startswith("shards-")]) == 1
     ss = storage.open_dataset(got[0].uri)
     assert ss.load_split("train")[0].shape[0] == 400 and ss.load_split("val")[0].shape[0] == 100  # all verify
+
+
+def _both_hold_the_lease(monkeypatch):
+    """storage.lock's best-effort lease (gs://, no conditional put) in the race it cannot see: two preparers whose
+    puts crossed each read their own lease back, so both hold it."""
+    import storage.lock as lock
+    from storage.uri import resolve
+
+    class Raced(lock._PlainLease):
+        def try_acquire(self):
+            self.fs.create_dir(self.path.rsplit("/", 1)[0])  # a local folder stands in for the bucket's prefix
+            self.info.setdefault("generation", 1)
+            self._write()
+            self.held = True
+            return None
+
+    monkeypatch.setattr(lock, "_backend", lambda uri, info: Raced(resolve(uri)[0], f"{resolve(uri)[1]}/.lock", info))
+
+
+def test_best_effort_lease_keeps_other_attempts_shards(tmp_path, monkeypatch, capsys):
+    _both_hold_the_lease(monkeypatch)
+    kw = dict(seed=6, n_train=300, n_val=50, rows_per_shard=100)
+    real, started, go = ds._shard_bytes, threading.Event(), threading.Event()
+    first, errors = [], []
+
+    def slow(t):  # the first preparer, its shard dir made, waits here until the second one has finished
+        started.set()
+        go.wait(30)
+        return real(t)
+
+    def prepare_first():
+        try:
+            first.append(storage.prepare_dataset("synthetic", str(tmp_path), **kw))
+        except Exception as e:  # reported by the assert below
+            errors.append(e)
+
+    monkeypatch.setattr(ds, "_shard_bytes", slow)
+    t = threading.Thread(target=prepare_first)
+    t.start()
+    assert started.wait(30), errors
+    (d,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    (theirs,) = [p for p in d.iterdir() if p.name.startswith("shards-")]
+    monkeypatch.setattr(ds, "_shard_bytes", real)
+    try:
+        second = storage.prepare_dataset("synthetic", str(tmp_path), **kw)  # holds the "same" lease meanwhile
+    finally:
+        go.set()
+    t.join(60)
+    assert not errors, errors
+    assert theirs.is_dir() and len(list(d.glob("shards-*"))) == 2  # neither deleted the other's shards
+    assert "note: kept 1 shard dir(s) of other attempts" in capsys.readouterr().err
+    assert first[0].shards != second.shards
+    fs = storage.open_dataset(second.uri).fs
+    for m in (first[0], second):  # whichever manifest landed last, the shards it names are all there and verify
+        for split in ("train", "val"):
+            assert [ds.read_verified_shard(fs, str(d / s["path"]), s["sha256"], s["rows"], m.uri).num_rows
+                    for s in m.shards[split]] == ([100, 100, 100] if split == "train" else [50])
+    assert storage.open_dataset(second.uri).load_split("train")[0].shape[0] == 300
