@@ -8,8 +8,8 @@ Two gradient regimes, both printed; the RESULT lines report `layered`:
 - all: every unit clips.
 Floor: what any AGC must move through memory, done as cheaply as this machine can: one contiguous read of as
 many bytes as W and G (the faster of a sum and a row-norm over one flat buffer), then one in-place pass over
-as many elements as the clipping units hold. `agc_floor` = ours ÷ floor. On the CPU `ours` is the one-pass C
-kernel; the torch-op fallback it replaces (no C compiler) is timed beside it.
+as many elements as the clipping units hold. `agc_floor` = ours ÷ floor. On the CPU `ours` is the cache-blocked
+torch-op path (nfnet/agc.py `_clip_blocked`), on a GPU the fused multi-tensor one.
 """
 
 import os
@@ -43,19 +43,12 @@ def main() -> None:
         line = ", ".join(f"{k} {statistics.median(v) * 1e3:.2f} ({min(v) * 1e3:.2f}) ms" for k, v in t.items())
         print(f"[{regime:7s}] units clipped {units:.3f}, elements in them {elems:.3f}: {line}")
     t = results["layered"][0]
-    if device.type == "cpu":
-        from nfnet import agc_cpu
-
-        print("CPU path: " + ("the one-pass C kernel (nfnet/agc_cpu.c)" if agc_cpu.kernel() else
-                              "torch ops (no C compiler: the kernel was not built)"))
     best = {k: min(v) for k, v in t.items()}
     print(f"ratios of medians: timm ÷ ours {statistics.median(t['timm']) / statistics.median(t['ours']):.2f}, "
           f"ours ÷ floor {statistics.median(t['ours']) / statistics.median(t['floor']):.2f}; "
           f"ours ÷ floor by best run: {best['ours'] / best['floor']:.2f}")
     # RESULT: the median over repetitions of each repetition's own ratio. The calls of one repetition run back to
     # back, so a neighbour's burst of load (this box is shared) hits both sides of a ratio instead of one median.
-    if "ours_torch_ops" in t:
-        print(f"one-pass kernel vs its torch-op fallback: {paired(t['ours_torch_ops'], t['ours']):.2f}x faster")
     print(f"RESULT agc ratio={paired(t['timm'], t['ours']):.2f} target>=3")
     print(f"RESULT agc_floor ratio={paired(t['ours'], t['floor']):.2f} target<=1.25")
 
@@ -109,18 +102,8 @@ def measure(named, params, regime, args, device, gen, flat):
         torch.linalg.vector_norm(rows, 2, dim=1)
         tail.mul_(0.999)
 
-    def torch_ops():  # our fallback where no C compiler builds the one-pass kernel (nfnet/agc_cpu.py)
-        was = os.environ.get("NFNET_LAB_AGC_KERNEL")
-        os.environ["NFNET_LAB_AGC_KERNEL"] = "0"
-        try:
-            adaptive_grad_clip_(named, lam)
-        finally:
-            os.environ.pop("NFNET_LAB_AGC_KERNEL") if was is None else os.environ.update(NFNET_LAB_AGC_KERNEL=was)
-
     fns = {"ours": lambda: adaptive_grad_clip_(named, lam), "timm": lambda: adaptive_clip_grad(params, lam),
            "floor_sum": floor_sum, "floor_norm": floor_norm}
-    if device.type == "cpu":
-        fns["ours_torch_ops"] = torch_ops
     t = time_many(fns, args.reps, device, restore)
     fast = min(("floor_sum", "floor_norm"), key=lambda f: statistics.median(t[f]))
     t = {k: v for k, v in t.items() if not k.startswith("floor_")} | {"floor": t[fast]}

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nfnet import agc_cpu
-
 _CONTAINERS = ("stages", "blocks", "layers", "features")
 
 
@@ -174,16 +172,10 @@ def adaptive_grad_clip_(parameters: Iterable[torch.Tensor] | Iterable[tuple[str,
             params = [p for _, p in vecs] + [p for _, p in mats]
             grads = [p.grad for p in params]
             sizes = [1] * nv + [p.shape[0] for _, p in mats]
-            on_cpu = grads[0].device.type == "cpu"
-            lib = agc_cpu.kernel() if on_cpu else None
-            if lib is not None and agc_cpu.supports(params, grads, sizes):
-                g_norm, factor = agc_cpu.clip_(lib, params, grads, sizes, clip_threshold, eps)
-            else:
-                w_norm = torch.cat(([_whole_norms(params[:nv])] if nv else []) +
-                                   [_unit_norms(p) for p in params[nv:]])
-                max_norm = w_norm.clamp_min_(eps).mul_(clip_threshold)
-                clip = _clip_blocked if on_cpu else _clip_fused
-                g_norm, factor = clip(grads, nv, max_norm, sizes)
+            w_norm = torch.cat(([_whole_norms(params[:nv])] if nv else []) + [_unit_norms(p) for p in params[nv:]])
+            max_norm = w_norm.clamp_min_(eps).mul_(clip_threshold)
+            clip = _clip_blocked if grads[0].device.type == "cpu" else _clip_fused
+            g_norm, factor = clip(grads, nv, max_norm, sizes)
             clipped.append(factor < 1.0)
             names += [n for n, _ in vecs] + [n for n, _ in mats]
             units += sizes

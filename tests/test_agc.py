@@ -1,14 +1,11 @@
 import math
-import os
-import shutil
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nfnet import adaptive_grad_clip_, agc, agc_cpu, agc_parameters, create_model
+from nfnet import adaptive_grad_clip_, agc, agc_parameters, create_model
 
 torch.set_num_threads(2)
 
@@ -48,23 +45,10 @@ def make_params(seed: int = 0, dtype=torch.float32) -> list[torch.nn.Parameter]:
     return params
 
 
-needs_cc = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None,
-                              reason="no C compiler: the one-pass CPU kernel cannot be built here")
-
-
-@pytest.fixture(params=["cpu_kernel", "cpu_kernel_threads", "cpu_blocked", "cpu_small_blocks", "fused"])
+@pytest.fixture(params=["cpu_blocked", "cpu_small_blocks", "fused"])
 def path(request, monkeypatch):
-    """Run a test through each implementation path: the one-pass C kernel (also split over threads however few
-    elements there are), the torch-op CPU cache-blocked one (also with tiny blocks so rows span several blocks)
-    and the accelerator one (all norms, then one multiply per tensor)."""
-    if request.param.startswith("cpu_kernel"):
-        if shutil.which(os.environ.get("CC") or "cc") is None:
-            pytest.skip("no C compiler: the one-pass CPU kernel cannot be built here")
-        assert agc_cpu.kernel() is not None  # with a compiler the kernel must build
-        if request.param == "cpu_kernel_threads":
-            monkeypatch.setattr(agc_cpu, "_PARALLEL_MIN", 0)
-        return request.param
-    monkeypatch.setenv("NFNET_LAB_AGC_KERNEL", "0")
+    """Run a test through each implementation path: the CPU cache-blocked one (also with tiny blocks so rows span
+    several blocks) and the accelerator one (all norms, then one multiply per tensor)."""
     if request.param == "cpu_small_blocks":
         monkeypatch.setattr(agc, "_BLOCK", 16)
     elif request.param == "fused":
@@ -116,7 +100,6 @@ def test_noop_below_threshold(path):
 def test_cpu_path_writes_only_clipping_blocks(monkeypatch):
     # CPU AGC is memory-bound: a block where no unit clips must not be written back (the version counter of a
     # tensor counts in-place writes). Small blocks so one tensor has clipping and non-clipping blocks.
-    monkeypatch.setenv("NFNET_LAB_AGC_KERNEL", "0")
     monkeypatch.setattr(agc, "_BLOCK", 8)
     quiet = torch.nn.Parameter(torch.ones(4, 4))
     quiet.grad = torch.full((4, 4), 1e-3)
@@ -129,58 +112,6 @@ def test_cpu_path_writes_only_clipping_blocks(monkeypatch):
     assert mixed.grad._version == versions[1] + 1
     assert stats.clipped.tolist() == [False] * 7 + [True]
     torch.testing.assert_close(mixed.grad[3].norm(), torch.tensor(0.01 * 2.0))
-
-
-@needs_cc
-def test_kernel_bumps_the_version_of_written_grads_only():
-    # The kernel writes through pointers, which autograd cannot see: it must bump the version counter of each
-    # gradient it rescaled (and only those), as an in-place torch op would.
-    quiet = torch.nn.Parameter(torch.ones(4, 4))
-    quiet.grad = torch.full((4, 4), 1e-3)
-    loud = torch.nn.Parameter(torch.ones(4, 4))
-    loud.grad = torch.full((4, 4), 1e-3)
-    loud.grad[3] = 10.0
-    versions = (quiet.grad._version, loud.grad._version)
-    stats = adaptive_grad_clip_([quiet, loud], clip_threshold=0.01)
-    assert agc_cpu.kernel() is not None
-    assert (quiet.grad._version, loud.grad._version > versions[1]) == (versions[0], True)
-    assert stats.clipped.tolist() == [False] * 7 + [True]
-    torch.testing.assert_close(loud.grad[3].norm(), torch.tensor(0.01 * 2.0))
-    assert torch.equal(loud.grad[:3], torch.full((3, 4), 1e-3))
-
-
-@pytest.mark.parametrize("cc", ["/nonexistent/cc", "false", "hangs"])  # none; one that fails; one that hangs
-def test_no_kernel_falls_back_to_torch_ops_with_one_warning(cc, monkeypatch, tmp_path):
-    if cc == "hangs":
-        cc = str(tmp_path / "cc")
-        Path(cc).write_text("#!/bin/sh\nsleep 30\n")
-        os.chmod(cc, 0o755)
-        monkeypatch.setattr(agc_cpu, "_CC_TIMEOUT_S", 1)
-    monkeypatch.setenv("CC", cc)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(agc_cpu, "_state", {})
-    params = make_params()
-    expected = [reference_clip(p.detach(), p.grad, 0.1) for p in params]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        adaptive_grad_clip_(params, 0.1)
-        adaptive_grad_clip_(make_params(), 0.1)
-    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-    assert len(said) == 1 and "torch ops" in said[0]
-    assert any(why in said[0] for why in ("C compiler", "failed to build", "timed out"))
-    for p, e in zip(params, expected):
-        torch.testing.assert_close(p.grad.double(), e, rtol=1e-5, atol=1e-7)
-    assert list(tmp_path.rglob("*.so")) == []  # nothing half-built left in the cache
-
-
-@pytest.mark.parametrize("parts", [2, 3, 7])
-def test_kernel_thread_split_covers_every_unit_once_in_near_equal_shares(parts):
-    units, lens = [1, 64, 3, 1000, 1, 8], [10, 4608, 7, 512, 1, 30000]
-    bounds = agc_cpu._split(units, lens, parts)
-    assert bounds[0] == 0 and bounds[-1] == sum(units) and bounds == sorted(bounds) and len(bounds) == parts + 1
-    per_unit = [n for u, n in zip(units, lens) for _ in range(u)]
-    shares = [sum(per_unit[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-    assert max(shares) - min(shares) <= 2 * max(lens)  # off by at most a unit either side of each cut
 
 
 def test_bf16_grads(path):
@@ -298,3 +229,14 @@ def test_agc_prevents_blow_up_at_huge_lr():
     blew_up = (not all(math.isfinite(v) for v in unclipped)) or max(unclipped) > 1e3
     assert blew_up, unclipped
     assert all(math.isfinite(v) for v in clipped) and max(clipped) < 1e2, clipped
+
+
+def test_agc_runs_no_native_code():
+    # Issue 21, item 9: a C kernel built into a user cache dir and loaded from there ran whatever .so sat under
+    # its predictable name. It saved under 3% of the laptop study's CPU training step and was removed: nfnet/
+    # must not come back to loading compiled code (ctypes / cffi) or shipping C sources.
+    root = Path(agc.__file__).parent
+    assert not [p.name for p in root.rglob("*") if p.suffix in (".c", ".so", ".dll", ".dylib")]
+    for src in root.rglob("*.py"):
+        text = src.read_text()
+        assert "import ctypes" not in text and "import cffi" not in text and "load_inline" not in text, src.name
