@@ -9,6 +9,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from storage.lock import Fence, check_fence
 from storage.uri import StorageError, join, read_bytes, resolve, write_bytes_atomic
 
 
@@ -44,11 +45,17 @@ class ResultsTable:
     """<uri>/results/part-*.parquet (one row per `key`) and <uri>/epochs/part-*.parquet (one per key and epoch),
     with the schemas the caller owns."""
 
-    def __init__(self, uri: str, schema: pa.Schema, epochs_schema: pa.Schema | None = None, key: str = "trial_key"):
-        self.uri, self.schema, self.epochs_schema, self.key = uri, schema, epochs_schema, key
+    def __init__(self, uri: str, schema: pa.Schema, epochs_schema: pa.Schema | None = None, key: str = "trial_key",
+                 fence: Fence | None = None):
+        """fence: the lock this table is written under (storage.lock.Lock.fence()); every write checks it first
+        and is refused (LeaseLost) once another holder may have the location, and carries its generation."""
+        self.uri, self.schema, self.epochs_schema, self.key, self.fence = uri, schema, epochs_schema, key, fence
         self.fs, self.path = resolve(uri)
 
     def _write(self, sub: str, table: pa.Table) -> str:
+        if self.fence is not None:
+            check_fence(self.fence)
+            table = table.replace_schema_metadata({b"nfnet.lease_generation": str(self.fence.generation).encode()})
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         # time-ordered names: reading sorts by name, so 'last row wins' follows append order

@@ -8,6 +8,7 @@ import time
 import pyarrow.fs as pafs
 import pytest
 
+import storage.leases as leases
 import storage.lock as lock
 from storage import StorageError, acquire_lock
 from tests.s3_server import s3_bucket  # noqa: F401  (module fixture: moto S3 server on loopback)
@@ -105,7 +106,7 @@ def test_s3_lease_refuses_second_and_releases(s3_bucket):  # noqa: F811
 def test_s3_expired_lease_taken_over_and_old_holder_told(s3_bucket, monkeypatch):  # noqa: F811
     uri = s3_bucket + "/studies/b"
     clock = [1000.0]
-    monkeypatch.setattr(lock, "_now", lambda: clock[0])
+    monkeypatch.setattr(leases, "_now", lambda: clock[0])
     dead = acquire_lock(uri, "crashed study", ttl_s=60, heartbeat=False)
     clock[0] += 50
     dead.renew()  # renewing moves the expiry to 1050 + 60
@@ -133,9 +134,9 @@ def test_s3_heartbeat_keeps_lease(s3_bucket):  # noqa: F811
 
 def test_best_effort_lease_for_other_stores(tmp_path, monkeypatch):
     # gs:// and friends use a plain put + read-back; exercise that path on a local filesystem
-    monkeypatch.setattr(lock, "_SETTLE_S", 0.0)
+    monkeypatch.setattr(leases, "_SETTLE_S", 0.0)
     clock = [0.0]
-    monkeypatch.setattr(lock, "_now", lambda: clock[0])
+    monkeypatch.setattr(leases, "_now", lambda: clock[0])
     fs, path = pafs.LocalFileSystem(), str(tmp_path / ".lock")
 
     def lease(owner):
@@ -158,3 +159,124 @@ def test_best_effort_lease_for_other_stores(tmp_path, monkeypatch):
 def test_bad_ttl(tmp_path, bad):
     with pytest.raises(StorageError, match="ttl_s must be > 0"):
         acquire_lock(str(tmp_path), "x", **bad)
+
+
+# --- the lease survives transport faults, and a lost lease fences its holder's writes (issue 21, item 2)
+
+def _client_error(status: int, code: str):
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                       "PutObject")
+
+
+def _fail_puts(held, errors):
+    """Make the lease's next puts fail with `errors` (one per put; a callable error is called with the real put)."""
+    real, queue = held._backend.client.put_object, list(errors)
+
+    def put(**kw):
+        if not queue:
+            return real(**kw)
+        e = queue.pop(0)
+        raise e(real, kw) if callable(e) else e
+    held._backend.client.put_object = put
+    return queue
+
+
+def test_s3_renew_retries_a_503_and_a_dropped_connection(s3_bucket, monkeypatch):  # noqa: F811
+    from botocore.exceptions import EndpointConnectionError
+
+    monkeypatch.setattr(leases, "_sleep", lambda s: None)
+    held = acquire_lock(s3_bucket + "/studies/r1", "study one", ttl_s=60, heartbeat=False)
+    left = _fail_puts(held, [_client_error(503, "ServiceUnavailable"), EndpointConnectionError(endpoint_url="x")])
+    held.renew()  # today: the first 503 ends the lease for good
+    assert left == []
+    held.check()
+    lock.check_fence(held.fence())
+    with pytest.raises(StorageError, match="in use by study one"):
+        acquire_lock(s3_bucket + "/studies/r1", "study two", ttl_s=60)
+    held.release()
+
+
+def test_s3_renew_recognises_its_own_etag_after_a_lost_response(s3_bucket):  # noqa: F811
+    held = acquire_lock(s3_bucket + "/studies/r2", "study one", ttl_s=60, heartbeat=False)
+
+    def landed_then_retried(real, kw):  # the put lands, its response is lost, botocore sends it again: 412
+        real(**kw)
+        try:
+            real(**kw)
+        except Exception as e:
+            return e
+        raise AssertionError("the repeated If-Match put should have been refused")
+    _fail_puts(held, [landed_then_retried])
+    held.renew()
+    held.renew()  # and renews on the adopted ETag afterwards
+    held.check()
+    lock.check_fence(held.fence())
+    held.release()
+    with acquire_lock(s3_bucket + "/studies/r2", "study two", heartbeat=False):
+        pass  # released: the adopted ETag was the lease's real one
+
+
+def test_s3_heartbeat_that_cannot_renew_stops_the_study_writing(s3_bucket, monkeypatch):  # noqa: F811
+    from botocore.exceptions import EndpointConnectionError
+
+    monkeypatch.setattr(leases, "_RETRY_S", (0.05, 0.05))
+    held = acquire_lock(s3_bucket + "/studies/r3", "study one", ttl_s=1.5)  # beats every 0.5 s
+    _fail_puts(held, [EndpointConnectionError(endpoint_url="x")] * 1000)  # a lasting outage
+    deadline = time.monotonic() + 10
+    while not held.lost() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(lock.LeaseLost, match="could not renew the lease .*before it expires"):
+        held.check()
+    assert not held._thread.is_alive()  # ended with a message, not killed by an uncaught botocore error
+    held.release()
+
+
+def test_stalled_holder_past_expiry_is_fenced_after_a_second_driver_takes_over(s3_bucket, monkeypatch):  # noqa: F811
+    from studies.sweep.tables import epochs_schema, results_schema
+
+    clock = [1000.0]
+    monkeypatch.setattr(leases, "_now", lambda: clock[0])
+    uri = s3_bucket + "/studies/r4"
+    first = acquire_lock(uri, "study one", ttl_s=60, heartbeat=False)
+    assert first.generation == 1
+    table = storage_results(uri, first.fence())
+    table.append([{"trial_key": "a", "study": "s"}])
+    clock[0] += 55  # stalled (a paused VM): no renewal; 5 s left is inside the fence margin
+    with pytest.raises(lock.LeaseLost, match="expires at .*without a renewal"):
+        table.append([{"trial_key": "b", "study": "s"}])
+    clock[0] += 10  # past expiry: a second driver takes over
+    second = acquire_lock(uri, "study two", ttl_s=60, heartbeat=False)
+    assert second.generation == 2
+    with pytest.raises(lock.LeaseLost, match=r"no longer held by this study \(generation 1; now .*in use by study two"):
+        table.append([{"trial_key": "b", "study": "s"}])
+    with pytest.raises(lock.LeaseLost, match="taken over by study two"):
+        first.check()  # the stalled driver wakes: its own check says so (it stops starting trials)
+    theirs = storage_results(uri, second.fence())
+    theirs.append([{"trial_key": "c", "study": "s"}])
+    assert theirs.read().column("trial_key").to_pylist() == ["a", "c"]  # b was never written
+    assert results_schema and epochs_schema
+    second.release()
+
+
+def test_local_lock_generation_and_fence(tmp_path):
+    with acquire_lock(str(tmp_path), "one") as a:
+        assert a.generation == 1
+        lock.check_fence(a.fence())
+        f = a.fence()
+    with pytest.raises(lock.LeaseLost, match="no longer held"):
+        lock.check_fence(f)  # released (the file stays, its token is gone only once another takes it)
+    with acquire_lock(str(tmp_path), "two") as b:
+        assert b.generation == 2
+        with pytest.raises(lock.LeaseLost, match="in use by two"):
+            lock.check_fence(f)
+
+
+def storage_results(uri, fence):
+    import pyarrow as pa
+
+    from storage import ResultsTable
+
+    return ResultsTable(uri + "/results", pa.schema([("trial_key", pa.string()), ("study", pa.string())]),
+                        fence=fence)

@@ -128,3 +128,45 @@ def test_every_study_smoke_test(tmp_path, ray_cluster, module, capfd):
         assert {(r["base_lr"], r["clip_threshold"], r["augment_strength"]) for r in rows} == \
             {(t.params["base_lr"], t.params["clip_threshold"], t.params["augment_strength"])
              for t in hpo.optuna_study(out["results"], hpo.PRESETS["smoke"].tpe).trials}
+
+
+@pytest.mark.ray
+def test_a_driver_that_loses_the_study_lock_stops_and_writes_nothing_more(tmp_path, ray_cluster, capsys):
+    """A second driver takes the study mid-scan (the lock file names it): the first starts no trial after that,
+    every row write of its trials is refused by the fence, and it ends with one line saying to --resume later."""
+    import json
+    import threading
+    import time
+
+    study_dir = tmp_path / "out" / "lost"
+    results = study_dir / "results" / "results"
+    taken, stop = {}, threading.Event()
+
+    def intruder():
+        while not stop.is_set():
+            parts = sorted(results.glob("part-*.parquet")) if results.exists() else []
+            if parts:  # the first row is in: now another driver holds the study
+                held = json.loads((study_dir / ".lock").read_text())
+                (study_dir / ".lock").write_text(json.dumps({**held, "owner": "study intruder", "token": "theirs",
+                                                             "generation": held["generation"] + 1}))
+                taken["parts"] = {p.name for p in parts}
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=intruder, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(SystemExit) as e:
+            agc_lambda.main(_grid_flags(tmp_path, "lost", "--max-concurrent", "1"))
+    finally:
+        stop.set()
+        t.join()
+    assert e.value.code == 2 and taken
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no longer held by this study (generation 1; now" in err and "in use by study intruder" in err
+    assert err.endswith("continue with --resume")
+    # nothing after the loss: at most the parts that were being written as the lock was taken
+    after = {p.name for p in results.glob("part-*.parquet")} - taken["parts"]
+    assert len(after) <= 1, after
+    assert not (study_dir / "cells.parquet").exists()  # the report was not written under a lost lock
+    assert len(pq.read_table(results).to_pylist()) < 12

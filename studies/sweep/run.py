@@ -18,11 +18,11 @@ def run_study(study: Study) -> dict[str, Any]:
     check_tracking_uri(study.tracking_uri)
     record.check_paths(study)
     # One study per output at a time: a second would share its tables and MLflow runs.
-    with storage.acquire_lock(study.study_dir, owner=f"study {study.name}"):
-        return _run_locked(study, new=record.check_record(study))
+    with storage.acquire_lock(study.study_dir, owner=f"study {study.name}") as lock:
+        return _run_locked(study, record.check_record(study), lock)
 
 
-def _run_locked(study: Study, new: bool) -> dict[str, Any]:
+def _run_locked(study: Study, new: bool, lock: storage.lock.Lock) -> dict[str, Any]:
     # Ray Tune is imported only here, once the checks have passed: `--help` and a refused flag answer at once.
     from studies.sweep.tpe import run_tpe
     from studies.sweep.tune import Phases, TrialEnv
@@ -41,12 +41,18 @@ def _run_locked(study: Study, new: bool) -> dict[str, Any]:
     parent = study_run(study, concurrency)
     table = study.table()
     env = TrialEnv(study.name, study.experiment, dataset_uri, study.tracking_uri, parent.run_id, table.uri,
-                   storage.uri.join(study.study_dir, "train"))
+                   storage.uri.join(study.study_dir, "train"), lock.fence())
     t0 = time.time()
     if study.preset.tpe is not None:
-        complete = run_tpe(study, env, concurrency)
+        complete = run_tpe(study, env, concurrency, lock)
     else:
-        complete = Phases(study, env, table, concurrency, n_train).fit()
+        complete = Phases(study, env, table, concurrency, n_train, lock).fit()
+    try:
+        lock.check()
+    except storage.lock.LeaseLost as e:  # another driver may hold the study now: write nothing more
+        raise storage.lock.LeaseLost(f"{e}. The study stopped starting trials and wrote nothing after the loss; "
+                                     "its rows so far are kept: once no other driver runs it, continue with "
+                                     "--resume") from None
     return {**report.finish(study, table, parent, time.time() - t0, complete, notes), "concurrency": concurrency}
 
 

@@ -61,6 +61,6 @@ def epochs_schema() -> pa.Schema:
                       *((k, pa.float64()) for k in EPOCH_COLUMNS if k != "epoch")])
 
 
-def open_table(uri: str) -> storage.ResultsTable:
-    """A study's results and epochs tables at `uri`."""
-    return storage.ResultsTable(uri, results_schema(), epochs_schema())
+def open_table(uri: str, fence: storage.lock.Fence | None = None) -> storage.ResultsTable:
+    """A study's results and epochs tables at `uri`; written only under `fence` when given."""
+    return storage.ResultsTable(uri, results_schema(), epochs_schema(), fence=fence)

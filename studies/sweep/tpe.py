@@ -7,7 +7,6 @@ from typing import Any
 
 from ray import tune
 
-from studies.sweep import tables
 from studies.sweep.design import Spec, Study, cell_label
 from studies.sweep.tune import TrialEnv, fit, train_specs, trainable
 from studies.training.config import TrainConfig
@@ -29,7 +28,7 @@ def tpe_rows(table) -> list[dict]:
     return [r for r in table.read().to_pylist() if r["phase"] == "tpe"]
 
 
-def run_tpe(study: Study, env: TrialEnv, concurrency: int) -> bool:
+def run_tpe(study: Study, env: TrialEnv, concurrency: int, lock=None) -> bool:
     """True once the study has all its TPE trials."""
     import optuna
     from ray.tune.search import ConcurrencyLimiter
@@ -38,7 +37,7 @@ def run_tpe(study: Study, env: TrialEnv, concurrency: int) -> bool:
     (cell,) = study.cells()
     base = study.config(cell, seed=study.seed)
     space = tpe_space(study.preset.tpe)
-    table = tables.open_table(env.results_uri)
+    table = env.table()
     rows = tpe_rows(table)
     remaining = study.preset.trials - len(rows)
     if remaining <= 0:
@@ -50,5 +49,5 @@ def run_tpe(study: Study, env: TrialEnv, concurrency: int) -> bool:
                             evaluated_rewards=[RunSummary.from_scalars(r).objective() for r in rows] or None)
     fit(study, trainable(tpe_trial, base, env=env, base=base, cell=cell_label(cell)),
         tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency),
-                        num_samples=remaining, reuse_actors=True), "tpe")
+                        num_samples=remaining, reuse_actors=True), "tpe", lock)
     return len(tpe_rows(table)) >= study.preset.trials

@@ -37,12 +37,16 @@ class TrialEnv:
     parent_run_id: str
     results_uri: str
     storage_path: str  # Ray Train's storage for multi-worker runs' checkpoints
+    fence: storage.lock.Fence | None = None  # the study's lock: checked before a run starts and before its row
+
+    def table(self) -> storage.ResultsTable:
+        return tables.open_table(self.results_uri, self.fence)
 
 
 def train_specs(specs: list[Spec], env: TrialEnv) -> None:
     """Run the specs in a row inside one Tune trial; each writes its row when it ends, and a retried trial skips
     the runs that have one."""
-    table = tables.open_table(env.results_uri)
+    table = env.table()
     done = set(table.read().column("trial_key").to_pylist()) if len(specs) > 1 else set()
     for spec in specs:
         if spec.key in done:
@@ -59,6 +63,8 @@ def phase_trial(config: dict[str, Any], env: TrialEnv) -> None:
 
 def train_spec(spec: Spec, env: TrialEnv, table: storage.ResultsTable) -> RunSummary:
     cfg = spec.config
+    if env.fence is not None:  # a driver that lost the study's lock starts no run (and no MLflow run)
+        storage.lock.check_fence(env.fence)
     summary = runner.train_and_track(
         cfg, tracking_uri=env.tracking_uri, experiment=env.experiment, run_name=spec.label,
         storage_path=env.storage_path, parent_run_id=env.parent_run_id, reuse_key=f"{env.study}:{spec.key}",
@@ -153,8 +159,26 @@ def sigterm_as_ctrl_c():
         signal.signal(signal.SIGTERM, previous)
 
 
-def fit(study: Study, trainable_, tune_config: tune.TuneConfig, name: str) -> None:
-    """Fit one Tune experiment of the study (its own JSON and CSV trial loggers, progress lines, retries)."""
+class LeaseStopper(tune.Stopper):
+    """Ends the Tune experiment once the driver has lost the study's lock: no new trial starts, running ones stop
+    (their row writes would be refused by the fence anyway)."""
+
+    def __init__(self, lock):
+        self.lock = lock
+
+    def __getstate__(self):  # Tune saves its run config; the lock (a thread, a client) stays with the driver
+        return {"lock": None}
+
+    def __call__(self, trial_id, result) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.lock is not None and self.lock.lost()
+
+
+def fit(study: Study, trainable_, tune_config: tune.TuneConfig, name: str, lock=None) -> None:
+    """Fit one Tune experiment of the study (its own JSON and CSV trial loggers, progress lines, retries); it
+    stops once `lock` (storage.lock.Lock) is lost."""
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     # Tune's own JSON and CSV trial loggers (its end-of-fit analysis reads them), not its TensorBoard one: the
@@ -165,7 +189,7 @@ def fit(study: Study, trainable_, tune_config: tune.TuneConfig, name: str) -> No
         name=f"{study.name}-{name}-{time.strftime('%Y%m%d-%H%M%S')}",
         **storage.uri.ray_storage(storage.uri.join(study.study_dir, "tune")), verbose=0,
         callbacks=[ProgressPrinter(), JsonLoggerCallback(), CSVLoggerCallback()],
-        failure_config=tune.FailureConfig(max_failures=study.trial_retries))
+        failure_config=tune.FailureConfig(max_failures=study.trial_retries), stop=LeaseStopper(lock))
     with sigterm_as_ctrl_c():
         tune.Tuner(trainable_, tune_config=tune_config, run_config=run_config).fit()
 
@@ -173,8 +197,13 @@ def fit(study: Study, trainable_, tune_config: tune.TuneConfig, name: str) -> No
 class Phases:
     """scan → refine → full, each computed from the rows of the phases before it."""
 
-    def __init__(self, study: Study, env: TrialEnv, table: storage.ResultsTable, concurrency: int, n_train: int):
+    def __init__(self, study: Study, env: TrialEnv, table: storage.ResultsTable, concurrency: int, n_train: int,
+                 lock=None):
         self.study, self.env, self.table, self.concurrency, self.n_train = study, env, table, concurrency, n_train
+        self.lock = lock
+
+    def __getstate__(self):  # Tune pickles the searcher (and so this) into its own state; the lock stays here
+        return {**self.__dict__, "lock": None}
 
     def done(self) -> set[str]:
         return set(self.table.read().column("trial_key").to_pylist())
@@ -220,7 +249,7 @@ class Phases:
         # reuse_actors: a finished trial's process runs the next one (no Python + torch start per trial).
         fit(self.study, trainable(phase_trial, self.study.fixed, env=self.env),
             tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=self.concurrency,
-                            reuse_actors=True), "grid")
+                            reuse_actors=True), "grid", self.lock)
         full = self.full()
         done = self.done()
         return full is not None and all(s.key in done for s in full)
