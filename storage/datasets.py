@@ -30,7 +30,7 @@ import simplejpeg
 import torch
 
 from storage import sources
-from storage.lock import _PlainLease, acquire_lock
+from storage.lock import acquire_lock
 from storage.sources import IMAGE_EXTS, SOURCES, SPLITS, source_params  # noqa: F401  (re-exported)
 from storage.uri import StorageError, exists, join, one_line, read_bytes, resolve, stays_inside, write_bytes_atomic
 
@@ -155,7 +155,7 @@ def _clear_orphans(fs, dpath: str, uri: str, lock) -> None:
     live attempt's: those dirs are kept (each attempt writes its own dir and its manifest names only its own
     shards, so whichever manifest lands last is a complete set) and named, for deleting by hand.
     """
-    exclusive = not isinstance(lock._backend, _PlainLease)  # lock.py (another owner's) has no public word for it
+    exclusive = lock.exclusive
     try:
         dirs = [i.path for i in fs.get_file_info(pafs.FileSelector(dpath, allow_not_found=True))
                 if i.base_name.startswith("shards-") and i.type == pafs.FileType.Directory]

@@ -123,6 +123,12 @@ class Lock:
                 self._lost = e if isinstance(e, LeaseLost) else LeaseLost(f"lease on {self.uri}: {one_line(e)}")
                 raise self._lost from e
 
+    @property
+    def exclusive(self) -> bool:
+        """Whether no second holder can exist at once (flock, S3's conditional lease); False for the best-effort
+        lease of other object stores (two that start together can both believe they hold it)."""
+        return not isinstance(self._backend, _PlainLease)
+
     def fence(self) -> Fence:
         return Fence(self.uri, self._backend.info["token"], self.generation, self.ttl_s)
 
