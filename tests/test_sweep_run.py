@@ -170,3 +170,31 @@ def test_a_driver_that_loses_the_study_lock_stops_and_writes_nothing_more(tmp_pa
     assert len(after) <= 1, after
     assert not (study_dir / "cells.parquet").exists()  # the report was not written under a lost lock
     assert len(pq.read_table(results).to_pylist()) < 12
+
+
+@pytest.mark.ray
+def test_a_new_output_gets_its_own_mlflow_runs(tmp_path, ray_cluster):
+    """The same study name in a second output, then in the first again after its folder was deleted: each gets
+    its own parent run and children, and no run is appended to (issue 21, item 3)."""
+    import shutil
+
+    def run(out):
+        flags = ["--smoke-test", "--output", str(tmp_path / out), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                 "--data-root", str(tmp_path / "data"), "--name", "same", "--batch-sizes", "32", "--lambdas", "0.04",
+                 "--lrs", "0.4", "--max-steps", "16", "--full-top", "1", "--max-concurrent", "1"]
+        return agc_lambda.main(flags)
+
+    outs = [run("a"), run("b")]
+    shutil.rmtree(tmp_path / "a")
+    outs.append(run("a"))
+    c, parents, children = mlflow_runs(tmp_path, "same")
+    assert len(parents) == 3 and all(p.info.status == "FINISHED" for p in parents)
+    by_parent = {p.info.run_id: [ch for ch in children if ch.data.tags["mlflow.parentRunId"] == p.info.run_id]
+                 for p in parents}
+    ids = {r["mlflow_run_id"] for o in outs for r in o["results"].to_pylist()}
+    assert len(ids) == sum(o["results"].num_rows for o in outs)  # no row shares a run with another study's
+    for kids in by_parent.values():
+        assert len(kids) == outs[0]["results"].num_rows
+        for ch in kids:  # every step logged once
+            steps = [m.step for m in c.get_metric_history(ch.info.run_id, "train_loss_step")]
+            assert steps and len(steps) == len(set(steps)), steps

@@ -31,7 +31,7 @@ def test_a_phase_is_handed_out_only_once_the_one_before_has_ended():
 def test_a_trial_runs_the_config_its_spec_carries_and_skips_runs_with_a_row(tmp_path, monkeypatch):
     cfgs = [TrainConfig(base_lr=lr, max_steps=4) for lr in (0.1, 0.2, 0.4)]
     specs = [design.Spec("scan", "batch_size=256", c) for c in cfgs]
-    env = tune.TrialEnv("s", "s", "file:///data", "sqlite:////tmp/x.db", "parent", str(tmp_path / "results"),
+    env = tune.TrialEnv("s", "id0", "s", "file:///data", "sqlite:////tmp/x.db", "parent", str(tmp_path / "results"),
                         str(tmp_path / "train"))
     ran, reported = [], []
 
@@ -49,6 +49,23 @@ def test_a_trial_runs_the_config_its_spec_carries_and_skips_runs_with_a_row(tmp_
     keys = table.read().column("trial_key").to_pylist()
     assert sorted(keys) == sorted(s.key for s in specs) and len(keys) == 3  # one row per run, none twice
     assert [r["trial_key"] for r in reported] == [specs[1].key, specs[2].key]
+    # a trial of one run (full, TPE) whose row exists is not trained again either (issue 21, item 4)
+    ran.clear()
+    tune.train_specs([specs[0]], env)
+    assert ran == [] and table.read().num_rows == 3
+
+
+def test_a_trials_mlflow_run_is_keyed_by_the_study_id(tmp_path, monkeypatch):
+    # issue 21, item 3: the same study name in another output (another study.json, another id) gets new runs
+    seen = []
+    monkeypatch.setattr(runner, "train_and_track",
+                        lambda cfg, **kw: seen.append(kw["reuse_key"]) or RunSummary(status="completed", steps=1))
+    spec = design.Spec("scan", "batch_size=256", TrainConfig(max_steps=4))
+    for study_id in ("id-a", "id-b"):
+        env = tune.TrialEnv("s", study_id, "s", "file:///data", "sqlite:////tmp/x.db", "parent",
+                            str(tmp_path / study_id), str(tmp_path / "train"))
+        tune.train_spec(spec, env, env.table())
+    assert seen == [f"id-a:{spec.key}", f"id-b:{spec.key}"]
 
 
 def test_groups_keep_a_cell_together_costliest_first():

@@ -96,3 +96,22 @@ def test_train_refuses_an_infinite_learning_rate(capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].split(" error: ", 1)[1] == \
         "invalid TrainConfig: base_lr must be a finite number, got inf"
+
+
+def test_the_fingerprint_hashes_what_decides_the_numbers_normalised():
+    # issue 21, item 5: 2 and 2.0 are one config (the resume check already called them equal)
+    assert TrainConfig(epochs=2).fingerprint() == TrainConfig(epochs=2.0).fingerprint()
+    assert TrainConfig(model_overrides={"width": 8}).fingerprint() == \
+        TrainConfig(model_overrides={"width": 8.0}).fingerprint()
+    # where and how safely it runs is no part of it
+    base = TrainConfig().fingerprint()
+    for placement in (dict(data_root="/elsewhere"), dict(cpus_per_worker=2.0), dict(gpus_per_worker=0.25),
+                      dict(max_failures=3), dict(checkpoint_every_epochs=0), dict(checkpoint_every_minutes=5.0)):
+        assert TrainConfig(**placement).fingerprint() == base, placement
+    # what changes the numbers is (the streaming loader visits the images in another order than the resident one)
+    for numeric in (dict(base_lr=0.2), dict(seed=1), dict(loader="streaming"), dict(clip_threshold=0.04),
+                    dict(num_workers=2), dict(precision="bf16")):
+        assert TrainConfig(**numeric).fingerprint() != base, numeric
+    # an unset (None) field is left out, so a new field that defaults to None keeps every key
+    ident = TrainConfig(image_size=None, max_steps=None).identity()
+    assert "image_size" not in ident and "max_steps" not in ident and ident["epochs"] == 5

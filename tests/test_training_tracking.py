@@ -70,3 +70,27 @@ def test_tracking_uris_that_hold_no_secret_pass(tmp_path, monkeypatch):
     assert resolve_tracking_uri(str(tmp_path / "runs@2024")) == f"file://{tmp_path}/runs@2024"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://u:p@mlflow.example")  # the environment is not printed
     assert resolve_tracking_uri(None) == "http://u:p@mlflow.example"
+
+
+def test_an_ended_run_is_never_appended_to(tmp_path):
+    # issue 21, item 4: a driver that died between ending a trial's MLflow run and writing its row; the rerun must
+    # not log its steps again into the finished run
+    from studies.training.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    first = Tracker.create(uri, "e", "trial", reuse_tag=("run_key", "id:scan-1"))
+    first.log_metrics({"train/loss": 2.3}, step=1)
+    again = Tracker.create(uri, "e", "trial", reuse_tag=("run_key", "id:scan-1"))
+    assert again.run_id == first.run_id  # still running (a retried trial): continued
+    first.end("completed")
+    fresh = Tracker.create(uri, "e", "trial", reuse_tag=("run_key", "id:scan-1"))
+    assert fresh.run_id != first.run_id
+    c = fresh.client
+    assert c.get_run(first.run_id).info.lifecycle_stage == "deleted"  # one live run per key
+    assert c.get_metric_history(fresh.run_id, "train/loss") == []
+    fresh.end("completed")
+    # a study's own run (the parent of its trials) is reopened instead: its children keep their parent
+    parent = Tracker.create(uri, "e", "study", reuse_tag=("study_id", "it's"))
+    parent.end("completed")
+    back = Tracker.create(uri, "e", "study", reuse_tag=("study_id", "it's"), reopen=True)
+    assert back.run_id == parent.run_id and c.get_run(back.run_id).info.status == "RUNNING"

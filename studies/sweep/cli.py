@@ -48,6 +48,9 @@ def add_study_args(p: argparse.ArgumentParser, preset_names, grid_flags: dict[st
     g.add_argument("--trials", type=int, default=None, help="TPE trials (hpo)")
     g.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: fits the cluster)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted study (same flags)")
+    g.add_argument("--allow-code-change", action="store_true",
+                   help="with --resume: continue under other code than the study started with (refused otherwise; "
+                        "each row records its code_version)")
     g = p.add_argument_group("grid (scientific parameters)")
     for axis, (conv, hlp) in grid_flags.items():
         g.add_argument(grid_flag(axis), dest=f"grid_{axis}", type=conv, nargs="+", default=None, help=hlp)
@@ -110,7 +113,8 @@ def build_study(name: str, presets: dict[str, Preset], args: argparse.Namespace,
         name=study_name, preset=preset, fixed=fixed,
         seed=args.study_seed or 0, output=output,
         tracking_uri=resolve_tracking_uri(args.tracking_uri),
-        max_concurrent=args.max_concurrent, resume=args.resume, analyze=analyze)
+        max_concurrent=args.max_concurrent, resume=args.resume,
+        allow_code_change=args.allow_code_change, analyze=analyze)
 
 
 def run_study_cli(name: str, presets: dict, argv: list[str] | None, doc: str,

@@ -22,6 +22,7 @@ from studies.sweep import frontier, tables
 from studies.training.config import TrainConfig, lambda_label
 from studies.training.flags import grid_flag
 from studies.training.schedule import run_length
+from studies.training.tracking import code_version, redact
 
 # Named config variants a study can use as a scientific axis (batch_scaling.py: the paper's Fig. 2a).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -79,6 +80,7 @@ class Study:
     max_concurrent: int | None = None  # default: fitted to the cluster
     trial_retries: int = 2  # infrastructure failures (lost worker or node) retried per trial
     resume: bool = False
+    allow_code_change: bool = False  # --resume under other numeric code (rows record their code_version)
     analyze: Callable[[Study, Any, Any], Analysis] | None = None  # (study, results, epochs); default: the frontier
 
     def __post_init__(self):
@@ -128,7 +130,8 @@ class Study:
     def record(self) -> dict[str, Any]:
         """What makes two runs the same study: compared on --resume."""
         return {"fixed": self.fixed.to_dict(), "seed": self.seed,
-                "preset": json.loads(json.dumps(dataclasses.asdict(self.preset), default=str))}
+                "preset": json.loads(json.dumps(dataclasses.asdict(self.preset), default=str)),
+                "tracking_uri": redact(self.tracking_uri), "code_version": code_version()}
 
 
 def cell_changes(cell: dict[str, Any]) -> dict[str, Any]:

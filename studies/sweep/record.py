@@ -36,27 +36,64 @@ def validate(study: Study, dataset_uri: str) -> int:
     return n_train
 
 
-def check_record(study: Study) -> bool:
-    """An output that holds this study is continued only with --resume, and only under the same settings.
-    Returns whether the study is new (its record is written once its trials are about to start)."""
+def read_record(study: Study) -> dict | None:
+    """The study.json in the study's folder, or None when there is none. Any other failure to read it (throttling,
+    expired credentials, AccessDenied) is raised: it may hold a study, and a new record would overwrite it."""
     fs, path = storage.resolve(storage.uri.join(study.study_dir, "study.json"))
     try:
-        old = json.loads(storage.uri.read_bytes(fs, path).decode())
-    except (FileNotFoundError, storage.StorageError, OSError):
-        return True
+        blob = storage.uri.read_bytes(fs, path)
+    except storage.StorageError as e:
+        if isinstance(e.__cause__, FileNotFoundError):
+            return None
+        why = storage.uri.one_line(e.__cause__ or e)
+        raise type(e)(f"cannot read {study.study_dir}/study.json, so whether a study is there is unknown ({why}); "
+                      "nothing was written: fix the access and rerun") from e
+    try:
+        old = json.loads(blob.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{study.study_dir}/study.json is not a study record ({e}); move it aside, or choose "
+                         "another --output or --name") from None
+    if not isinstance(old, dict):
+        raise ValueError(f"{study.study_dir}/study.json is not a study record; move it aside, or choose another "
+                         "--output or --name")
+    return old
+
+
+def check_record(study: Study) -> str | None:
+    """An output that holds this study is continued only with --resume, and only under the same settings, MLflow
+    store and code. Returns the study's id when it continues one (None: a new study, whose record is written once
+    its trials are about to start)."""
+    old = read_record(study)
+    if old is None:
+        return None
     if not study.resume:
         raise ValueError(f"{study.study_dir} already holds study {study.name!r}; continue it with --resume, or "
                          "choose another --output or --name")
-    diff = sorted(_diff(old, study.record()))
+    now = study.record()
+    if not old.get("study_id"):
+        raise ValueError(f"{study.study_dir}/study.json was written by an older nfnet-lab (no study id, other trial "
+                         "keys); start the study anew with another --output or --name")
+    if old.get("tracking_uri") != now["tracking_uri"]:
+        raise ValueError(f"--resume with another MLflow store ({old.get('tracking_uri')} → {now['tracking_uri']}): "
+                         f"its runs are in the first; pass --tracking-uri {old.get('tracking_uri')}")
+    if old.get("code_version") != now["code_version"] and not study.allow_code_change:
+        raise ValueError(f"--resume under other code than the study's rows were computed with (code version "
+                         f"{old.get('code_version')} → {now['code_version']}: nfnet/, storage/ or "
+                         "studies/training/ changed); go back to that code, or pass --allow-code-change to mix them "
+                         "(each row records its code_version)")
+    skip = {"study_id", "tracking_uri", "code_version"}
+    diff = sorted(_diff({k: v for k, v in old.items() if k not in skip}, {k: v for k, v in now.items()
+                                                                          if k not in skip}))
     if diff:
         raise ValueError(f"--resume with other settings than the study was started with ({', '.join(diff[:6])}); "
                          "rerun with the original flags, or start a new study with another --name")
-    return False
+    return old["study_id"]
 
 
-def write_record(study: Study) -> None:
+def write_record(study: Study, study_id: str) -> None:
     fs, path = storage.resolve(storage.uri.join(study.study_dir, "study.json"))
-    storage.uri.write_bytes_atomic(fs, path, json.dumps(study.record(), sort_keys=True, indent=1).encode())
+    blob = json.dumps({**study.record(), "study_id": study_id}, sort_keys=True, indent=1).encode()
+    storage.uri.write_bytes_atomic(fs, path, blob)
 
 
 def _diff(a, b, prefix="") -> list[str]:

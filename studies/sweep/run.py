@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from typing import Any
 
 import storage
@@ -22,7 +23,7 @@ def run_study(study: Study) -> dict[str, Any]:
         return _run_locked(study, record.check_record(study), lock)
 
 
-def _run_locked(study: Study, new: bool, lock: storage.lock.Lock) -> dict[str, Any]:
+def _run_locked(study: Study, study_id: str | None, lock: storage.lock.Lock) -> dict[str, Any]:
     # Ray Tune is imported only here, once the checks have passed: `--help` and a refused flag answer at once.
     from studies.sweep.tpe import run_tpe
     from studies.sweep.tune import Phases, TrialEnv
@@ -36,12 +37,15 @@ def _run_locked(study: Study, new: bool, lock: storage.lock.Lock) -> dict[str, A
     cap = cluster.cluster_capacity()
     cluster.check_cluster_paths(study, cap.nodes, cap.autoscaling)
     concurrency = study.max_concurrent or cluster.cluster_concurrency(study.fixed, cap)
-    if new:  # only now: a study refused before any trial leaves nothing that would ask for --resume
-        record.write_record(study)
-    parent = study_run(study, concurrency)
+    if study_id is None:  # only now: a study refused before any trial leaves nothing that would ask for --resume
+        # A new id per new record: a study of the same name in another output, or rerun after its folder was
+        # deleted, gets its own MLflow runs instead of adopting (and appending to) the old ones.
+        study_id = uuid.uuid4().hex[:16]
+        record.write_record(study, study_id)
+    parent = study_run(study, study_id, concurrency)
     table = study.table()
-    env = TrialEnv(study.name, study.experiment, dataset_uri, study.tracking_uri, parent.run_id, table.uri,
-                   storage.uri.join(study.study_dir, "train"), lock.fence())
+    env = TrialEnv(study.name, study_id, study.experiment, dataset_uri, study.tracking_uri, parent.run_id,
+                   table.uri, storage.uri.join(study.study_dir, "train"), lock.fence())
     t0 = time.time()
     if study.preset.tpe is not None:
         complete = run_tpe(study, env, concurrency, lock)
@@ -56,11 +60,11 @@ def _run_locked(study: Study, new: bool, lock: storage.lock.Lock) -> dict[str, A
     return {**report.finish(study, table, parent, time.time() - t0, complete, notes), "concurrency": concurrency}
 
 
-def study_run(study: Study, concurrency: int) -> Tracker:
+def study_run(study: Study, study_id: str, concurrency: int) -> Tracker:
     """The study's own MLflow run (the parent of its trials' runs); a resumed study continues the same one."""
     parent = Tracker.create(study.tracking_uri, study.experiment, study.name,
                             tags={"role": "study", "git_commit": git_commit(), "hardware": hardware()},
-                            reuse_tag=("study_key", f"{study.name}@{study.study_dir}"))
+                            reuse_tag=("study_id", study_id), reopen=True)
     parent.log_params({"study.preset": json.dumps(study.record()["preset"])[:6000], "study.seed": study.seed,
                        "study.max_concurrent": concurrency, **{f"fixed.{k}": v for k, v in study.fixed.flat().items()}})
     parent.set_tags({"status": "running"})

@@ -13,6 +13,7 @@ import pyarrow as pa
 import storage
 from studies.training.config import TrainConfig
 from studies.training.summary import RunSummary
+from studies.training.tracking import code_version
 
 # Study-side identity of a row: which study, which trial (its content, not Tune's id), which phase.
 IDENTITY = {"study": pa.string(), "trial_key": pa.string(), "phase": pa.string(), "cell": pa.string(),
@@ -20,7 +21,8 @@ IDENTITY = {"study": pa.string(), "trial_key": pa.string(), "phase": pa.string()
 # The TrainConfig fields a row carries: the values the trial actually ran with.
 CONFIG_COLUMNS = ("model", "batch_size", "clipping", "clip_threshold", "base_lr", "augment_strength", "seed",
                   "max_steps", "num_workers", "precision")
-PROVENANCE = {"lr": pa.float64(), "config_hash": pa.string(), "hardware": pa.string(), "git_commit": pa.string()}
+PROVENANCE = {"lr": pa.float64(), "config_hash": pa.string(), "hardware": pa.string(), "git_commit": pa.string(),
+              "code_version": pa.string()}
 
 _ARROW = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
 
@@ -43,7 +45,8 @@ def results_schema() -> pa.Schema:
 def results_row(identity: dict[str, Any], cfg: TrainConfig, summary: RunSummary, hardware: str,
                 commit: str) -> dict[str, Any]:
     return {**identity, "lambda": cfg.lambda_label, **{n: getattr(cfg, n) for n in CONFIG_COLUMNS}, "lr": cfg.lr,
-            "config_hash": cfg.fingerprint(), "hardware": hardware, "git_commit": commit, **summary.scalars()}
+            "config_hash": cfg.fingerprint(), "hardware": hardware, "git_commit": commit,
+            "code_version": code_version(), **summary.scalars()}
 
 
 EPOCH_COLUMNS = ("epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_sec",

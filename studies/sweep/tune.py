@@ -31,6 +31,7 @@ class TrialEnv:
     """Where every trial of the study reads and writes (the same for all its trials)."""
 
     study: str
+    study_id: str  # study.json's: keys the study's MLflow runs to this output
     experiment: str
     dataset_uri: str
     tracking_uri: str
@@ -47,7 +48,9 @@ def train_specs(specs: list[Spec], env: TrialEnv) -> None:
     """Run the specs in a row inside one Tune trial; each writes its row when it ends, and a retried trial skips
     the runs that have one."""
     table = env.table()
-    done = set(table.read().column("trial_key").to_pylist()) if len(specs) > 1 else set()
+    # Read for every trial, one run or many: a retried trial (Tune's, after its row was written) or a TPE trial
+    # that a resumed searcher suggests again must not train (and log into its finished MLflow run) twice.
+    done = set(table.read().column("trial_key").to_pylist())
     for spec in specs:
         if spec.key in done:
             continue
@@ -67,7 +70,7 @@ def train_spec(spec: Spec, env: TrialEnv, table: storage.ResultsTable) -> RunSum
         storage.lock.check_fence(env.fence)
     summary = runner.train_and_track(
         cfg, tracking_uri=env.tracking_uri, experiment=env.experiment, run_name=spec.label,
-        storage_path=env.storage_path, parent_run_id=env.parent_run_id, reuse_key=f"{env.study}:{spec.key}",
+        storage_path=env.storage_path, parent_run_id=env.parent_run_id, reuse_key=f"{env.study_id}:{spec.key}",
         tags={"study": env.study, "cell": spec.cell, "phase": spec.phase, "trial_key": spec.key,
               "lambda": cfg.lambda_label, "seed": str(cfg.seed)},
         in_tune=True, dataset_uri=env.dataset_uri, quiet=True)

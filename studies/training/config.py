@@ -53,10 +53,22 @@ class ConfigError(ValueError):
 
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, bound: Bound | None = None,
-            choices: tuple[str, ...] | None = None, factory: Any = dataclasses.MISSING):
-    """A TrainConfig field with its help text (the flag's --help) and what values it accepts."""
+            choices: tuple[str, ...] | None = None, factory: Any = dataclasses.MISSING, placement: bool = False):
+    """A TrainConfig field with its help text (the flag's --help) and what values it accepts. placement: it says
+    where or how safely the run goes, not what it computes, so it is no part of the run's identity."""
     return field(default=default, default_factory=factory,
-                 metadata={"help": help, "bound": bound, "choices": choices})
+                 metadata={"help": help, "bound": bound, "choices": choices, "placement": placement})
+
+
+def _normal(v: Any) -> Any:
+    """One spelling per value: 2 and 2.0 alike (JSON and argparse give either), nested containers likewise."""
+    if isinstance(v, dict):
+        return {str(k): _normal(x) for k, x in sorted(v.items())}
+    if isinstance(v, (list, tuple)):
+        return [_normal(x) for x in v]
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return int(v) if float(v).is_integer() else float(v)
+    return v
 
 
 @dataclass
@@ -70,7 +82,7 @@ class TrainConfig:
     dataset_params: dict[str, Any] = setting(
         factory=dict, help='JSON dict for the source, e.g. \'{"n_train": 5000}\' or \'{"path": "/data/cifar"}\'')
     data_root: str = setting(factory=default_data_root, help="where prepared shards are kept (local path, s3://, "
-                                                             "gs://)")
+                                                             "gs://)", placement=True)
     loader: str = setting("auto", choices=("auto", "resident", "streaming"),
                           help="auto (by size), resident (whole split in memory/GPU) or streaming (Ray Data)")
     image_size: int | None = setting(None, bound=POSITIVE, help="training resolution in pixels (required for "
@@ -80,8 +92,8 @@ class TrainConfig:
     num_workers: int = setting(1, bound=AT_LEAST_1, help="Ray Train workers (DDP ranks)")
     use_gpu: bool = setting(False, help="GPU workers (NCCL); otherwise CPU workers with gloo")
     gpus_per_worker: float = setting(1.0, help="GPUs per worker with --use-gpu; a fraction (0.25) packs small "
-                                               "trials onto one GPU")
-    cpus_per_worker: float = setting(1.0, bound=POSITIVE, help="CPUs (and torch threads) per worker")
+                                               "trials onto one GPU", placement=True)
+    cpus_per_worker: float = setting(1.0, bound=POSITIVE, help="CPUs (and torch threads) per worker", placement=True)
 
     optimizer: str = setting("sgd", choices=("sgd",), help="only 'sgd' (Nesterov momentum), the paper's optimizer")
     base_lr: float = setting(0.1, bound=POSITIVE, help="learning rate per 256 examples; the run uses "
@@ -117,12 +129,13 @@ class TrainConfig:
                                                               "(one host sync each)")
     eval_every_epochs: int = setting(1, bound=NON_NEGATIVE, help="validate every N epochs and at the end "
                                                                  "(0 = never: stability scans)")
-    checkpoint_every_epochs: int = setting(1, bound=NON_NEGATIVE, help="checkpoint every N epochs (0 = never)")
+    checkpoint_every_epochs: int = setting(1, bound=NON_NEGATIVE, placement=True,
+                                           help="checkpoint every N epochs (0 = never)")
     checkpoint_every_minutes: float = setting(0.0, bound=NON_NEGATIVE, help="also checkpoint mid-epoch every N "
                                                                             "minutes (a lost worker costs at most "
-                                                                            "that; 0 = off)")
+                                                                            "that; 0 = off)", placement=True)
     max_failures: int = setting(0, bound=NON_NEGATIVE, help="worker failures to recover from (restarts from the "
-                                                            "last checkpoint)")
+                                                            "last checkpoint)", placement=True)
     divergence_factor: float = setting(5.0, bound=Bound(1, lo_open=True), help="diverged when the loss exceeds "
                                        "this multiple of its starting value, or is not finite")
     gns_every_steps: int = setting(10, bound=NON_NEGATIVE, help="measure the gradient noise scale every N steps "
@@ -174,9 +187,15 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def identity(self) -> dict[str, Any]:
+        """What decides the run's numbers: every field but placement ones, None left out (a new field that
+        defaults to None keeps every key), values normalised. The code is the other half (tracking.code_version)."""
+        return {f.name: _normal(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if not f.metadata.get("placement") and getattr(self, f.name) is not None}
+
     def fingerprint(self) -> str:
-        """Hash of every field: a checkpoint or a results row belongs to exactly this config."""
-        return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """Hash of identity(): a checkpoint or a results row belongs to exactly this computation."""
+        return hashlib.sha1(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

@@ -175,6 +175,23 @@ def git_commit() -> str:
         return "unknown"
 
 
+# The code that computes a run's numbers (not the sweep around it, which only decides which runs happen).
+_NUMERIC_CODE = ("nfnet", "storage", "studies/training")
+
+
+@functools.cache
+def code_version() -> str:
+    """Hash of the source that computes a run's numbers: recorded per row and in study.json, so a --resume under
+    other code is told (a git commit is not enough: uncommitted edits, or an install without .git)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for d in _NUMERIC_CODE:
+        for f in sorted((PROJECT_DIR / d).glob("*.py")):
+            h.update(f"{d}/{f.name}\0".encode() + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 @functools.cache
 def hardware() -> str:
     import torch
@@ -182,6 +199,16 @@ def hardware() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
     return f"cpu x{os.cpu_count()}"
+
+
+def _tag_filter(key: str, value: str) -> str:
+    """An MLflow search filter for one tag value. MLflow's parser has no escape inside a quoted string, so a value
+    with ' is quoted with " (the study's own keys are hex and never need it)."""
+    if "'" not in value:
+        return f"tags.`{key}` = '{value}'"
+    if '"' not in value:
+        return f'tags.`{key}` = "{value}"'
+    raise ValueError(f"tag {key}: a value with both quote characters cannot be searched for: {value!r}")
 
 
 class Tracker:
@@ -193,17 +220,24 @@ class Tracker:
 
     @classmethod
     def create(cls, uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
-               parent_run_id: str | None = None, reuse_tag: tuple[str, str] | None = None) -> Tracker:
-        """A new run, or the existing one whose tag `reuse_tag` matches (a resumed study never duplicates)."""
+               parent_run_id: str | None = None, reuse_tag: tuple[str, str] | None = None,
+               reopen: bool = False) -> Tracker:
+        """A new run, or the existing one whose tag `reuse_tag` matches (a resumed study never duplicates). An
+        ended run with that tag is never appended to: it is replaced (its caller died before recording it), or,
+        with `reopen` (a study's own run, the parent of its trials), set running again."""
         client = _client(uri)
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(experiment,
                                                                         artifact_location=artifact_location(uri))
         if reuse_tag is not None:
             k, v = reuse_tag
-            found = client.search_runs([exp_id], filter_string=f"tags.`{k}` = '{v}'", max_results=1)
-            if found:
+            found = client.search_runs([exp_id], filter_string=_tag_filter(k, v), max_results=1)
+            if found and (found[0].info.status == "RUNNING" or reopen):  # a retried or resumed run continues
+                if found[0].info.status != "RUNNING":
+                    client.update_run(found[0].info.run_id, status="RUNNING")
                 return cls(uri, found[0].info.run_id)
+            if found:  # ended, but its caller never recorded it (died in between): a fresh run, never appended to
+                client.delete_run(found[0].info.run_id)
         all_tags = dict(tags or {})
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
@@ -214,7 +248,7 @@ class Tracker:
             return cls(uri, run.info.run_id)
         # A create retried by the HTTP client after a lost response (a server restart) makes a second run with the
         # same key: keep the oldest, delete the others, so every key has one run.
-        same = client.search_runs([exp_id], filter_string=f"tags.`{k}` = '{v}'",
+        same = client.search_runs([exp_id], filter_string=_tag_filter(k, v),
                                   order_by=["attributes.start_time ASC"], max_results=50)
         for dup in same[1:]:
             client.delete_run(dup.info.run_id)
