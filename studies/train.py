@@ -9,7 +9,7 @@ import sys
 import time
 
 from studies.training import flags, runner
-from studies.training.config import TrainConfig
+from studies.training.config import ConfigError, TrainConfig
 from studies.training.tracking import check_tracking_uri, redact, resolve_tracking_uri
 
 
@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = TrainConfig(**flags.overrides_from_args(args))
+    except ConfigError as e:
+        p.error(flags.flag_message(e))
     except ValueError as e:
         p.error(str(e))
     uri = resolve_tracking_uri(args.tracking_uri)

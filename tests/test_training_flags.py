@@ -59,3 +59,17 @@ def test_a_refused_config_names_the_flag_of_its_field(kw, line):
     with pytest.raises(ConfigError) as e:
         TrainConfig(**kw)
     assert flags.flag_message(e.value).startswith(line) and "\n" not in flags.flag_message(e.value)
+
+
+@pytest.mark.parametrize("text", ['{"width": NaN}', '{"n_train": Infinity}', '{"a": {"b": -Infinity}}'])
+def test_json_settings_refuse_nan_and_infinity(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="is not a number this setting can hold"):
+        flags.parse_json_dict(text)
+
+
+def test_train_py_names_the_flag_of_a_refused_setting(capsys):
+    from studies import train
+
+    with pytest.raises(SystemExit):
+        train.main(["--momentum", "1.5"])
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(": error: --momentum must be in [0, 1), got 1.5")

@@ -48,8 +48,11 @@ def parse_bool(s: str) -> bool:
 
 
 def parse_json_dict(s: str) -> dict:
+    def finite_only(c: str):  # json.loads takes NaN / Infinity, which would pass every bound unchecked
+        raise argparse.ArgumentTypeError(f"{c} is not a number this setting can hold: {s!r}")
+
     try:
-        d = json.loads(s)
+        d = json.loads(s, parse_constant=finite_only)
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {s!r}") from None
     if not isinstance(d, dict):
