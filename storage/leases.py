@@ -100,6 +100,22 @@ class _Flock:
             self.fd = None
 
 
+def _retrying(once, lease, retryable, give_up) -> None:
+    """once() until it succeeds: a retryable fault is retried (after 0.5 s, doubling up to 10 s) while the lease
+    still has more than its fence margin left; past that, or on any other fault, give_up(e) is raised."""
+    delay = _RETRY_S[0]
+    while True:
+        try:
+            return once()
+        except LeaseLost:
+            raise
+        except Exception as e:
+            if not retryable(e) or _now() + delay >= lease.expires - fence_margin(lease.info["ttl_s"]):
+                raise give_up(e) from e
+            _sleep(delay)
+            delay = min(2 * delay, _RETRY_S[1])
+
+
 def _code(e) -> tuple[str, int | None]:
     r = getattr(e, "response", None) or {}
     return r.get("Error", {}).get("Code", ""), r.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -200,21 +216,12 @@ class _S3Lease:
 
     def renew(self) -> None:
         """Extend the lease; transport faults are retried until it would expire (then it may be taken)."""
-        delay = _RETRY_S[0]
-        while True:
-            try:
-                return self._renew_once()
-            except LeaseLost:
-                raise
-            except Exception as e:
-                if not _s3_transient(e) and not _precondition_failed(e):
-                    raise self._fail(e) from e
-                if _now() + delay >= self.expires - fence_margin(self.info["ttl_s"]):
-                    raise LeaseLost(f"could not renew the lease s3://{self.bucket}/{self.key} before it expires "
-                                    f"({one_line(e)}); another driver may take it, so this one stops writing "
-                                    "there") from e
-                _sleep(delay)
-                delay = min(2 * delay, _RETRY_S[1])
+        def give_up(e):
+            if not _s3_transient(e) and not _precondition_failed(e):
+                return self._fail(e)
+            return LeaseLost(f"could not renew the lease s3://{self.bucket}/{self.key} before it expires "
+                             f"({one_line(e)}); another driver may take it, so this one stops writing there")
+        _retrying(self._renew_once, self, lambda e: _s3_transient(e) or _precondition_failed(e), give_up)
 
     def release(self) -> None:
         if self.etag is None:
@@ -277,17 +284,8 @@ class _PlainLease:
         self._write()
 
     def renew(self) -> None:
-        delay = _RETRY_S[0]
-        while True:
-            try:
-                return self._renew_once()
-            except LeaseLost:
-                raise
-            except StorageError as e:
-                if not transient(e.__cause__ or e) or _now() + delay >= self.expires - fence_margin(self.info["ttl_s"]):
-                    raise LeaseLost(f"could not renew the lease {self.path} ({e}); stop writing there") from e
-                _sleep(delay)
-                delay = min(2 * delay, _RETRY_S[1])
+        _retrying(self._renew_once, self, lambda e: isinstance(e, StorageError) and transient(e.__cause__ or e),
+                  lambda e: LeaseLost(f"could not renew the lease {self.path} ({one_line(e)}); stop writing there"))
 
     def release(self) -> None:
         if self.held and self._mine(self._read()):
