@@ -91,3 +91,16 @@ def test_code_version_follows_the_numeric_source(tmp_path, monkeypatch):
         assert tracking.code_version() != v1
     finally:
         tracking.code_version.cache_clear()
+
+
+def test_resume_may_change_placement_but_not_what_decides_the_numbers(tmp_path):
+    _written(tmp_path)
+
+    def resumed(**fixed):
+        st = _study(tmp_path, resume=True)
+        st.fixed = st.fixed.replace(**fixed)
+        return st
+    assert record.check_record(resumed(cpus_per_worker=4.0, max_failures=2)) == "abc123"  # another cluster
+    assert record.check_record(resumed(max_steps=4.0)) == "abc123"  # 4 and 4.0 alike
+    with pytest.raises(ValueError, match=r"--resume with other settings .*fixed.base_lr: 0.1 → 0.2"):
+        record.check_record(resumed(base_lr=0.2))

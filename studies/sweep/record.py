@@ -6,6 +6,7 @@ import json
 
 import storage
 from studies.sweep.design import Study
+from studies.training.config import TrainConfig
 
 
 def check_paths(study: Study) -> None:
@@ -81,9 +82,7 @@ def check_record(study: Study) -> str | None:
                          f"{old.get('code_version')} → {now['code_version']}: nfnet/, storage/ or "
                          "studies/training/ changed); go back to that code, or pass --allow-code-change to mix them "
                          "(each row records its code_version)")
-    skip = {"study_id", "tracking_uri", "code_version"}
-    diff = sorted(_diff({k: v for k, v in old.items() if k not in skip}, {k: v for k, v in now.items()
-                                                                          if k not in skip}))
+    diff = sorted(_diff(_compared(old), _compared(now)))
     if diff:
         raise ValueError(f"--resume with other settings than the study was started with ({', '.join(diff[:6])}); "
                          "rerun with the original flags, or start a new study with another --name")
@@ -94,6 +93,14 @@ def write_record(study: Study, study_id: str) -> None:
     fs, path = storage.resolve(storage.uri.join(study.study_dir, "study.json"))
     blob = json.dumps({**study.record(), "study_id": study_id}, sort_keys=True, indent=1).encode()
     storage.uri.write_bytes_atomic(fs, path, blob)
+
+
+def _compared(rec: dict) -> dict:
+    """What must match on --resume: the design and the numeric settings; not where the runs go (placement fields
+    may change, e.g. resumed on a cluster with other CPUs per worker), nor what is checked on its own."""
+    out = {k: v for k, v in rec.items() if k not in ("study_id", "tracking_uri", "code_version")}
+    out["fixed"] = {k: v for k, v in (rec.get("fixed") or {}).items() if k not in TrainConfig.placement_fields()}
+    return json.loads(json.dumps(out), parse_float=lambda x: int(float(x)) if float(x).is_integer() else float(x))
 
 
 def _diff(a, b, prefix="") -> list[str]:

@@ -187,6 +187,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @staticmethod
+    def placement_fields() -> set[str]:
+        return {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("placement")}
+
     def identity(self) -> dict[str, Any]:
         """What decides the run's numbers: every field but placement ones, None left out (a new field that
         defaults to None keeps every key), values normalised. The code is the other half (tracking.code_version)."""
