@@ -39,7 +39,7 @@ def test_train_command_line(tmp_path, tiny_data, capsys):
 
     with pytest.raises(SystemExit):
         train.main(["--clipping", "agc", "--lambda", "-1"])
-    assert "clip_threshold" in capsys.readouterr().err
+    assert "--lambda (λ for AGC) must be > 0, got -1.0" in capsys.readouterr().err  # named by its flag
 
     rc = train.main(["--in-process", "--dataset", tiny_data, "--model-overrides", '{"width": 8, "depth": 1}',
                      "--batch-size", "64", "--max-steps", "8", "--lambda", "0.02",
@@ -95,7 +95,7 @@ def test_train_refuses_an_infinite_learning_rate(capsys):
         train.main(["--base-lr", "inf"])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].split(" error: ", 1)[1] == \
-        "invalid TrainConfig: base_lr must be a finite number, got inf"
+        "--base-lr must be a finite number, got inf"
 
 
 def test_the_fingerprint_hashes_what_decides_the_numbers_normalised():
