@@ -11,6 +11,7 @@ from studies.sweep import frontier
 from studies.sweep.cli import run_study_cli
 from studies.sweep.design import Analysis, Preset
 from studies.sweep.tpe import tpe_space
+from studies.training.config import public_name
 from studies.training.summary import OBJECTIVE, RunSummary
 
 RANGES = {"base_lr": (0.05, 1.6, True), "clip_threshold": (0.005, 0.32, True), "augment_strength": (0.0, 1.0, False)}
@@ -34,11 +35,11 @@ def optuna_study(results, ranges: dict):
     value is RunSummary.objective(), exactly what the search was told."""
     import optuna
 
-    dists = tpe_space(ranges)
+    dists = {public_name(k): d for k, d in tpe_space(ranges).items()}  # named as in the table: λ is `lambda`
     st = optuna.create_study(direction="maximize")
     for r in results.to_pylist():
-        if r["phase"] == "tpe" and all(r.get(k) is not None for k in ranges):
-            st.add_trial(optuna.trial.create_trial(params={k: r[k] for k in ranges}, distributions=dists,
+        if r["phase"] == "tpe" and all(r.get(k) is not None for k in dists):
+            st.add_trial(optuna.trial.create_trial(params={k: r[k] for k in dists}, distributions=dists,
                                                    value=RunSummary.from_scalars(r).objective()))
     return st
 

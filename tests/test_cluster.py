@@ -191,8 +191,8 @@ def test_study_as_a_ray_job_on_two_nodes_with_s3_and_the_team_server(platform, m
     assert len(children) == len(runs) - 1 == 4
     assert {c["info"]["run_id"] for c in children} == {r["mlflow_run_id"] for r in results}
     params = [{x["key"]: x["value"] for x in c["data"]["params"]} for c in children]
-    assert all(q["num_workers"] == "2" and {"batch_size", "clip_threshold", "base_lr"} <= set(q) for q in params)
-    assert all("train_loss" in {m["key"] for m in c["data"].get("metrics", [])} for c in children)
+    assert all(q["num_workers"] == "2" and {"batch_size", "lambda", "base_lr"} <= set(q) for q in params)
+    assert all("loss/train" in {m["key"] for m in c["data"].get("metrics", [])} for c in children)
     assert int(psql(p["pg"]["port"], p["pg"]["password"], "mlflow", "SELECT count(*) FROM runs")) == len(runs)
     secrets_ = (server["worker"][1], server["admin"][1])
     for r in runs:  # credentials travel in a header only, never as logged params or tags

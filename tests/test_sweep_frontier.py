@@ -13,7 +13,7 @@ def _row(cell, b, lam, lr, v, seed=0, phase="scan", loss=None, acc=None):
     """A results row; `v` is t(rained), s(talled), d(iverged) or f(ailed). Verdicts are judged from the losses
     (no `verdict` column), as for rows written before it existed."""
     return {"cell": cell, "batch_size": b, "model": "nf_resnet_cifar", "clipping": "none" if lam == "none" else "agc",
-            "clip_threshold": None if lam == "none" else float(lam), "lambda": lam, "base_lr": lr, "seed": seed,
+            "lambda": None if lam == "none" else float(lam), "base_lr": lr, "seed": seed,
             "status": STATUS[v], "phase": phase, "initial_train_loss": START,
             "final_train_loss": LOSS[v] if loss is None else loss, "final_train_loss_se": 0.01, "best_val_acc": acc}
 

@@ -18,7 +18,7 @@ def _grid_flags(tmp_path, name, *extra):
 
 
 def _rows(out, phase=None):
-    keep = ("trial_key", "phase", "cell", "batch_size", "clipping", "clip_threshold", "base_lr", "lr", "seed",
+    keep = ("trial_key", "phase", "cell", "batch_size", "clipping", "lambda", "base_lr", "peak_lr", "seed",
             "status", "verdict", "diverged_step", "steps", "best_val_acc", "final_train_loss")
     return sorted(tuple(r[k] for k in keep) for r in out["results"].to_pylist() if phase in (None, r["phase"]))
 
@@ -39,9 +39,9 @@ def test_three_phase_study_end_to_end_and_independent_of_concurrency(tmp_path, r
     assert {(r["batch_size"], r["steps"]) for r in scan if r["status"] == "completed"} == {(32, 64 + 256),
                                                                                          (64, 32 + 128)}
     assert any(r["verdict"] == "diverged" for r in scan) and any(r["verdict"] == "trained" for r in scan)
-    for r in rows:  # the values the trial ran with, under TrainConfig's names
-        assert r["lr"] == pytest.approx(r["base_lr"] * r["batch_size"] / 256)
-        assert (r["clipping"], r["clip_threshold"]) in (("agc", 0.04), ("none", None))
+    for r in rows:  # the values the trial ran with, under TrainConfig's public names
+        assert r["peak_lr"] == pytest.approx(r["base_lr"] * r["batch_size"] / 256)
+        assert (r["clipping"], r["lambda"]) in (("agc", 0.04), ("none", None))
         assert r["model"] == "nf_resnet_cifar" and r["node_id"] and r["mlflow_run_id"]
         assert r["verdict"] in ("trained", "stalled", "diverged") and r["initial_train_loss"] > 2.0
     # Each phase is the pure function of the rows before it.
@@ -86,8 +86,9 @@ def test_three_phase_study_end_to_end_and_independent_of_concurrency(tmp_path, r
     for r in rows:
         params = by_id[r["mlflow_run_id"]].data.params
         assert int(params["batch_size"]) == r["batch_size"] and float(params["base_lr"]) == r["base_lr"]
-        assert ("clip_threshold" in params) == (r["clipping"] == "agc")  # no unused λ without clipping
-        assert by_id[r["mlflow_run_id"]].data.tags["lambda"] == r["lambda"]
+        assert params["lambda"] == ("none" if r["lambda"] is None else f"{r['lambda']:g}")  # one name for λ
+        assert "clip_threshold" not in params and "lr" not in params
+        assert by_id[r["mlflow_run_id"]].data.tags["lambda"] == params["lambda"]
 
     # The same output again without --resume is refused; --resume with other flags too.
     with pytest.raises(SystemExit):
@@ -123,10 +124,10 @@ def test_every_study_smoke_test(tmp_path, ray_cluster, module, capfd):
     figs = [n for n in out["files"] if n.endswith(".png")]
     assert figs and all(Path(out["files"][n]).stat().st_size > 5000 for n in figs)
     if module is hpo:
-        assert set(out["best_params"]) == {"base_lr", "clip_threshold", "augment_strength"}
-        rows = out["results"].to_pylist()  # the row holds the values TPE chose, under TrainConfig's names
-        assert {(r["base_lr"], r["clip_threshold"], r["augment_strength"]) for r in rows} == \
-            {(t.params["base_lr"], t.params["clip_threshold"], t.params["augment_strength"])
+        assert set(out["best_params"]) == {"base_lr", "lambda", "augment_strength"}
+        rows = out["results"].to_pylist()  # the row holds the values TPE chose, under their public names
+        assert {(r["base_lr"], r["lambda"], r["augment_strength"]) for r in rows} == \
+            {(t.params["base_lr"], t.params["lambda"], t.params["augment_strength"])
              for t in hpo.optuna_study(out["results"], hpo.PRESETS["smoke"].tpe).trials}
 
 
@@ -196,5 +197,5 @@ def test_a_new_output_gets_its_own_mlflow_runs(tmp_path, ray_cluster):
     for kids in by_parent.values():
         assert len(kids) == outs[0]["results"].num_rows
         for ch in kids:  # every step logged once
-            steps = [m.step for m in c.get_metric_history(ch.info.run_id, "train_loss_step")]
+            steps = [m.step for m in c.get_metric_history(ch.info.run_id, "loss/train_step")]
             assert steps and len(steps) == len(set(steps)), steps

@@ -23,7 +23,8 @@ def test_invalid_config_fails_at_construction(kw, msg):
 
 def test_no_clipping_carries_no_threshold():
     cfg = tiny_cfg(clipping="none", clip_threshold=0.05)
-    assert cfg.clip_threshold is None and cfg.lambda_label == "none" and "clip_threshold" not in cfg.flat()
+    assert cfg.clip_threshold is None and cfg.lambda_label == "none" and "clip_threshold" not in cfg.flat() \
+        and cfg.flat()["lambda"] == "none"
     assert tiny_cfg(clipping="agc", clip_threshold=0.04).lambda_label == "0.04"
 
 

@@ -38,10 +38,12 @@ def test_ddp_two_workers_match_one_and_land_in_mlflow(ray_cluster, tmp_path, tin
 
     run = Tracker(uri, ddp.mlflow_run_id).client.get_run(ddp.mlflow_run_id)
     assert run.data.params["num_workers"] == "2" and run.data.params["batch_size"] == "64"
-    assert run.data.params["clipping"] == "agc" and float(run.data.params["lr"]) == pytest.approx(cfg.lr)
-    for m in ("train_loss", "val_acc", "grad_norm_before", "grad_norm_after", "agc_clipped_frac", "images_per_sec",
-              "gns", "agc_clipped_frac.stem"):
+    assert run.data.params["clipping"] == "agc" and float(run.data.params["peak_lr"]) == pytest.approx(cfg.lr)
+    for m in ("loss/train", "loss/train_step", "top1/val", "stability/grad_norm_before_clip", "opt/lr",
+              "stability/grad_norm_after_clip", "stability/agc_clipped_frac", "throughput/images_per_sec",
+              "stability/grad_noise_scale", "stability/agc_clipped_frac/stem"):
         assert m in run.data.metrics, m
+    assert not {"step", "epoch", "train_loss"} & set(run.data.metrics)  # the x axis is not a metric
     assert run.data.tags["status"] == "completed" and run.info.status == "FINISHED"
     arts = {a.path for a in Tracker(uri, ddp.mlflow_run_id).client.list_artifacts(ddp.mlflow_run_id)}
     assert {"config.json", "final_metrics.json", "curves.png"} <= arts

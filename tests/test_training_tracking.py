@@ -12,13 +12,26 @@ def test_metric_logging_survives_a_tracking_outage(tmp_path):
     log = MetricLogger(uri, t.run_id, every_s=0)
     real = log.tracker.client.log_batch
     log.tracker.client.log_batch = lambda *a, **k: (_ for _ in ()).throw(ConnectionError("server down"))
-    log({"loss": 1.0}, 1)  # the outage: buffered, no exception
-    log({"loss": 0.5}, 2)
+    log({"train_loss": 1.0}, 1)  # the outage: buffered, no exception
+    log({"train_loss": 0.5}, 2)
     assert len(log.pending) == 2 and log.failures >= 1
     log.tracker.client.log_batch = real  # the server is back
-    log({"loss": 0.25}, 3)
-    hist = t.client.get_metric_history(t.run_id, "loss")
+    log({"train_loss": 0.25}, 3)
+    hist = t.client.get_metric_history(t.run_id, "loss/train")
     assert sorted((m.step, m.value) for m in hist) == [(1, 1.0), (2, 0.5), (3, 0.25)] and not log.pending
+
+
+def test_loop_metrics_reach_mlflow_in_sections_without_step_epoch_or_nan():
+    from studies.training.tracking import SECTIONS, mlflow_metrics
+
+    m = mlflow_metrics({"epoch": 2, "step": 40, "status": "running", "diverged_step": None, "train_loss": 2.1,
+                        "val_acc": 0.3, "lr": 0.4, "gns": float("nan"), "agc_clipped_frac": 0.5,
+                        "agc_clipped_frac.stage1": 0.25, "grad_norm_before": 3.0, "images_per_sec": 900.0})
+    assert m == {"loss/train": 2.1, "top1/val": 0.3, "opt/lr": 0.4, "stability/agc_clipped_frac": 0.5,
+                 "stability/agc_clipped_frac/stage1": 0.25, "stability/grad_norm_before_clip": 3.0,
+                 "throughput/images_per_sec": 900.0}
+    # MLflow sorts a run's chart sections by name: the loss section comes first.
+    assert sorted({k.split("/")[0] for k in SECTIONS.values()})[0] == "loss"
 
 
 def test_credentials_in_a_tracking_uri_are_never_printed():

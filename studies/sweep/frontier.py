@@ -21,9 +21,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from studies.training.config import lambda_label
 from studies.training.verdict import DIVERGED, STALLED, TRAINED, VERDICTS, judge
 
-NO_CLIP = "none"
 SCAN_PHASES = ("scan", "refine")  # the short runs that decide stability; `full` runs measure accuracy
 FOUND, UNDECIDED, NONE = "found", "undecided", "none"
 
@@ -202,7 +202,7 @@ def frontier_holds(full: list[dict], lr: float | None) -> bool | None:
 
 CELL_COLUMNS = {
     "cell": pa.string(), "batch_size": pa.int64(), "model": pa.string(), "clipping": pa.string(),
-    "clip_threshold": pa.float64(), "lambda": pa.string(), "lrs_tried": pa.int64(),
+    "lambda": pa.float64(), "lrs_tried": pa.int64(),
     "frontier": pa.string(), "max_stable_lr": pa.float64(), "max_stable_lr_at_edge": pa.bool_(),
     "first_unstable_lr": pa.float64(), "first_unstable_verdict": pa.string(), "best_scan_lr": pa.float64(),
     "start_loss": pa.float64(), "best_scan_loss": pa.float64(), "frontier_loss": pa.float64(),
@@ -231,7 +231,7 @@ def cell_row(cell: str, rows: list[dict], best_k: int | None) -> dict[str, Any]:
     edge, fail = f.edge, f.first_fail
     return {
         "cell": cell, "batch_size": first["batch_size"], "model": first["model"], "clipping": first["clipping"],
-        "clip_threshold": first["clip_threshold"], "lambda": first["lambda"], "lrs_tried": len(f.lrs),
+        "lambda": first["lambda"], "lrs_tried": len(f.lrs),
         "frontier": f.state, "max_stable_lr": edge and edge.lr, "max_stable_lr_at_edge": f.at_edge,
         "first_unstable_lr": fail and fail.lr, "first_unstable_verdict": fail and fail.verdict,
         "best_scan_lr": f.best and f.best.lr, "start_loss": _finite_or_none(f.start),
@@ -260,8 +260,9 @@ def column_of(c: dict) -> tuple[tuple, str]:
     rest = " ".join(t for t in c["cell"].split() if not t.startswith(("batch_size=", "lambda=")))
     if rest:
         return (0, rest, 0.0), rest
-    lam = c["lambda"]
-    return (1, "", math.inf if lam == NO_CLIP else float(lam)), ("no clipping" if lam == NO_CLIP else f"λ={lam}")
+    lam = c["lambda"]  # null: no clipping, the last column
+    return (1, "", math.inf if lam is None else float(lam)), ("no clipping" if lam is None else
+                                                              f"λ={lambda_label(lam)}")
 
 
 def grid_of(cells: pa.Table):
@@ -272,14 +273,31 @@ def grid_of(cells: pa.Table):
     return batches, [label for _, label in cols], at
 
 
+CELL_METRICS = ("max_stable_lr", "stable_fraction", "lr_sensitivity", "best_val_acc")
+
+
+def metric_column(c: dict) -> str:
+    """A map column as an MLflow metric name part: 'lambda_0.01', 'lambda_none', or the cell's other axes
+    ('variant_nf_resnet_agc'); MLflow keys take letters, digits and _ - . / only."""
+    rest = column_of(c)[1] if not column_of(c)[1].startswith(("λ=", "no clipping")) else \
+        f"lambda_{lambda_label(c['lambda'])}"
+    return "".join(ch if ch.isalnum() or ch in "_-." else "_" for ch in rest.replace("=", "_"))
+
+
 def cell_metrics(cells: pa.Table) -> list[tuple[str, float, int]]:
-    """(metric name, value, step = batch size): the frontier as MLflow metrics, one line per column of the map."""
+    """(metric name, value, step) of the frontier as MLflow metrics: one flat metric per cell at step 0
+    (`max_stable_lr/b1024/lambda_0.01`: the run's overview and the runs table show every cell), and one series per
+    column of the map with step = batch size (`max_stable_lr/lambda_0.01`: a chart over batch sizes). A frontier
+    at the largest lr tried ('≥') is a lower bound: `max_stable_lr_at_edge/…` says which (1) are."""
     out = []
     for c in cells.to_pylist():
-        col = column_of(c)[1].replace("λ=", "lambda_").replace(" ", "_").replace("=", "_").replace("+", "_")
-        for k in ("max_stable_lr", "stable_fraction", "lr_sensitivity", "best_val_acc"):
+        col, b = metric_column(c), int(c["batch_size"])
+        for k in CELL_METRICS:
             if c[k] is not None:
-                out.append((f"{k}/{col}", float(c[k]), int(c["batch_size"])))
+                out.append((f"{k}/b{b}/{col}", float(c[k]), 0))
+                out.append((f"{k}/{col}", float(c[k]), b))
+        if c["max_stable_lr"] is not None:
+            out.append((f"max_stable_lr_at_edge/b{b}/{col}", float(bool(c["max_stable_lr_at_edge"])), 0))
     return out
 
 

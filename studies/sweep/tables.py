@@ -11,17 +11,17 @@ from typing import Any
 import pyarrow as pa
 
 import storage
-from studies.training.config import TrainConfig
+from studies.training.config import TrainConfig, public_name
 from studies.training.summary import RunSummary
 from studies.training.tracking import code_version
 
 # Study-side identity of a row: which study, which trial (its content, not Tune's id), which phase.
-IDENTITY = {"study": pa.string(), "trial_key": pa.string(), "phase": pa.string(), "cell": pa.string(),
-            "lambda": pa.string()}
-# The TrainConfig fields a row carries: the values the trial actually ran with.
+IDENTITY = {"study": pa.string(), "trial_key": pa.string(), "phase": pa.string(), "cell": pa.string()}
+# The TrainConfig fields a row carries: the values the trial actually ran with, each column named by its public
+# name (clip_threshold is `lambda`: λ, null without clipping).
 CONFIG_COLUMNS = ("model", "batch_size", "clipping", "clip_threshold", "base_lr", "augment_strength", "seed",
                   "max_steps", "num_workers", "precision")
-PROVENANCE = {"lr": pa.float64(), "config_hash": pa.string(), "hardware": pa.string(), "git_commit": pa.string(),
+PROVENANCE = {"peak_lr": pa.float64(), "config_hash": pa.string(), "hardware": pa.string(), "git_commit": pa.string(),
               "code_version": pa.string()}
 
 _ARROW = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
@@ -36,7 +36,8 @@ def _arrow_type(tp) -> pa.DataType:
 def results_schema() -> pa.Schema:
     cfg_types = typing.get_type_hints(TrainConfig)
     sum_types = typing.get_type_hints(RunSummary)
-    fields = [*IDENTITY.items(), *((n, _arrow_type(cfg_types[n])) for n in CONFIG_COLUMNS), *PROVENANCE.items(),
+    fields = [*IDENTITY.items(), *((public_name(n), _arrow_type(cfg_types[n])) for n in CONFIG_COLUMNS),
+              *PROVENANCE.items(),
               *((f.name, _arrow_type(sum_types[f.name])) for f in dataclasses.fields(RunSummary)
                 if f.name != "history")]
     return pa.schema(fields)
@@ -44,7 +45,7 @@ def results_schema() -> pa.Schema:
 
 def results_row(identity: dict[str, Any], cfg: TrainConfig, summary: RunSummary, hardware: str,
                 commit: str) -> dict[str, Any]:
-    return {**identity, "lambda": cfg.lambda_label, **{n: getattr(cfg, n) for n in CONFIG_COLUMNS}, "lr": cfg.lr,
+    return {**identity, **{public_name(n): getattr(cfg, n) for n in CONFIG_COLUMNS}, "peak_lr": cfg.lr,
             "config_hash": cfg.fingerprint(), "hardware": hardware, "git_commit": commit,
             "code_version": code_version(), **summary.scalars()}
 

@@ -9,7 +9,7 @@ from ray import tune
 
 from studies.sweep.design import Spec, Study, cell_label
 from studies.sweep.tune import TrialEnv, fit, train_specs, trainable
-from studies.training.config import TrainConfig
+from studies.training.config import TrainConfig, public_name
 from studies.training.summary import OBJECTIVE, RunSummary
 
 
@@ -45,7 +45,7 @@ def run_tpe(study: Study, env: TrialEnv, concurrency: int, lock=None) -> bool:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     searcher = OptunaSearch(space=space, metric=OBJECTIVE, mode="max",
                             sampler=optuna.samplers.TPESampler(seed=study.seed, n_startup_trials=4),
-                            points_to_evaluate=[{k: r[k] for k in space} for r in rows] or None,
+                            points_to_evaluate=[{k: r[public_name(k)] for k in space} for r in rows] or None,
                             evaluated_rewards=[RunSummary.from_scalars(r).objective() for r in rows] or None)
     fit(study, trainable(tpe_trial, base, env=env, base=base, cell=cell_label(cell)),
         tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency),

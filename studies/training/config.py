@@ -1,6 +1,7 @@
 """TrainConfig: every setting of one training run, validated on construction. The one spelling of each setting
-in config, results tables, MLflow params and (through `flags.py`) the command line is its field name here; λ is
-`clip_threshold`. Each field carries its help text and its bounds as field metadata: one place per setting."""
+in results tables, MLflow params and tags and (through `flags.py`) the command line is its field name here, except
+λ: its field is `clip_threshold` (`lambda` is a Python keyword), and everywhere outside Python code it is `lambda`
+(PUBLIC_NAMES). Each field carries its help text and its bounds as field metadata: one place per setting."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +14,13 @@ from pathlib import Path
 from typing import Any
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
+
+# The name of a field outside Python code (flags, tables, MLflow), where it differs from the field's.
+PUBLIC_NAMES = {"clip_threshold": "lambda"}
+
+
+def public_name(field_name: str) -> str:
+    return PUBLIC_NAMES.get(field_name, field_name)
 
 
 def default_data_root() -> str:
@@ -213,7 +221,8 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def flat(self) -> dict[str, str]:
-        # MLflow params: nested dicts flattened with dots, everything as text.
+        """MLflow params: public names, nested dicts flattened with dots, everything as text; λ as its label
+        ('none' without clipping), and the peak lr the run used (base_lr scaled to its batch)."""
         out: dict[str, str] = {}
         for k, v in self.to_dict().items():
             if v is None:
@@ -222,8 +231,9 @@ class TrainConfig:
                 for kk, vv in v.items():
                     out[f"{k}.{kk}"] = json.dumps(vv) if isinstance(vv, (dict, list)) else str(vv)
             else:
-                out[k] = str(v)
-        out["lr"] = str(self.lr)
+                out[public_name(k)] = str(v)
+        out["lambda"] = self.lambda_label
+        out["peak_lr"] = str(self.lr)
         return out
 
 

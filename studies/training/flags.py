@@ -10,14 +10,12 @@ import json
 import types
 import typing
 
-from studies.training.config import ConfigError, TrainConfig, parse_lambda
-
-CLI_NAMES = {"clip_threshold": "lambda"}  # fields the command line names otherwise
+from studies.training.config import ConfigError, TrainConfig, parse_lambda, public_name
 
 
 def flag(name: str) -> str:
     """The flag of a TrainConfig field (or of a study's own axis such as 'variant')."""
-    return "--" + CLI_NAMES.get(name, name).replace("_", "-")
+    return "--" + public_name(name).replace("_", "-")
 
 
 def flag_message(e: ConfigError) -> str:
