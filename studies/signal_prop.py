@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     run = tracking.Tracker.create(uri, args.name, args.name, tags={
-        "role": "study", "git_commit": tracking.git_commit(), "hardware": tracking.hardware()})
+        "role": "study", **tracking.source_tags(), "hardware": tracking.hardware()})
+    tracking.describe_experiment(run.client, run.experiment_id(), f"# {args.name}\n\n{__doc__.strip()}")
     run.log_params({"models": " ".join(models), "overrides": json.dumps(overrides), "image_size": size,
                     "batch_size": batch, "seed": args.seed, "device": device.type})
     t0 = time.time()
@@ -191,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
         run.log_metrics({f"{r['model']}/{q}": r[q] for q in QUANTITIES}, step=r["block"])
 
     header = f"signal propagation at init: {size} px, batch {batch} of N(0, 1) images, {device.type}, {wall:.1f} s"
-    summary = "\n".join([header, *summarize(rows), f"outputs: {out_dir}/", mlflow_line(args.name, uri)])
+    link = tracking.ui_link(uri, run.experiment_id())
+    summary = "\n".join([header, *summarize(rows), f"outputs: {out_dir}/", mlflow_line(args.name, uri, link)])
     table = pa.Table.from_pylist(rows)
     files = write_outputs(out_dir, {
         "signal_prop.png": lambda f: plot(rows, f"Signal propagation at init, {size} px, batch {batch}", f),

@@ -81,3 +81,33 @@ def test_an_lr_design_that_would_run_a_trial_twice_or_at_no_lr_is_refused(lrs, l
     with pytest.raises(ValueError) as e:
         design.Study("s", design.Preset(grid={"batch_size": [64]}, fixed={}, lrs=lrs), TrainConfig())
     assert str(e.value) == line
+
+
+def test_run_names_put_what_differs_first_and_hpo_names_what_tpe_chose():
+    fixed = TrainConfig(model_overrides={"width": 8, "depth": 1}, epochs=2, warmup_steps=0)
+    st = design.Study("s", design.Preset(grid={"batch_size": [1024], "clip_threshold": [0.16, None]}, fixed={},
+                                         lrs=(3.2,), scan_steps=10), fixed)
+    assert [s.label for s in design.scan_specs(st, n_train=4096)] == ["b1024 λ0.16 lr3.2 scan s0",
+                                                                      "b1024 λnone lr3.2 scan s0"]
+    assert design.short_label({"batch_size": 256, "clip_threshold": 0.02, "augment_strength": 0.5}) == \
+        "b256 λ0.02 aug0.5"
+    assert design.short_label({"variant": "nf_resnet+agc"}) == "nf_resnet+agc"
+
+
+def test_the_study_runs_params_are_its_design_and_what_it_really_holds_fixed():
+    fixed = TrainConfig(model_overrides={"width": 8, "depth": 1}, batch_size=512, clip_threshold=0.3, epochs=2)
+    st = design.Study("s", design.Preset(grid={"batch_size": [64, 256], "clip_threshold": [0.01, None]}, fixed={},
+                                         lrs=(0.2, 0.4), scan_steps=10, seeds=2), fixed, seed=3)
+    p = design.design_params(st, concurrency=2)
+    assert p["grid.batch_size"] == "64, 256" and p["grid.lambda"] == "0.01, none"
+    assert p["design.base_lrs"] == "0.2, 0.4" and p["design.seeds"] == "2" and p["study.seed"] == "3"
+    assert p["fixed.epochs"] == "2" and p["fixed.model_overrides.width"] == "8"
+    # the grid overrides batch_size and λ (and so clipping), the lr design base_lr (and so peak_lr), seeds the seed
+    assert not {k for k in p if k.split(".", 1)[-1] in ("batch_size", "lambda", "clipping", "base_lr", "peak_lr",
+                                                        "seed") and k.startswith("fixed.")}
+    tpe = design.Study("h", design.Preset(grid={"batch_size": [256]}, fixed={}, trials=4,
+                                          tpe={"base_lr": (0.05, 1.6, True), "clip_threshold": (0.005, 0.32, True)}),
+                       fixed)
+    q = design.design_params(tpe, concurrency=1)
+    assert q["tpe.lambda"] == "0.005 .. 0.32 (log)" and q["design.trials"] == "4" and "design.base_lrs" not in q
+    assert "fixed.lambda" not in q and "fixed.base_lr" not in q and q["fixed.clipping"] == "agc"

@@ -78,17 +78,44 @@ def test_three_phase_study_end_to_end_and_independent_of_concurrency(tmp_path, r
     assert len(parents) == 1 and len(children) == res.num_rows and parents[0].info.status == "FINISHED"
     assert {ch.data.tags["trial_key"] for ch in children} == {r["trial_key"] for r in rows}
     arts = {a.path for a in c.list_artifacts(parents[0].info.run_id)}
-    assert {*FIGURES, "cells.parquet"} <= arts
-    assert {"max_stable_lr/lambda_0.04", "lr_sensitivity/lambda_0.04"} <= set(parents[0].data.metrics)
+    assert {*FIGURES, "cells.parquet", "cells.csv", "frontier.md"} <= arts
+    pm = parents[0].data.metrics
+    assert {"max_stable_lr/lambda_0.04", "lr_sensitivity/lambda_0.04", "max_stable_lr/b32/lambda_0.04",
+            "max_stable_lr/b64/lambda_none"} <= set(pm)  # a flat metric per cell, beside the series over batches
     hist = c.get_metric_history(parents[0].info.run_id, "lr_sensitivity/lambda_0.04")
     assert sorted(m.step for m in hist) == [32, 64]  # step = batch size: charted over the batch
-    by_id = {ch.info.run_id: ch for ch in children}
+    cells = {(r["batch_size"], r["lambda"]): r for r in one["cells"].to_pylist()}
+    assert pm["max_stable_lr/b32/lambda_0.04"] == cells[32, 0.04]["max_stable_lr"]
+    # The study run: described (the frontier table in it), its params the design and what is really fixed.
+    params, tags = parents[0].data.params, parents[0].data.tags
+    assert "| batch |" in tags["mlflow.note.content"] and "### Findings" in tags["mlflow.note.content"]
+    assert params["grid.batch_size"] == "32, 64" and params["grid.lambda"] == "0.04, none"
+    assert params["design.base_lrs"] == "0.4, 1.6, 25.6" and params["fixed.max_steps"] == "320"
+    assert not {"fixed.batch_size", "fixed.lambda", "fixed.clipping", "fixed.base_lr", "fixed.peak_lr",
+                "fixed.seed"} & set(params)  # the grid, the lr design and the seeding set these per trial
+    assert tags["mlflow.source.name"] == "studies/agc_lambda.py" and tags["mlflow.user"]
+    exp = c.get_experiment(parents[0].info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "How to read this experiment" in exp.tags["mlflow.note.content"]
+    assert "mlflow.sharedViewState.study" in exp.tags
+    assert f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" in one["summary"]
+    marks = {"trained": "✓", "stalled": "≈", "diverged": "✗"}
+    by_id, digests = {ch.info.run_id: ch for ch in children}, set()
     for r in rows:
-        params = by_id[r["mlflow_run_id"]].data.params
+        ch = by_id[r["mlflow_run_id"]]
+        # named what differs first, behind the verdict's mark; the verdict a tag too; the dataset an MLflow input
+        assert ch.info.run_name.startswith(f"{marks[r['verdict']]} b{r['batch_size']} λ") and \
+            f" lr{r['base_lr']:.3g} {r['phase']} s{r['seed']}" in ch.info.run_name, ch.info.run_name
+        assert ch.data.tags["verdict"] == r["verdict"] and ch.data.tags["mlflow.source.name"] == "studies/agc_lambda.py"
+        (ds,) = [d.dataset for d in ch.inputs.dataset_inputs]
+        assert ds.name.startswith("synthetic-") and ds.name in ds.source and len(ds.digest) == 16
+        digests.add(ds.digest)
+        params = ch.data.params
         assert int(params["batch_size"]) == r["batch_size"] and float(params["base_lr"]) == r["base_lr"]
         assert params["lambda"] == ("none" if r["lambda"] is None else f"{r['lambda']:g}")  # one name for λ
         assert "clip_threshold" not in params and "lr" not in params
         assert by_id[r["mlflow_run_id"]].data.tags["lambda"] == params["lambda"]
+    assert len(digests) == 1  # one dataset, one digest
 
     # The same output again without --resume is refused; --resume with other flags too.
     with pytest.raises(SystemExit):

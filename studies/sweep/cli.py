@@ -16,7 +16,7 @@ import storage
 from studies.sweep.design import Preset, Study, cell_changes, log_grid
 from studies.sweep.run import run_study
 from studies.training import runner
-from studies.training.config import ConfigError, TrainConfig
+from studies.training.config import PROJECT_DIR, ConfigError, TrainConfig
 from studies.training.flags import add_train_args, flag, flag_message, grid_flag, overrides_from_args
 from studies.training.tracking import redact, resolve_tracking_uri
 
@@ -84,7 +84,8 @@ def lr_design(args: argparse.Namespace, preset: Preset) -> tuple[float, ...]:
     return log_grid(low, high)
 
 
-def build_study(name: str, presets: dict[str, Preset], args: argparse.Namespace, grid_flags, analyze=None) -> Study:
+def build_study(name: str, presets: dict[str, Preset], args: argparse.Namespace, grid_flags, analyze=None,
+                about: str = "") -> Study:
     preset = presets["smoke" if args.smoke_test else args.preset]
     overrides = overrides_from_args(args)
     owned = owned_fields(preset, grid_flags)
@@ -114,7 +115,8 @@ def build_study(name: str, presets: dict[str, Preset], args: argparse.Namespace,
         seed=args.study_seed or 0, output=output,
         tracking_uri=resolve_tracking_uri(args.tracking_uri),
         max_concurrent=args.max_concurrent, resume=args.resume,
-        allow_code_change=args.allow_code_change, analyze=analyze)
+        allow_code_change=args.allow_code_change, analyze=analyze, about=about,
+        script=str(PROJECT_DIR / "studies" / f"{name}.py"))
 
 
 def run_study_cli(name: str, presets: dict, argv: list[str] | None, doc: str,
@@ -125,7 +127,7 @@ def run_study_cli(name: str, presets: dict, argv: list[str] | None, doc: str,
     add_train_args(p, skip=("seed",))  # --seed is the study's
     args = p.parse_args(argv)
     try:
-        study = build_study(name, presets, args, grid_flags, analyze)
+        study = build_study(name, presets, args, grid_flags, analyze, about=doc or "")
     except ValueError as e:
         p.error(str(e))
     pr = study.preset

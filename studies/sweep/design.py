@@ -19,7 +19,7 @@ from typing import Any
 
 import storage
 from studies.sweep import frontier, tables
-from studies.training.config import TrainConfig, lambda_label
+from studies.training.config import TrainConfig, lambda_label, public_name
 from studies.training.flags import grid_flag
 from studies.training.schedule import run_length
 from studies.training.tracking import code_version, redact
@@ -82,6 +82,8 @@ class Study:
     resume: bool = False
     allow_code_change: bool = False  # --resume under other numeric code (rows record their code_version)
     analyze: Callable[[Study, Any, Any], Analysis] | None = None  # (study, results, epochs); default: the frontier
+    about: str = ""  # what the study is, in words (its script's docstring): the MLflow experiment's description
+    script: str | None = None  # the study's script: MLflow's Source of its runs (default: the running program)
 
     def __post_init__(self):
         p = self.preset
@@ -134,6 +136,39 @@ class Study:
                 "tracking_uri": redact(self.tracking_uri), "code_version": code_version()}
 
 
+def design_params(study: Study, concurrency: int) -> dict[str, str]:
+    """The study run's MLflow params: its design (grid axes, lr design, budgets, seeds, TPE ranges) and the values
+    it holds fixed — none that a cell, the lr design, TPE or the seeding sets per trial (those are each trial's
+    own params)."""
+    p = study.preset
+    out: dict[str, str] = {}
+    for axis, values in p.grid.items():
+        out[f"grid.{public_name(axis)}"] = ", ".join(lambda_label(v) if axis == "clip_threshold" else
+                                                     json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+                                                     for v in values)
+    if p.tpe:
+        out.update({f"tpe.{public_name(k)}": f"{lo:g} .. {hi:g}" + (" (log)" if log else "")
+                    for k, (lo, hi, log) in p.tpe.items()})
+        out["design.trials"] = str(p.trials)
+    else:
+        out["design.base_lrs"] = ", ".join(f"{lr:g}" for lr in study.lrs())
+    if p.scan_steps:
+        out.update({"design.scan_steps": str(p.scan_steps), "design.scan_examples": str(p.scan_examples),
+                    "design.full_top": str(p.full_top)})
+    out["design.seeds"] = str(p.seeds)
+    if p.best_k:
+        out["design.best_k"] = str(p.best_k)
+    out.update({"study.seed": str(study.seed), "study.max_concurrent": str(concurrency)})
+    varied = {"seed", "base_lr", *(p.tpe or {})}
+    for cell in study.cells()[:1]:
+        varied |= set(cell_changes(cell))
+    varied = {public_name(k) for k in varied}
+    if varied & {"base_lr", "batch_size"}:
+        varied.add("peak_lr")  # base_lr × batch / 256
+    out.update({f"fixed.{k}": v for k, v in study.fixed.flat().items() if k.split(".")[0] not in varied})
+    return out
+
+
 def cell_changes(cell: dict[str, Any]) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     for k, v in cell.items():
@@ -155,6 +190,23 @@ def cell_label(cell: dict[str, Any]) -> str:
     return " ".join(text(k, v) for k, v in cell.items())
 
 
+SHORT = {"batch_size": "b", "augment_strength": "aug", "base_lr": "lr", "seed": "s"}
+
+
+def short_label(cell: dict[str, Any]) -> str:
+    """A cell as a run name spells it, readable in a narrow column: 'b1024 λ0.16', 'b256 aug0.5', 'nf_resnet+agc'."""
+    def text(k, v):
+        if k == "variant":
+            return str(v)
+        if k == "clip_threshold":
+            return f"λ{lambda_label(v)}"
+        if k in SHORT:
+            return f"{SHORT[k]}{v:.3g}" if isinstance(v, float) else f"{SHORT[k]}{v}"
+        return f"{k}={json.dumps(v, separators=(',', ':')) if isinstance(v, (dict, list)) else v}"
+
+    return " ".join(text(k, v) for k, v in cell.items())
+
+
 # ---- the trials of each phase: plain data, a pure function of the study (and the scan's results) ----
 
 @dataclass(frozen=True)
@@ -165,6 +217,7 @@ class Spec:
     cell: str
     config: TrainConfig = field(repr=False)
     key: str = ""  # the run's identity in the tables: phase + config fingerprint
+    short: str = ""  # the cell as a run name spells it (short_label); "" = its label
 
     def __post_init__(self):
         if not self.key:
@@ -172,7 +225,9 @@ class Spec:
 
     @property
     def label(self) -> str:
-        return f"{self.phase} {self.cell} base_lr={self.config.base_lr:.3g} seed={self.config.seed}"
+        """The run's name, what differs first: 'b1024 λ0.16 lr3.2 scan s0' (MLflow's run column is narrow; the
+        verdict's mark goes in front once the run ends, runner.train_and_track)."""
+        return f"{self.short or self.cell} lr{self.config.base_lr:.3g} {self.phase} s{self.config.seed}"
 
 
 def steps_per_epoch(cfg: TrainConfig, n_train: int) -> int:
@@ -197,7 +252,7 @@ def scan_specs(study: Study, n_train: int) -> list[Spec]:
     if not study.preset.scan_steps:
         return []
     return [Spec("scan", cell_label(cell), scan_config(study, study.config(cell, base_lr=lr, seed=study.seed + s),
-                                                       n_train))
+                                                       n_train), short=short_label(cell))
             for cell in study.cells() for lr in study.lrs() for s in range(study.preset.seeds)]
 
 
@@ -205,7 +260,8 @@ def refine_specs(study: Study, scan_rows, n_train: int) -> list[Spec]:
     """One more scan lr per cell whose frontier lies inside the grid, every seed: a pure function of the scan."""
     mid = frontier.refine_lrs(scan_rows)
     return [Spec("refine", cell_label(cell),
-                 scan_config(study, study.config(cell, base_lr=mid[cell_label(cell)], seed=study.seed + s), n_train))
+                 scan_config(study, study.config(cell, base_lr=mid[cell_label(cell)], seed=study.seed + s), n_train),
+                 short=short_label(cell))
             for cell in study.cells() if cell_label(cell) in mid for s in range(study.preset.seeds)]
 
 
@@ -216,7 +272,7 @@ def full_specs(study: Study, scan_rows) -> list[Spec]:
     for cell in study.cells():
         label = cell_label(cell)
         lrs = study.lrs() if chosen is None else chosen.get(label, [])
-        out += [Spec("full", label, study.config(cell, base_lr=lr, seed=study.seed + s))
+        out += [Spec("full", label, study.config(cell, base_lr=lr, seed=study.seed + s), short=short_label(cell))
                 for lr in lrs for s in range(study.preset.seeds)]
     return out
 

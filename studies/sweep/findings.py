@@ -74,6 +74,28 @@ def frontier_summary(cells: pa.Table) -> str:
     return "\n".join(lines)
 
 
+def _md_table(title: str, batches, cols, at, text) -> list[str]:
+    lines = [f"**{title}**", "", "| batch | " + " | ".join(cols) + " |", "|---:|" + "---:|" * len(cols)]
+    lines += [f"| {b} | " + " | ".join(text(at.get((b, c))) for c in cols) + " |" for b in batches]
+    return lines + [""]
+
+
+def frontier_markdown(cells: pa.Table) -> str:
+    """The frontier and the best accuracy per cell as Markdown tables (`frontier.md`, and the study run's MLflow
+    description): ≥ marks a frontier at the largest lr tried, a lower bound."""
+    batches, cols, at = grid_of(cells)
+    if not batches:
+        return ""
+    lines = _md_table("Largest base lr that trains (per 256 examples; ≥ = up to the largest lr tried, a lower "
+                      "bound; undecided = no lr trained in the scan; none = every lr diverged)", batches, cols, at,
+                      frontier_text)
+    lines += _md_table("Scan runs trained / stalled / diverged", batches, cols, at, lambda c: "-" if c is None else
+                       f"{c['scan_trained']} / {c['scan_stalled']} / {c['scan_diverged']}")
+    lines += _md_table("Best val top-1 of the full runs (at base lr)", batches, cols, at, lambda c: "-" if not c or
+                       c["best_val_acc"] is None else f"{c['best_val_acc']:.3f} @ {c['best_base_lr']:g}")
+    return "\n".join(lines)
+
+
 def _frontier_lr(c: dict | None) -> float | None:
     """A cell's frontier as a number for comparisons: 0 when no lr trains (every lr diverged), None when
     undecided or missing."""

@@ -9,13 +9,26 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 import storage
 from studies.sweep import figures, findings, frontier
 from studies.sweep.design import Analysis, Study
+from studies.training.config import lambda_label, public_name
 from studies.training.summary import STATUSES
-from studies.training.tracking import Tracker, redact
+from studies.training.tracking import Tracker, redact, ui_link
+
+# What each figure of the frontier analysis shows: the study run's description lists them.
+FIGURES = {
+    "stability_map.png": "heatmap, batch size × λ: the largest base lr that trains (colour, log scale; ≥ = a lower "
+                         "bound) and the best accuracy; grey = undecided, hatched = no lr trains",
+    "stable_region.png": "a panel per λ: every tried lr (log) × batch size, marked trained / stalled / diverged "
+                         "(majority of seeds), the frontier as a line",
+    "lr_loss.png": "final scan loss vs lr, a panel per batch size, a line per λ (Wortsman et al. 2023); diverged "
+                   "lrs drawn at the start loss",
+    "lr_accuracy.png": "val top-1 of the full runs vs lr, a panel per batch size, a line per λ",
+}
 
 
 def frontier_analysis(study: Study, results: pa.Table, epochs: pa.Table) -> Analysis:
@@ -58,10 +71,14 @@ def finish(study: Study, table: storage.ResultsTable, parent: Tracker, wall: flo
     study's MLflow run. An interrupted study is marked so (MLflow KILLED), and --resume continues it."""
     results, epochs = table.read(), table.read_epochs()
     a = (study.analyze or frontier_analysis)(study, results, epochs)
-    summary = summary_text(study, results, a.text, wall, complete, notes)
+    link = ui_link(study.tracking_uri, parent.experiment_id(), VIEW)
+    summary = summary_text(study, results, a.text, wall, complete, notes, link)
+    table_md = findings.frontier_markdown(a.cells) if "max_stable_lr" in a.cells.column_names else ""
     files = write_outputs(study.study_dir, {
         **{name: _figure_writer(fig) for name, fig in a.figures.items()},
         "summary.txt": lambda p: p.write_text(summary),
+        **({"frontier.md": lambda p: p.write_text(table_md),
+            "cells.csv": lambda p: pcsv.write_csv(cells_preview(a.cells), p)} if table_md else {}),
         "results.parquet": lambda p: pq.write_table(results, p),
         "cells.parquet": lambda p: pq.write_table(a.cells, p)}, parent)
     statuses = results.column("status").to_pylist()
@@ -69,14 +86,89 @@ def finish(study: Study, table: storage.ResultsTable, parent: Tracker, wall: flo
                         **{f"trials_{s}": statuses.count(s) for s in STATUSES}}, step=0)
     for name, value, step in frontier.cell_metrics(a.cells):
         parent.log_metrics({name: value}, step=step)
-    parent.set_tags({"status": "completed" if complete else "interrupted"})
+    parent.set_tags({"status": "completed" if complete else "interrupted",
+                     "mlflow.note.content": study_note(study, summary, table_md, a.text, list(a.figures))})
     parent.client.set_terminated(parent.run_id, "FINISHED" if complete else "KILLED")
     return {"results": results, "epochs": epochs, "cells": a.cells, "wall_time_s": wall, "dir": study.study_dir,
             "parent_run_id": parent.run_id, "summary": summary, "complete": complete, "files": files, **a.extra}
 
 
+VIEW = "study"  # the saved view of the runs table every printed link opens
+
+
+def study_view(study: Study) -> dict[str, Any]:
+    """The runs table the printed link opens: sorted by name, so the study run comes first and its trials follow,
+    listed flat (MLflow nests children only when sorting by date, and a shared view cannot expand a parent),
+    grouped by their verdict's mark; columns: verdict, the grid axes, base lr, phase, seed, loss, accuracy."""
+    axes = [public_name(a) if a != "variant" else "model" for a in study.preset.grid]
+    params = [*axes, *(public_name(k) for k in study.preset.tpe or {}), "base_lr", "seed"]
+    return {"orderByKey": "tags.`mlflow.runName`", "orderByAsc": True,
+            "selectedColumns": ["tags.`verdict`", *dict.fromkeys(f"params.`{p}`" for p in params), "tags.`phase`",
+                                "metrics.`loss/train`", "metrics.`top1/val`"]}
+
+
+def experiment_description(study: Study) -> str:
+    """The MLflow experiment's description (Markdown): what the study is (its script's docstring) and how to read
+    what it logged."""
+    about = study.about.strip()
+    kind = "a TPE search" if study.preset.tpe else "a grid study"
+    return "\n".join([
+        f"# {study.name}", "", *([about, ""] if about else []), "## How to read this experiment", "",
+        f"- **The study run** `{study.name}` ({kind}; the parent row of the Runs table, expand it for its trials): "
+        "its description holds the outcome, the frontier table and the findings in words; its Artifacts tab holds "
+        "the figures, `frontier.md`, `cells.csv` and the Parquet tables. Its params are the design (`grid.*`, "
+        "`design.*`) and what is held fixed (`fixed.*`).",
+        "- **Trials** are its nested runs, named by what differs: `✓ b1024 λ0.16 lr3.2 scan s0` = verdict, batch "
+        "size, λ (`none`: no clipping), base lr per 256 examples, phase (`scan`: a short run at a constant lr; "
+        "`refine`: one more lr at the frontier; `full`: the whole budget; `tpe`), seed. Verdicts: ✓ trained (its "
+        "loss fell clearly below its start), ≈ stalled (finite but did not learn: heavy clipping can do that), "
+        "✗ diverged, ! failed; the `verdict` tag says it in words.",
+        "- **A trial's charts**: `loss/*` first (train per epoch and per step, val), then `opt/lr`, `stability/*` "
+        "(AGC's clipped fraction per stage, gradient norms, the noise scale), `throughput/*`, `top1/*`.",
+        "- **The frontier** of a cell (batch size × λ) is the largest base lr that trains; `≥` marks a lower bound "
+        "(it trained up to the largest lr tried). The study run's metrics `max_stable_lr/b<batch>/lambda_<λ>` hold "
+        "it per cell.",
+        "- This view: `…/#/experiments/<id>/runs?workflowType=machine_learning` (MLflow 3 opens experiments in its "
+        "GenAI view otherwise)."])
+
+
+PREVIEW = ("cell", "batch_size", "lambda", "frontier", "max_stable_lr", "first_unstable_lr", "first_unstable_verdict",
+           "scan_trained", "scan_stalled", "scan_diverged", "frontier_holds", "best_val_acc", "best_base_lr")
+
+
+def cells_preview(cells: pa.Table) -> pa.Table:
+    """cells.csv, the table MLflow's artifact view previews: the cells' main columns, λ as its label ('none') and
+    the frontier as the map writes it ('≥12.8' = up to the largest lr tried; 'undecided', 'none')."""
+    rows = []
+    for c in cells.to_pylist():
+        row = {k: c.get(k) for k in PREVIEW}
+        row["lambda"] = lambda_label(c.get("lambda"))
+        row["frontier"] = findings.frontier_text(c)
+        rows.append(row)
+    return pa.Table.from_pylist(rows) if rows else pa.table({k: pa.array([], pa.string()) for k in PREVIEW})
+
+
+def study_note(study: Study, summary: str, table_md: str, analysis_text: str, figure_names: list[str]) -> str:
+    """The study run's MLflow description (Markdown): its outcome, the frontier table, the findings in words and
+    what each figure shows. MLflow holds at most 8000 characters in a tag: the findings are cut, never the table."""
+    head = [f"## {study.name}", "", summary.splitlines()[0], ""]
+    figs = ["### Figures (Artifacts tab)", ""] + [f"- `{n}`: {FIGURES.get(n, 'see the file')}" for n in figure_names]
+    files = ["", "Tables: `frontier.md`, `cells.csv` (previewed), `cells.parquet`, `results.parquet` (one row per "
+             "trial), `summary.txt`. Trials are the nested runs, named `<verdict> b<batch> λ<λ> lr<base lr> <phase> "
+             "s<seed>`: ✓ trained, ≈ stalled (finite but did not learn), ✗ diverged, ! failed."]
+    table = ["### The stable region", "", table_md] if table_md else []
+    words = analysis_text.split("findings:", 1)[-1].strip() if table_md else analysis_text.strip()
+    text = ["### Findings", "", "```text", words, "```", ""] if words else []
+    note = "\n".join(head + table + text + figs + files)
+    if len(note) > 7900:
+        room = 7900 - len("\n".join(head + table + figs + files)) - 40
+        text = ["### Findings", "", "```text", words[:max(0, room)] + " …(see summary.txt)", "```", ""]
+        note = "\n".join(head + table + text + figs + files)[:7990]
+    return note
+
+
 def summary_text(study: Study, results, analysis_text: str, wall: float, complete: bool,
-                 notes: list[str] = ()) -> str:
+                 notes: list[str] = (), link: str | None = None) -> str:
     statuses = results.column("status").to_pylist()
     state = "" if complete else ("INTERRUPTED — partial results (trials stopped, or lost to infrastructure "
                                  "after their retries); continue with --resume. ")
@@ -85,13 +177,18 @@ def summary_text(study: Study, results, analysis_text: str, wall: float, complet
     lines += [f"budget: {n}" for n in notes]
     if analysis_text:
         lines.append(analysis_text)
-    lines.append(f"outputs: {study.study_dir}/ (results.parquet, cells.parquet, figures, summary.txt)")
-    lines.append(mlflow_line(study.experiment, study.tracking_uri))
+    lines.append(f"outputs: {study.study_dir}/ (results.parquet, cells.parquet, cells.csv, frontier.md, figures, "
+                 "summary.txt)")
+    lines.append(mlflow_line(study.experiment, study.tracking_uri, link))
     return "\n".join(lines)
 
 
-def mlflow_line(experiment: str, uri: str) -> str:
-    """Where to see the study's MLflow experiment (the URI without its password)."""
-    uri = redact(uri)
-    return (f"MLflow: experiment '{experiment}' — see it with: mlflow ui --backend-store-uri {uri}"
-            if not uri.startswith("http") else f"MLflow: experiment '{experiment}' at {uri}")
+def mlflow_line(experiment: str, uri: str, link: str | None = None) -> str:
+    """Where to see the study's MLflow experiment (the URI without its password): the command that serves a local
+    store on a small machine, and the link that opens its runs table in MLflow's training view."""
+    safe = redact(uri)
+    where = f"\n  open {link}" if link else ""
+    if safe.startswith("http"):
+        return f"MLflow: experiment '{experiment}' at {safe}{where}"
+    return (f"MLflow: experiment '{experiment}'; serve it with: MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui "
+            f"--backend-store-uri {safe} --workers 1{where}")

@@ -1,16 +1,15 @@
 """run_study, top to bottom: check → lock → prepare → size → record → tune → report."""
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Any
 
 import storage
 from studies.sweep import cluster, record, report
-from studies.sweep.design import Study, budget_notes
+from studies.sweep.design import Study, budget_notes, design_params
 from studies.training import runner
-from studies.training.tracking import Tracker, check_tracking_uri, git_commit, hardware
+from studies.training.tracking import Tracker, check_tracking_uri, describe_experiment, hardware, save_view, source_tags
 
 
 def run_study(study: Study) -> dict[str, Any]:
@@ -45,7 +44,8 @@ def _run_locked(study: Study, study_id: str | None, lock: storage.lock.Lock) -> 
     parent = study_run(study, study_id, concurrency)
     table = study.table()
     env = TrialEnv(study.name, study_id, study.experiment, dataset_uri, study.tracking_uri, parent.run_id,
-                   table.uri, storage.uri.join(study.study_dir, "train"), lock.fence())
+                   table.uri, storage.uri.join(study.study_dir, "train"), lock.fence(),
+                   source=source_tags(study.script))
     t0 = time.time()
     if study.preset.tpe is not None:
         complete = run_tpe(study, env, concurrency, lock)
@@ -63,9 +63,11 @@ def _run_locked(study: Study, study_id: str | None, lock: storage.lock.Lock) -> 
 def study_run(study: Study, study_id: str, concurrency: int) -> Tracker:
     """The study's own MLflow run (the parent of its trials' runs); a resumed study continues the same one."""
     parent = Tracker.create(study.tracking_uri, study.experiment, study.name,
-                            tags={"role": "study", "git_commit": git_commit(), "hardware": hardware()},
+                            tags={"role": "study", **source_tags(study.script), "hardware": hardware()},
                             reuse_tag=("study_id", study_id), reopen=True)
-    parent.log_params({"study.preset": json.dumps(study.record()["preset"])[:6000], "study.seed": study.seed,
-                       "study.max_concurrent": concurrency, **{f"fixed.{k}": v for k, v in study.fixed.flat().items()}})
-    parent.set_tags({"status": "running"})
+    describe_experiment(parent.client, parent.experiment_id(), report.experiment_description(study))
+    save_view(parent.client, parent.experiment_id(), report.VIEW, report.study_view(study))
+    parent.log_params(design_params(study, concurrency))
+    parent.set_tags({"status": "running", "mlflow.note.content": f"## {study.name}\n\nrunning: the findings, the "
+                     "frontier table and the figures appear here when the study ends."})
     return parent

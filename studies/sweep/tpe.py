@@ -7,8 +7,8 @@ from typing import Any
 
 from ray import tune
 
-from studies.sweep.design import Spec, Study, cell_label
-from studies.sweep.tune import TrialEnv, fit, train_specs, trainable
+from studies.sweep.design import Spec, Study, cell_label, short_label
+from studies.sweep.tune import ProgressPrinter, TrialEnv, fit, train_specs, trainable
 from studies.training.config import TrainConfig, public_name
 from studies.training.summary import OBJECTIVE, RunSummary
 
@@ -19,9 +19,10 @@ def tpe_space(ranges: dict[str, tuple[float, float, bool]]):
     return {k: optuna.distributions.FloatDistribution(lo, hi, log=log) for k, (lo, hi, log) in ranges.items()}
 
 
-def tpe_trial(config: dict[str, Any], env: TrialEnv, base: TrainConfig, cell: str) -> None:
-    """The trainable of a TPE trial: the searched values onto the cell's config."""
-    train_specs([Spec("tpe", cell, base.replace(**config))], env)
+def tpe_trial(config: dict[str, Any], env: TrialEnv, base: TrainConfig, cell: str, short: str = "") -> None:
+    """The trainable of a TPE trial: the searched values onto the cell's config; its name shows what TPE chose."""
+    chosen = short_label({k: v for k, v in config.items() if k != "base_lr"})
+    train_specs([Spec("tpe", cell, base.replace(**config), short=f"{short} {chosen}".strip())], env)
 
 
 def tpe_rows(table) -> list[dict]:
@@ -47,7 +48,9 @@ def run_tpe(study: Study, env: TrialEnv, concurrency: int, lock=None) -> bool:
                             sampler=optuna.samplers.TPESampler(seed=study.seed, n_startup_trials=4),
                             points_to_evaluate=[{k: r[public_name(k)] for k in space} for r in rows] or None,
                             evaluated_rewards=[RunSummary.from_scalars(r).objective() for r in rows] or None)
-    fit(study, trainable(tpe_trial, base, env=env, base=base, cell=cell_label(cell)),
+    printer = ProgressPrinter()
+    printer.expect("tpe", remaining)
+    fit(study, trainable(tpe_trial, base, env=env, base=base, cell=cell_label(cell), short=short_label(cell)),
         tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency),
-                        num_samples=remaining, reuse_actors=True), "tpe", lock)
+                        num_samples=remaining, reuse_actors=True), "tpe", lock, printer)
     return len(tpe_rows(table)) >= study.preset.trials

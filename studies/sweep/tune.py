@@ -21,7 +21,7 @@ from studies.sweep import frontier, tables
 from studies.sweep.design import Spec, Study, full_specs, group_specs, refine_specs, scan_specs
 from studies.training import runner
 from studies.training.summary import OBJECTIVE, RunSummary
-from studies.training.tracking import git_commit, hardware
+from studies.training.tracking import git_commit, hardware, marked_name
 
 SCAN_RUNS_PER_TRIAL = 4
 
@@ -39,6 +39,7 @@ class TrialEnv:
     results_uri: str
     storage_path: str  # Ray Train's storage for multi-worker runs' checkpoints
     fence: storage.lock.Fence | None = None  # the study's lock: checked before a run starts and before its row
+    source: dict[str, str] | None = None  # MLflow's source tags, from the driver (tracking.source_tags)
 
     def table(self) -> storage.ResultsTable:
         return tables.open_table(self.results_uri, self.fence)
@@ -73,7 +74,8 @@ def train_spec(spec: Spec, env: TrialEnv, table: storage.ResultsTable) -> RunSum
         storage_path=env.storage_path, parent_run_id=env.parent_run_id, reuse_key=f"{env.study_id}:{spec.key}",
         tags={"study": env.study, "cell": spec.cell, "phase": spec.phase, "trial_key": spec.key,
               "lambda": cfg.lambda_label, "seed": str(cfg.seed)},
-        in_tune=True, dataset_uri=env.dataset_uri, quiet=True)
+        in_tune=True, dataset_uri=env.dataset_uri, quiet=True, source=env.source,
+        system_metrics=spec.phase not in frontier.SCAN_PHASES)  # scans last seconds: no monitor thread for them
     table.append_epochs(tables.epoch_rows(spec.key, summary.history))
     # The row last: once it exists the run is done, and --resume skips it.
     table.append([tables.results_row({"study": env.study, "trial_key": spec.key, "phase": spec.phase,
@@ -116,11 +118,25 @@ class PhaseSearcher(Searcher):
 
 
 class ProgressPrinter(tune.Callback):
-    """A line per finished training run."""
+    """A line per finished training run: '[12/36 scan, ETA 3 min] ✓ b64 λ0.04 lr0.4 scan s0: trained …'. The
+    phases tell it how many runs each has (expect()); the ETA is the phase's own pace so far × the runs left."""
 
     def __init__(self):
         self.done = 0
         self.t0: dict[str, float] = {}
+        self.phase, self.total, self.phase_done, self.phase_t0 = "", 0, 0, time.time()
+
+    def expect(self, phase: str, runs: int) -> None:
+        self.phase, self.total, self.phase_done, self.phase_t0 = phase, runs, 0, time.time()
+
+    def progress(self) -> str:
+        self.phase_done += 1
+        if not self.total:
+            return f"[{self.done}]"
+        left = max(0, self.total - self.phase_done)
+        eta = (time.time() - self.phase_t0) / self.phase_done * left
+        when = "done" if not left else f"ETA {eta:.0f} s" if eta < 120 else f"ETA {eta / 60:.0f} min"
+        return f"[{self.phase_done}/{self.total} {self.phase}, {when}]"
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.t0.setdefault(trial.trial_id, time.time())
@@ -139,13 +155,16 @@ class ProgressPrinter(tune.Callback):
 
     def _line(self, trial, label: str, status: str, r: dict[str, Any]) -> None:
         self.done += 1
+        verdict = r.get("verdict")
         extra = f" at step {r.get('diverged_step')}" if status == "diverged" else \
             f": {str(r.get('error', ''))[:160]}" if status == "failed" else ""
         acc = f" best val acc {r['best_val_acc']:.3f}" if r.get("best_val_acc") is not None else \
             f" loss {r['final_train_loss']:.3f}" if r.get("final_train_loss") is not None and status == "completed" \
             else ""
         dt = r.get("wall_time_s") or time.time() - self.t0.get(trial.trial_id, time.time())
-        print(f"[{self.done}] {label}: {status}{extra}{acc} ({dt:.0f} s)", flush=True)
+        said = verdict if verdict and verdict != status else status  # 'trained'/'stalled' say more than 'completed'
+        print(f"{self.progress()} {marked_name(label, status, verdict)}: {said}{extra}{acc} ({dt:.0f} s)",
+              flush=True)
 
 
 @contextlib.contextmanager
@@ -179,7 +198,8 @@ class LeaseStopper(tune.Stopper):
         return self.lock is not None and self.lock.lost()
 
 
-def fit(study: Study, trainable_, tune_config: tune.TuneConfig, name: str, lock=None) -> None:
+def fit(study: Study, trainable_, tune_config: tune.TuneConfig, name: str, lock=None,
+        printer: ProgressPrinter | None = None) -> None:
     """Fit one Tune experiment of the study (its own JSON and CSV trial loggers, progress lines, retries); it
     stops once `lock` (storage.lock.Lock) is lost."""
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -191,7 +211,7 @@ def fit(study: Study, trainable_, tune_config: tune.TuneConfig, name: str, lock=
     run_config = tune.RunConfig(
         name=f"{study.name}-{name}-{time.strftime('%Y%m%d-%H%M%S')}",
         **storage.uri.ray_storage(storage.uri.join(study.study_dir, "tune")), verbose=0,
-        callbacks=[ProgressPrinter(), JsonLoggerCallback(), CSVLoggerCallback()],
+        callbacks=[printer or ProgressPrinter(), JsonLoggerCallback(), CSVLoggerCallback()],
         failure_config=tune.FailureConfig(max_failures=study.trial_retries), stop=LeaseStopper(lock))
     with sigterm_as_ctrl_c():
         tune.Tuner(trainable_, tune_config=tune_config, run_config=run_config).fit()
@@ -203,10 +223,10 @@ class Phases:
     def __init__(self, study: Study, env: TrialEnv, table: storage.ResultsTable, concurrency: int, n_train: int,
                  lock=None):
         self.study, self.env, self.table, self.concurrency, self.n_train = study, env, table, concurrency, n_train
-        self.lock = lock
+        self.lock, self.printer = lock, ProgressPrinter()
 
     def __getstate__(self):  # Tune pickles the searcher (and so this) into its own state; the lock stays here
-        return {**self.__dict__, "lock": None}
+        return {**self.__dict__, "lock": None, "printer": None}
 
     def done(self) -> set[str]:
         return set(self.table.read().column("trial_key").to_pylist())
@@ -242,6 +262,8 @@ class Phases:
         if todo:
             print(f"{phase}: {len(todo)} run(s)" + (f" ({len(specs) - len(todo)} already done)"
                                                     if len(todo) < len(specs) else ""), flush=True)
+            if self.printer is not None:
+                self.printer.expect(phase, len(todo))
         return group_specs(todo, SCAN_RUNS_PER_TRIAL if phase in frontier.SCAN_PHASES else 1)
 
     def fit(self) -> bool:
@@ -252,7 +274,7 @@ class Phases:
         # reuse_actors: a finished trial's process runs the next one (no Python + torch start per trial).
         fit(self.study, trainable(phase_trial, self.study.fixed, env=self.env),
             tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=self.concurrency,
-                            reuse_actors=True), "grid", self.lock)
+                            reuse_actors=True), "grid", self.lock, self.printer)
         full = self.full()
         done = self.done()
         return full is not None and all(s.key in done for s in full)

@@ -19,7 +19,15 @@ import storage
 from studies.training import loop
 from studies.training.config import PROJECT_DIR, TrainConfig
 from studies.training.summary import OBJECTIVE, RunSummary
-from studies.training.tracking import MetricLogger, Tracker, git_commit, hardware, log_curves
+from studies.training.tracking import (
+    MetricLogger,
+    Tracker,
+    dataset_input,
+    hardware,
+    log_curves,
+    source_tags,
+    start_system_metrics,
+)
 
 
 def prepare_data(cfg: TrainConfig) -> str:
@@ -53,11 +61,29 @@ def _set_threads(cfg: TrainConfig) -> None:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
 
 
-def _mlflow_logger(tracking: dict[str, str] | None, rank: int) -> MetricLogger | None:
+def _mlflow_logger(tracking: dict[str, Any] | None, rank: int) -> MetricLogger | None:
     """Metrics into the run's MLflow run on rank 0 (buffered: an outage never stops training); None elsewhere."""
     if not tracking or rank != 0:
         return None
     return MetricLogger(tracking["uri"], tracking["run_id"])
+
+
+def _system_metrics(tracking: dict[str, Any] | None, rank: int):
+    """MLflow's system metrics of the process that trains (rank 0), for the runs that ask for them."""
+    if not tracking or rank != 0 or not tracking.get("system_metrics"):
+        return None
+    try:
+        return start_system_metrics(tracking["uri"], tracking["run_id"])
+    except Exception:  # a monitor is a nicety: it never stops a run
+        return None
+
+
+def _stop(monitor) -> None:
+    if monitor is not None:
+        try:
+            monitor.finish()
+        except Exception:
+            pass
 
 
 def _crash_once(test_crash: tuple[int, str] | None):
@@ -103,6 +129,7 @@ def _worker_fn(config: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     log = _mlflow_logger(config.get("tracking"), rank)
+    monitor = _system_metrics(config.get("tracking"), rank)
     resume = _restored(ray.train.get_checkpoint())
     ctx = loop.WorkerContext(rank=rank, world_size=world, device=device,
                              report=_reporter(log, ray.train.report, ray.train.Checkpoint),
@@ -111,6 +138,7 @@ def _worker_fn(config: dict[str, Any]) -> dict[str, Any]:
     try:
         summary = loop.train(cfg, config["dataset_uri"], ctx)
     finally:
+        _stop(monitor)
         if resume:
             shutil.rmtree(resume, ignore_errors=True)
         if log:
@@ -143,7 +171,7 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_in_process(cfg: TrainConfig, dataset_uri: str, tracking: dict[str, str] | None = None,
+def run_in_process(cfg: TrainConfig, dataset_uri: str, tracking: dict[str, Any] | None = None,
                    in_tune: bool = False, quiet: bool = False) -> RunSummary:
     """The same loop as a one-worker TorchTrainer, in this process (no worker group to start)."""
     if cfg.num_workers != 1:
@@ -153,6 +181,7 @@ def run_in_process(cfg: TrainConfig, dataset_uri: str, tracking: dict[str, str] 
     threads = torch.get_num_threads()
     _set_threads(cfg)
     log = _mlflow_logger(tracking, 0)
+    monitor = _system_metrics(tracking, 0)
     resume, report_fn, ckpt_cls = None, None, None
     if in_tune:
         import ray.tune
@@ -165,6 +194,7 @@ def run_in_process(cfg: TrainConfig, dataset_uri: str, tracking: dict[str, str] 
     try:
         return loop.train(cfg, dataset_uri, ctx)
     finally:
+        _stop(monitor)
         torch.set_num_threads(threads)
         if resume:
             shutil.rmtree(resume, ignore_errors=True)
@@ -173,7 +203,7 @@ def run_in_process(cfg: TrainConfig, dataset_uri: str, tracking: dict[str, str] 
 
 
 def run_torch_trainer(cfg: TrainConfig, dataset_uri: str, *, name: str, storage_path: str,
-                      tracking: dict[str, str] | None = None, in_tune: bool = False,
+                      tracking: dict[str, Any] | None = None, in_tune: bool = False,
                       test_crash: tuple[int, str] | None = None) -> RunSummary:
     """Ray Train V2 hands a run the latest checkpoint of an earlier run with the same name and storage path:
     callers name runs by their config's fingerprint, and the loop refuses a checkpoint of another config."""
@@ -222,17 +252,24 @@ def run_torch_trainer(cfg: TrainConfig, dataset_uri: str, *, name: str, storage_
 def train_and_track(cfg: TrainConfig, *, tracking_uri: str, experiment: str, run_name: str,
                     storage_path: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
                     reuse_key: str | None = None, in_process: bool | None = None, in_tune: bool = False,
-                    dataset_uri: str | None = None, quiet: bool = False) -> RunSummary:
+                    dataset_uri: str | None = None, quiet: bool = False, system_metrics: bool = False,
+                    source: dict[str, str] | None = None) -> RunSummary:
     """One run end to end: MLflow run opened first, so failures and divergences are recorded too. A bad config or
-    bad data is a result (status failed); an infrastructure fault is raised, so Tune retries the trial."""
+    bad data is a result (status failed); an infrastructure fault is raised, so Tune retries the trial. The run
+    is named `run_name` while it runs and gets its verdict's mark in front when it ends. `source`: MLflow's source
+    tags (tracking.source_tags) from the driver; `system_metrics`: sample CPU/GPU/memory into the run."""
     dataset_uri = dataset_uri or prepare_data(cfg)
     tracker = Tracker.create(
         tracking_uri, experiment, run_name,
-        tags={"git_commit": git_commit(), "hardware": hardware(), "model": cfg.model, **(tags or {})},
+        tags={**(source or source_tags()), "hardware": hardware(), "model": cfg.model, **(tags or {})},
         parent_run_id=parent_run_id, reuse_tag=("run_key", reuse_key) if reuse_key else None,
     )
     tracker.log_params(cfg.flat())
-    tracking = {"uri": tracking_uri, "run_id": tracker.run_id}
+    try:
+        tracker.client.log_inputs(tracker.run_id, [dataset_input(dataset_uri)])
+    except storage.StorageError:
+        pass  # a dataset that cannot be opened fails the run below, with storage's message
+    tracking = {"uri": tracking_uri, "run_id": tracker.run_id, "system_metrics": system_metrics}
     if in_process is None:
         in_process = runs_in_process(cfg)
     try:
@@ -258,7 +295,7 @@ def train_and_track(cfg: TrainConfig, *, tracking_uri: str, experiment: str, run
     if summary.error:
         tags["error"] = summary.error[:500]
     tracker.set_tags(tags)
-    tracker.end(summary.status)
+    tracker.end(summary.status, summary.verdict, name=run_name)
     return summary
 
 
