@@ -24,6 +24,21 @@ def test_failed_run_is_tracked(tmp_path, tiny_data):
     assert run.info.status == "FAILED" and run.data.tags["status"] == "failed"
 
 
+def test_a_full_run_records_mlflows_system_metrics_dataset_and_its_verdict_in_its_name(tmp_path, tiny_data,
+                                                                                     monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # MLflow's own knob; 10 s by default
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = runner.train_and_track(tiny_cfg(max_steps=40), tracking_uri=uri, experiment="t", run_name="b64 full",
+                                 storage_path=str(tmp_path), in_process=True, dataset_uri=tiny_data,
+                                 system_metrics=True, source={"mlflow.source.name": "studies/train.py"})
+    run = Tracker(uri, out.mlflow_run_id).client.get_run(out.mlflow_run_id)
+    assert any(k.startswith("system/cpu") for k in run.data.metrics), sorted(run.data.metrics)
+    assert run.info.run_name == {"trained": "✓", "stalled": "≈"}[out.verdict] + " b64 full"
+    assert run.data.tags["verdict"] == out.verdict and run.data.tags["mlflow.source.name"] == "studies/train.py"
+    (ds,) = run.inputs.dataset_inputs
+    assert tiny_data.rstrip("/").endswith(ds.dataset.name) and len(ds.dataset.digest) == 16
+
+
 @pytest.mark.ray
 def test_ddp_two_workers_match_one_and_land_in_mlflow(ray_cluster, tmp_path, tiny_data):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
