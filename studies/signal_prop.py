@@ -35,7 +35,7 @@ import nfnet
 import storage
 from nfnet.signal import residual_blocks, signal_propagation, without_weight_standardization
 from studies.sweep.report import mlflow_line, write_outputs
-from studies.training import tracking
+from studies.training import mlflow_ui, tracking
 from studies.training.runner import default_storage_path
 
 NO_WS = ":no_ws"
@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     run = tracking.Tracker.create(uri, args.name, args.name, tags={
-        "role": "study", **tracking.source_tags(), "hardware": tracking.hardware()})
-    tracking.describe_experiment(run.client, run.experiment_id(), f"# {args.name}\n\n{__doc__.strip()}")
+        "role": "study", **mlflow_ui.source_tags(), "hardware": tracking.hardware()})
+    mlflow_ui.describe_experiment(run.client, run.experiment_id(), f"# {args.name}\n\n{__doc__.strip()}")
     run.log_params({"models": " ".join(models), "overrides": json.dumps(overrides), "image_size": size,
                     "batch_size": batch, "seed": args.seed, "device": device.type})
     t0 = time.time()
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
         run.log_metrics({f"{r['model']}/{q}": r[q] for q in QUANTITIES}, step=r["block"])
 
     header = f"signal propagation at init: {size} px, batch {batch} of N(0, 1) images, {device.type}, {wall:.1f} s"
-    link = tracking.ui_link(uri, run.experiment_id())
+    link = mlflow_ui.ui_link(uri, run.experiment_id())
     summary = "\n".join([header, *summarize(rows), f"outputs: {out_dir}/", mlflow_line(args.name, uri, link)])
     table = pa.Table.from_pylist(rows)
     files = write_outputs(out_dir, {

@@ -58,6 +58,9 @@ def test_the_study_runs_description_keeps_the_table_within_mlflows_limit():
     note = report.study_note(st, "study s: 2 trials", table, "tables\nfindings:\n" + "x" * 20000,
                              ["stability_map.png"])
     assert len(note) <= 8000 and table in note and "stability_map.png" in note and "see summary.txt" in note
-    assert "?workflowType=machine_learning&viewStateShareKey=study" in \
-        report.mlflow_line("s", "sqlite:////x/mlflow.db", __import__("studies.training.tracking", fromlist=["x"])
-                           .ui_link("sqlite:////x/mlflow.db", "3", report.VIEW))
+    from studies.training.mlflow_ui import ui_link
+
+    link = ui_link("sqlite:////x/mlflow.db", "3", report.VIEW)
+    assert link == "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning&viewStateShareKey=study"
+    assert link in report.mlflow_line("s", "sqlite:////x/mlflow.db", link)
+    assert ui_link("https://u:pw@mlflow.example/", "3").startswith("https://u:***@mlflow.example/#/experiments/3/")

@@ -16,8 +16,9 @@ import storage
 from studies.sweep import figures, findings, frontier
 from studies.sweep.design import Analysis, Study
 from studies.training.config import lambda_label, public_name
+from studies.training.mlflow_ui import ui_link
 from studies.training.summary import STATUSES
-from studies.training.tracking import Tracker, redact, ui_link
+from studies.training.tracking import Tracker, redact
 
 # What each figure of the frontier analysis shows: the study run's description lists them.
 FIGURES = {

@@ -9,7 +9,8 @@ import storage
 from studies.sweep import cluster, record, report
 from studies.sweep.design import Study, budget_notes, design_params
 from studies.training import runner
-from studies.training.tracking import Tracker, check_tracking_uri, describe_experiment, hardware, save_view, source_tags
+from studies.training.mlflow_ui import describe_experiment, save_view, source_tags
+from studies.training.tracking import Tracker, check_tracking_uri, hardware
 
 
 def run_study(study: Study) -> dict[str, Any]:

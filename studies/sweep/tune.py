@@ -39,7 +39,7 @@ class TrialEnv:
     results_uri: str
     storage_path: str  # Ray Train's storage for multi-worker runs' checkpoints
     fence: storage.lock.Fence | None = None  # the study's lock: checked before a run starts and before its row
-    source: dict[str, str] | None = None  # MLflow's source tags, from the driver (tracking.source_tags)
+    source: dict[str, str] | None = None  # MLflow's source tags, from the driver (mlflow_ui.source_tags)
 
     def table(self) -> storage.ResultsTable:
         return tables.open_table(self.results_uri, self.fence)

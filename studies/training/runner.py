@@ -18,16 +18,9 @@ import torch
 import storage
 from studies.training import loop
 from studies.training.config import PROJECT_DIR, TrainConfig
+from studies.training.mlflow_ui import dataset_input, log_curves, source_tags, start_system_metrics
 from studies.training.summary import OBJECTIVE, RunSummary
-from studies.training.tracking import (
-    MetricLogger,
-    Tracker,
-    dataset_input,
-    hardware,
-    log_curves,
-    source_tags,
-    start_system_metrics,
-)
+from studies.training.tracking import MetricLogger, Tracker, hardware
 
 
 def prepare_data(cfg: TrainConfig) -> str:
@@ -257,7 +250,7 @@ def train_and_track(cfg: TrainConfig, *, tracking_uri: str, experiment: str, run
     """One run end to end: MLflow run opened first, so failures and divergences are recorded too. A bad config or
     bad data is a result (status failed); an infrastructure fault is raised, so Tune retries the trial. The run
     is named `run_name` while it runs and gets its verdict's mark in front when it ends. `source`: MLflow's source
-    tags (tracking.source_tags) from the driver; `system_metrics`: sample CPU/GPU/memory into the run."""
+    tags (mlflow_ui.source_tags) from the driver; `system_metrics`: sample CPU/GPU/memory into the run."""
     dataset_uri = dataset_uri or prepare_data(cfg)
     tracker = Tracker.create(
         tracking_uri, experiment, run_name,

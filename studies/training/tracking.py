@@ -176,25 +176,6 @@ def git_commit(short: bool = True) -> str:
         return "unknown"
 
 
-def source_tags(script: str | None = None) -> dict[str, str]:
-    """MLflow's own Source, Version and User fields of a run: the script that started it (relative to the project),
-    its full commit, the user. Computed on the driver: inside a Ray trial sys.argv[0] is Ray's worker."""
-    import getpass
-    import sys
-
-    path = Path(script or sys.argv[0]).resolve()
-    try:
-        name = str(path.relative_to(PROJECT_DIR))
-    except ValueError:
-        name = path.name
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry (some containers)
-        user = "unknown"
-    return {"mlflow.source.name": name, "mlflow.source.type": "LOCAL", "mlflow.source.git.commit": git_commit(False),
-            "mlflow.user": user}
-
-
 # A run's verdict in front of its name (the runs table shows names, not tags): trained, stalled, diverged; failed
 # and stopped runs have no verdict. The same word is the run's `verdict` tag.
 MARKS = {"trained": "✓", "stalled": "≈", "diverged": "✗", "failed": "!", "stopped": "■"}
@@ -203,41 +184,6 @@ MARKS = {"trained": "✓", "stalled": "≈", "diverged": "✗", "failed": "!", "
 def marked_name(name: str, status: str, verdict: str | None) -> str:
     mark = MARKS.get(verdict or status, "")
     return f"{mark} {name}" if mark else name
-
-
-def dataset_input(dataset_uri: str):
-    """The run's dataset as MLflow's dataset input: named after its shard set, digest = a hash of every shard's
-    sha256 (the same bytes, the same digest), source = its URI, profile = its splits and shapes."""
-    import hashlib
-
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
-    import storage
-
-    m = storage.open_dataset(dataset_uri).manifest
-    h = hashlib.sha256()
-    for split in sorted(m.shards):
-        for s in m.shards[split]:
-            h.update(f"{split}/{s['path']}:{s['sha256']}\n".encode())
-    scheme = dataset_uri.split("://", 1)[0] if "://" in dataset_uri else "local"
-    profile = {"source": m.source, "splits": m.splits, "num_classes": m.num_classes,
-               "image_shape": list(m.image_shape) if m.image_shape else None}
-    ds = Dataset(name=dataset_uri.rstrip("/").rsplit("/", 1)[-1], digest=h.hexdigest()[:16], source_type=scheme,
-                 source=json.dumps({"uri": redact(dataset_uri)}), profile=json.dumps(profile))
-    return DatasetInput(ds, tags=[InputTag("mlflow.data.context", "training")])
-
-
-def start_system_metrics(uri: str, run_id: str, interval_s: float = 10.0):
-    """MLflow's system metrics (CPU, memory, disk, network; GPUs with the NVIDIA bindings) sampled into the run
-    from this process; None where psutil is missing. Stop it with .finish()."""
-    try:
-        import psutil  # noqa: F401
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-    except ImportError:
-        return None
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=uri)
-    monitor.start()
-    return monitor
 
 
 # The code that computes a run's numbers (not the sweep around it, which only decides which runs happen).
@@ -274,35 +220,6 @@ def _tag_filter(key: str, value: str) -> str:
     if '"' not in value:
         return f'tags.`{key}` = "{value}"'
     raise ValueError(f"tag {key}: a value with both quote characters cannot be searched for: {value!r}")
-
-
-LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
-
-
-def ui_link(uri: str, experiment_id: str, view: str | None = None) -> str:
-    """The experiment's Runs table in MLflow's training view. MLflow 3 opens an experiment in its GenAI view
-    (traces, judges) unless the URL asks for `workflowType=machine_learning` (its UI reads the parameter first,
-    then the browser's last choice); the experiment's kind tag alone does not change a fresh browser's view.
-    `view`: a saved view of the experiment (save_view) the table opens with."""
-    base = redact(uri).rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
-    share = f"&viewStateShareKey={view}" if view else ""
-    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning{share}"
-
-
-def save_view(client, experiment_id: str, key: str, state: dict[str, Any]) -> None:
-    """A saved view of the experiment's runs table (columns, sort), as MLflow 3.17's UI stores one: the experiment
-    tag `mlflow.sharedViewState.<key>` holding {name, createdAt, updatedAt, state (JSON)}; it is listed under
-    "Views" and opened by ui_link(…, view=key)."""
-    now = int(time.time() * 1000)
-    client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{key}", json.dumps(
-        {"name": key, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}))
-
-
-def describe_experiment(client, experiment_id: str, description: str) -> None:
-    """The experiment's Markdown description (MLflow's note) and its kind: a model-training experiment."""
-    client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
-    if description:
-        client.set_experiment_tag(experiment_id, "mlflow.note.content", description[:7990])
 
 
 class Tracker:
@@ -465,40 +382,3 @@ class MetricLogger:
                 return False
             del self.pending[: len(batch)]
         return True
-
-
-def log_curves(tracker: Tracker, history: list[dict[str, Any]], title: str = "") -> None:
-    """The run's loss and accuracy per epoch as `curves.png` (a curve needs two epochs; a scan has one)."""
-    if len(history) < 2:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig = plot_curves(history, title)
-    tracker.log_figure(fig, "curves.png")
-    plt.close(fig)
-
-
-def plot_curves(history: list[dict[str, Any]], title: str = ""):
-    import math
-
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    steps = [h["step"] for h in history]
-    axes[0].plot(steps, [h.get("train_loss", math.nan) for h in history], "o-", label="train")
-    val = [(h["step"], h["val_loss"], h["val_acc"]) for h in history if "val_loss" in h]
-    if val:
-        axes[0].plot([v[0] for v in val], [v[1] for v in val], "s-", label="val")
-        axes[1].plot([v[0] for v in val], [v[2] for v in val], "s-", label="val top-1")
-    axes[1].plot(steps, [h.get("train_acc", math.nan) for h in history], "o-", label="train")
-    axes[0].set(xlabel="step", ylabel="loss", title="loss")
-    axes[1].set(xlabel="step", ylabel="accuracy", title="accuracy")
-    for a in axes:
-        a.legend()
-        a.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
