@@ -178,7 +178,7 @@ def test_study_as_a_ray_job_on_two_nodes_with_s3_and_the_team_server(platform, m
     assert any(k.startswith("data/synthetic-") and k.endswith("manifest.json") for k in keys)
     # Ray Train checkpoints and Tune's experiment state live in the bucket too.
     ckpts = [k for k in keys if k.startswith("results/agc_lambda/train/") and "/checkpoint_" in k]
-    assert {k.split("/")[3] for k in ckpts} and all(k.split("/")[3].startswith("full") for k in ckpts), ckpts
+    assert {k.split("/")[3] for k in ckpts} and all("_full_" in k.split("/")[3] for k in ckpts), ckpts
     assert any(k.startswith("results/agc_lambda/tune/") for k in keys)
     # MLflow artifacts went through the server's proxy into the bucket.
     assert any(k.startswith("mlflow-artifacts/") and k.endswith("/stability_map.png") for k in keys)
@@ -273,8 +273,9 @@ def test_a_lost_node_mid_trial_restores_from_s3_and_finishes_with_the_same_numbe
     by_name = {}
     for r in runs:
         by_name.setdefault(r["info"]["run_name"].rsplit("-", 2)[0], []).append(r)
-    assert sorted(by_name) == ["lost-node", "reference"] and all(len(v) == 1 for v in by_name.values()), by_name
-    lost, ref_run = by_name["lost-node"][0], by_name["reference"][0]
+    # A finished run's name carries its verdict's mark in front ('✓ lost-node').
+    assert sorted(by_name) == ["✓ lost-node", "✓ reference"] and all(len(v) == 1 for v in by_name.values()), by_name
+    lost, ref_run = by_name["✓ lost-node"][0], by_name["✓ reference"][0]
     assert lost["info"]["status"] == "FINISHED"
     a, b = final_numbers(server, ref_run["info"]["run_id"]), final_numbers(server, lost["info"]["run_id"])
     print(f"reference: {a}\nlost node: {b}")

@@ -207,3 +207,14 @@ def test_faults_are_sorted_by_their_cause_under_rays_wrappers():
     shared, own = TrainConfig(use_gpu=True, gpus_per_worker=0.25), TrainConfig(use_gpu=True)
     assert runner.is_infrastructure(oom, shared) and not runner.is_infrastructure(oom, own)
     assert runner.is_infrastructure(wrapped(oom), shared)
+
+
+def test_the_ray_train_run_name_is_ascii_and_keyed_by_the_config():
+    # A Ray job on a C-locale node failed in Ray Train's controller on the 'λ' of the MLflow run name
+    # ("'ascii' codec can't encode character '\u03bb'"): the Ray Train name is its ASCII spelling + fingerprint.
+    a, b = tiny_cfg(), tiny_cfg(base_lr=0.4)
+    name = runner.ray_run_name("b1024 λ0.16 lr3.2 full s0", a)
+    name.encode("ascii")  # raises on any non-ASCII character
+    assert name == f"b1024_lambda0.16_lr3.2_full_s0-{a.fingerprint()}"
+    assert runner.ray_run_name("b1024 λ0.16 lr3.2 full s0", b) != name  # another config, another checkpoint dir
+    assert runner.ray_run_name("≈ ✓", a) == f"run-{a.fingerprint()}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import tempfile
 import traceback
@@ -242,6 +243,14 @@ def run_torch_trainer(cfg: TrainConfig, dataset_uri: str, *, name: str, storage_
     return RunSummary(**result.return_value)
 
 
+def ray_run_name(run_name: str, cfg: TrainConfig) -> str:
+    """The Ray Train run's name: the MLflow name in ASCII (λ spelled out, anything but [A-Za-z0-9._=-] as '_'),
+    then the config's fingerprint. Ray Train turns it into storage paths and logs it where a node's locale may be
+    ASCII (a C-locale Ray job failed on 'λ' in its controller); the fingerprint keeps checkpoints per config."""
+    slug = re.sub(r"[^A-Za-z0-9._=-]+", "_", run_name.replace("λ", "lambda")).strip("_") or "run"
+    return f"{slug}-{cfg.fingerprint()}"
+
+
 def train_and_track(cfg: TrainConfig, *, tracking_uri: str, experiment: str, run_name: str,
                     storage_path: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
                     reuse_key: str | None = None, in_process: bool | None = None, in_tune: bool = False,
@@ -273,7 +282,7 @@ def train_and_track(cfg: TrainConfig, *, tracking_uri: str, experiment: str, run
 
                 summary.node_id = ray.get_runtime_context().get_node_id()
         else:
-            summary = run_torch_trainer(cfg, dataset_uri, name=f"{run_name}-{cfg.fingerprint()}",
+            summary = run_torch_trainer(cfg, dataset_uri, name=ray_run_name(run_name, cfg),
                                         storage_path=storage_path, tracking=tracking, in_tune=in_tune)
     except Exception as e:
         if is_infrastructure(e, cfg):
