@@ -53,6 +53,31 @@ def dataset_input(dataset_uri: str):
     return DatasetInput(ds, tags=[InputTag("mlflow.data.context", "training")])
 
 
+def log_dataset(client, run_id: str, dataset_uri: str, tries: int = 3) -> None:
+    """Link the run to its dataset input. Trials that start together race to insert the same dataset row (the
+    SQLite store answers 'UNIQUE constraint failed: datasets…' to the loser), so a refused insert is tried again:
+    by then the row exists and only the link is added. A dataset that cannot be opened is left to the run, which
+    fails on it with storage's message."""
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    import storage
+
+    try:
+        inp = dataset_input(dataset_uri)
+    except storage.StorageError:
+        return
+    for attempt in range(tries):
+        try:
+            client.log_inputs(run_id, [inp])
+            return
+        except MlflowException:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def start_system_metrics(uri: str, run_id: str, interval_s: float = 10.0):
     """MLflow's system metrics (CPU, memory, disk, network; GPUs with the NVIDIA bindings) sampled into the run
     from this process; None where psutil is missing. Stop it with .finish()."""

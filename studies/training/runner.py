@@ -19,7 +19,7 @@ import torch
 import storage
 from studies.training import loop
 from studies.training.config import PROJECT_DIR, TrainConfig
-from studies.training.mlflow_ui import dataset_input, log_curves, source_tags, start_system_metrics
+from studies.training.mlflow_ui import log_curves, log_dataset, source_tags, start_system_metrics
 from studies.training.summary import OBJECTIVE, RunSummary
 from studies.training.tracking import MetricLogger, Tracker, hardware
 
@@ -267,10 +267,7 @@ def train_and_track(cfg: TrainConfig, *, tracking_uri: str, experiment: str, run
         parent_run_id=parent_run_id, reuse_tag=("run_key", reuse_key) if reuse_key else None,
     )
     tracker.log_params(cfg.flat())
-    try:
-        tracker.client.log_inputs(tracker.run_id, [dataset_input(dataset_uri)])
-    except storage.StorageError:
-        pass  # a dataset that cannot be opened fails the run below, with storage's message
+    log_dataset(tracker.client, tracker.run_id, dataset_uri)
     tracking = {"uri": tracking_uri, "run_id": tracker.run_id, "system_metrics": system_metrics}
     if in_process is None:
         in_process = runs_in_process(cfg)
