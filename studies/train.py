@@ -1,6 +1,9 @@
 """One training run on the local Ray (or RAY_ADDRESS), tracked in MLflow.
 
   python studies/train.py --model nf_resnet_cifar --batch-size 1024 --clipping agc --lambda 0.02
+
+Prints rank 0's epoch lines and the outcome; NFNET_LAB_RAY_LOGS=1 also shows Ray's own output (its workers',
+controller's and INFO logs) for debugging.
 """
 from __future__ import annotations
 
@@ -8,8 +11,10 @@ import argparse
 import sys
 import time
 
+from studies.sweep.report import mlflow_line
 from studies.training import flags, runner
 from studies.training.config import ConfigError, TrainConfig
+from studies.training.mlflow_ui import ui_link
 from studies.training.tracking import check_tracking_uri, redact, resolve_tracking_uri
 
 
@@ -52,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     if summary.best_val_acc is not None:
         print(f"best val acc {summary.best_val_acc:.4f}, {summary.images_per_sec or 0:.0f} img/s, "
               f"gradient noise scale {summary.gns}")
-    print(f"MLflow run {summary.mlflow_run_id} in experiment '{args.experiment}' at {redact(uri)}\n"
-          f"  see it: mlflow ui --backend-store-uri {redact(uri)}")
+    import mlflow
+
+    eid = mlflow.MlflowClient(uri).get_run(summary.mlflow_run_id).info.experiment_id
+    print(f"MLflow run {summary.mlflow_run_id} ({name})\n" + mlflow_line(args.experiment, uri, ui_link(uri, eid)))
     return 0 if summary.status in ("completed", "diverged") else 1
 
 

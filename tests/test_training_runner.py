@@ -218,3 +218,29 @@ def test_the_ray_train_run_name_is_ascii_and_keyed_by_the_config():
     assert name == f"b1024_lambda0.16_lr3.2_full_s0-{a.fingerprint()}"
     assert runner.ray_run_name("b1024 λ0.16 lr3.2 full s0", b) != name  # another config, another checkpoint dir
     assert runner.ray_run_name("≈ ✓", a) == f"run-{a.fingerprint()}"
+
+
+def test_train_py_prints_only_what_a_user_needs(tmp_path):
+    """A two-worker run printed ~50 lines, most of them Ray's (placement-group cleaner tracebacks, a
+    TrainingReport repr per rank, core_worker notes) and the epoch line twice. Now: the run's own lines, rank 0's
+    epoch lines once each (relayed from the worker), the outcome and the link."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("RAY_", "NFNET_LAB_RAY"))}
+    env.update(RAY_USAGE_STATS_ENABLED="0", NFNET_LAB_DATA=str(tmp_path / "data"))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "studies/train.py"), "--num-workers", "2", "--epochs", "2", "--batch-size", "64",
+         "--model-overrides", '{"width": 8, "depth": 1}', "--dataset-params", '{"n_train": 1024, "n_val": 128}',
+         "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--storage-path", str(tmp_path / "ray")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    epochs = [ln for ln in out.splitlines() if ln.startswith("epoch ")]
+    assert [ln.split()[1] for ln in epochs] == ["1/2", "2/2"], out  # each once, from rank 0, unprefixed
+    for noise in ("TrainingReport(", "PlacementGroupCleaner", "core_worker", "Traceback", "pid="):
+        assert noise not in out, (noise, out)
+    assert "status: completed" in out and "workflowType=machine_learning" in out
+    assert len(out.strip().splitlines()) <= 12, out

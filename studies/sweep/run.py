@@ -33,7 +33,7 @@ def _run_locked(study: Study, study_id: str | None, lock: storage.lock.Lock) -> 
     notes = budget_notes(study, n_train)
     for note in notes:
         print(f"budget: {note}", flush=True)
-    runner.init_ray(log_to_driver=False)
+    runner.init_ray()  # workers' output off (NFNET_LAB_RAY_LOGS=1 shows it): a line per trial instead
     cap = cluster.cluster_capacity()
     cluster.check_cluster_paths(study, cap.nodes, cap.autoscaling)
     concurrency = study.max_concurrent or cluster.cluster_concurrency(study.fixed, cap)

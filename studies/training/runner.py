@@ -34,19 +34,31 @@ def prepare_data(cfg: TrainConfig) -> str:
     return cfg.dataset
 
 
-def init_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
-    """Local Ray, or the cluster at RAY_ADDRESS. Studies turn worker logs off: their driver prints a line per
-    finished trial instead of every worker's chatter."""
+def ray_logs() -> bool:
+    """Ray's own console output (its workers', controllers' and actors' output, its INFO logs) is off unless
+    NFNET_LAB_RAY_LOGS=1: a run that succeeded printed ~30 lines of it (placement-group cleaner tracebacks,
+    TrainingReport reprs, core_worker notes), which buried the few lines a user needs. Set it to debug Ray."""
+    return os.environ.get("NFNET_LAB_RAY_LOGS") == "1"
+
+
+def init_ray(num_cpus: int | None = None, log_to_driver: bool | None = None) -> None:
+    """Local Ray, or the cluster at RAY_ADDRESS. Workers' output reaches this console only with NFNET_LAB_RAY_LOGS=1
+    (ray_logs): a study prints a line per finished trial, train.py relays rank 0's progress lines itself."""
+    import logging
+
     import ray
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy reporter honours verbose=0: no tables
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if log_to_driver is None:
+        log_to_driver = ray_logs()
+    level = logging.INFO if ray_logs() else logging.WARNING
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver, logging_level=level)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver, logging_level=level)
 
 
 def _set_threads(cfg: TrainConfig) -> None:
@@ -125,10 +137,19 @@ def _worker_fn(config: dict[str, Any]) -> dict[str, Any]:
     log = _mlflow_logger(config.get("tracking"), rank)
     monitor = _system_metrics(config.get("tracking"), rank)
     resume = _restored(ray.train.get_checkpoint())
+    relay = config.get("progress")  # a queue the driver prints from (its console does not show workers' output)
+
+    def say(line: str) -> None:
+        if rank:
+            return
+        try:
+            relay.put(line, timeout=5) if relay is not None else print(line, flush=True)
+        except Exception:  # a progress line is never worth a training failure
+            print(line, flush=True)
     ctx = loop.WorkerContext(rank=rank, world_size=world, device=device,
                              report=_reporter(log, ray.train.report, ray.train.Checkpoint),
                              log_step=log or (lambda m, s: None), resume_from=resume,
-                             print=lambda s: print(s, flush=True), on_step=_crash_once(config.get("test_crash")))
+                             print=say, on_step=_crash_once(config.get("test_crash")))
     try:
         summary = loop.train(cfg, config["dataset_uri"], ctx)
     finally:
@@ -196,11 +217,49 @@ def run_in_process(cfg: TrainConfig, dataset_uri: str, tracking: dict[str, Any] 
             log.flush()
 
 
+class ProgressRelay:
+    """Rank 0's progress lines (epochs, a resume) printed on this console while a worker group trains: a Ray queue
+    the worker puts them on and a thread here that prints them, since workers' own output reaches the driver
+    only with NFNET_LAB_RAY_LOGS=1 (then they print themselves and no relay is made)."""
+
+    def __init__(self):
+        import threading
+
+        import ray
+        from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # On the driver's own node (a lost worker node must not take it along), holding no CPU.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._print, daemon=True)
+        self.thread.start()
+
+    def _print(self) -> None:
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                print(self.queue.get(timeout=0.5), flush=True)
+            except Empty:
+                if self.done.is_set():
+                    return
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=10)
+        import ray
+
+        ray.kill(self.queue.actor)
+
+
 def run_torch_trainer(cfg: TrainConfig, dataset_uri: str, *, name: str, storage_path: str,
                       tracking: dict[str, Any] | None = None, in_tune: bool = False,
-                      test_crash: tuple[int, str] | None = None) -> RunSummary:
+                      test_crash: tuple[int, str] | None = None, progress: bool = False) -> RunSummary:
     """Ray Train V2 hands a run the latest checkpoint of an earlier run with the same name and storage path:
-    callers name runs by their config's fingerprint, and the loop refuses a checkpoint of another config."""
+    callers name runs by their config's fingerprint, and the loop refuses a checkpoint of another config.
+    `progress`: rank 0's epoch lines on this console (train.py; a study prints a line per trial instead)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -218,10 +277,11 @@ def run_torch_trainer(cfg: TrainConfig, dataset_uri: str, *, name: str, storage_
                 f"streaming needs spare CPUs for Ray Data's decode tasks, but {cfg.num_workers} workers × "
                 f"{cfg.cpus_per_worker:g} CPUs take the whole cluster ({ray.cluster_resources().get('CPU', 0):g}); "
                 "lower --cpus-per-worker, add CPU nodes, or use --loader resident")
+    relay = ProgressRelay() if progress and not ray_logs() else None
     trainer = TorchTrainer(
         _worker_fn,
         train_loop_config={"cfg": cfg, "dataset_uri": dataset_uri, "tracking": tracking,
-                           "test_crash": test_crash},
+                           "test_crash": test_crash, "progress": relay and relay.queue},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker=worker_resources(cfg),
@@ -232,7 +292,11 @@ def run_torch_trainer(cfg: TrainConfig, dataset_uri: str, *, name: str, storage_
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if relay:
+            relay.close()
     if result.error is not None or result.return_value is None:
         err = result.error
         # A worker's own deterministic error (bad config or data) is re-raised as itself: no retry.
@@ -280,7 +344,8 @@ def train_and_track(cfg: TrainConfig, *, tracking_uri: str, experiment: str, run
                 summary.node_id = ray.get_runtime_context().get_node_id()
         else:
             summary = run_torch_trainer(cfg, dataset_uri, name=ray_run_name(run_name, cfg),
-                                        storage_path=storage_path, tracking=tracking, in_tune=in_tune)
+                                        storage_path=storage_path, tracking=tracking, in_tune=in_tune,
+                                        progress=not (quiet or in_tune))
     except Exception as e:
         if is_infrastructure(e, cfg):
             raise  # Tune retries the trial (its last checkpoint, if any); --resume reruns it if retries run out
