@@ -213,6 +213,7 @@ def prepare_dataset(source: str, root: str, *, seed: int = 0, path: str | None =
         if exists(fs, join(dpath, "manifest.json")):
             return open_dataset(uri).manifest  # another writer finished it while we waited
         _clear_orphans(fs, dpath, uri, lock)
+        said = sources.Preparing(name, source)
         shard_dir = f"shards-{uuid.uuid4().hex[:8]}"
         fs.create_dir(join(dpath, shard_dir), recursive=True)
         if listing is None:
@@ -237,6 +238,7 @@ def prepare_dataset(source: str, root: str, *, seed: int = 0, path: str | None =
                             encoding=encoding)
         lock.check()  # an object-store lease lost mid-way means another writer may have cleared our shards
         write_bytes_atomic(fs, join(dpath, "manifest.json"), manifest.to_json().encode())  # the commit
+    said.done(manifest.splits, sum(len(v) for v in shards.values()), uri)
     return manifest
 
 

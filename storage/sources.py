@@ -11,6 +11,7 @@ import io
 import os
 import pickle
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -229,6 +230,18 @@ def _image_table(blobs: list[bytes], labels: list[int], hw: list[tuple[int, int]
     return pa.table({"image": pa.array(blobs, pa.binary()), "label": pa.array(labels, pa.int64()),
                      "height": pa.array([a for a, _ in hw], pa.int32()), "width": pa.array([b for _, b in hw],
                                                                                            pa.int32())})
+
+
+class Preparing:
+    """A dataset being prepared, said in one line when it starts and one when it is done (on stderr)."""
+
+    def __init__(self, name: str, source: str):
+        self.name, self.t0 = name, time.time()
+        print(f"dataset {name}: preparing {source} once (reused afterwards) …", file=sys.stderr, flush=True)
+
+    def done(self, splits: dict[str, int], shards: int, uri: str) -> None:
+        print(f"dataset {self.name}: " + ", ".join(f"{s} {n}" for s, n in splits.items()) + f" images in {shards} "
+              f"shards ({time.time() - self.t0:.0f} s), at {uri}", file=sys.stderr, flush=True)
 
 
 class Progress:

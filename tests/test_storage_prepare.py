@@ -218,3 +218,14 @@ def test_best_effort_lease_keeps_other_attempts_shards(tmp_path, monkeypatch, ca
             assert [ds.read_verified_shard(fs, str(d / s["path"]), s["sha256"], s["rows"], m.uri).num_rows
                     for s in m.shards[split]] == ([100, 100, 100] if split == "train" else [50])
     assert storage.open_dataset(second.uri).load_split("train")[0].shape[0] == 300
+
+
+def test_preparation_is_said_in_a_line_when_it_starts_and_one_when_done_and_reuse_is_silent(tmp_path, capsys):
+    m = storage.prepare_dataset("synthetic", str(tmp_path), seed=3, n_train=200, n_val=40, rows_per_shard=100)
+    lines = capsys.readouterr().err.strip().splitlines()
+    name = m.uri.rsplit("/", 1)[-1]
+    assert lines[0] == f"dataset {name}: preparing synthetic once (reused afterwards) …"
+    assert lines[1].startswith(f"dataset {name}: train 200, val 40 images in 3 shards (") and lines[1].endswith(m.uri)
+    assert len(lines) == 2
+    storage.prepare_dataset("synthetic", str(tmp_path), seed=3, n_train=200, n_val=40, rows_per_shard=100)
+    assert capsys.readouterr().err == ""  # reused: nothing to say

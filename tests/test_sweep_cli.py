@@ -118,6 +118,23 @@ NAME_RULE = "use letters, digits, '_', '-' and '.' only (it names an MLflow expe
     (["--name", "s\n"], f"--name 's\\n': {NAME_RULE}"),
     (["--name", "s\x1b[2J"], f"--name 's\\x1b[2J': {NAME_RULE}"),
     (["--name", "../s"], f"--name '../s': {NAME_RULE}"),
+    (["--grid", "augment_strength"],
+     "--grid augment_strength: write FIELD=V1,V2,… e.g. --grid augment_strength=0,0.5,1"),
+    (["--grid", "augmnt_strength=0,1"], "--grid augmnt_strength=0,1: 'augmnt_strength' is not a training setting; use "
+     "a TrainConfig field, e.g. augment_strength, weight_decay, model (the training flags in --help, without '--')"),
+    (["--grid", "augment_strength=0,2"], "--grid augment_strength: augment_strength must be in [0, 1], got 2.0"),
+    (["--grid", "augment_strength=0,x"], "--grid augment_strength=0,x: not values of augment_strength (could not "
+     "convert string to float: 'x'); e.g. --grid augment_strength=0,0.5,1"),
+    (["--grid", "augment-strength=0,0"], "--grid augment-strength=0,0: lists a value twice; list each once"),
+    (["--grid", "weight_decay=nan"], "--grid weight_decay: weight_decay must be a finite number, got nan"),
+    (["--grid", "cpus_per_worker=1,2"], "--grid cpus_per_worker=1,2: cpus_per_worker says where a run goes, not "
+     "what it computes, so its cells would be the same runs; set it once with --cpus-per-worker"),
+    (["--grid", "base_lr=0.1,0.2"], "--grid base_lr=0.1,0.2: base_lr cannot be a grid axis here (the lr design sets "
+     "it per trial (use --lrs or --lr-range)); remove it"),
+    (["--grid", "batch_size=32,64", "--batch-sizes", "16"], "--grid batch_size=32,64: batch_size is given twice; "
+     "give its values once"),
+    (["--augment-strength", "0.5", "--grid", "augment_strength=0,1"], "--augment-strength does nothing in this "
+     "study: augment_strength is a grid axis (use --grid augment_strength=…); remove it"),
 ])
 def test_bad_input_is_refused_in_one_line_naming_the_flag_before_anything_is_written(tmp_path, capsys, monkeypatch,
                                                                                        flags, line):
@@ -129,3 +146,36 @@ def test_bad_input_is_refused_in_one_line_naming_the_flag_before_anything_is_wri
     assert err.endswith("\n") and err.strip().splitlines()[-1].split(" error: ", 1)[1] == line
     assert line.startswith(flags[0]) and "\n" not in line  # one line, naming the flag as typed
     assert list(tmp_path.iterdir()) == []  # no output folder, no study.json, no MLflow store, no stray folder
+
+
+def test_any_training_setting_is_a_grid_axis_and_a_cell_is_one_combination(tmp_path):
+    import argparse
+
+    from studies.sweep.cli import add_study_args, build_study
+    from studies.training.flags import add_train_args
+
+    p = argparse.ArgumentParser()
+    add_study_args(p, list(agc_lambda.PRESETS), agc_lambda.GRID_FLAGS)
+    add_train_args(p, skip=("seed",))
+    args = p.parse_args(["--smoke-test", *common_flags(tmp_path), "--batch-sizes", "32", "64",
+                         "--grid", "augment_strength=0,0.5", "--grid", "model_overrides={\"width\": 8},{\"width\": 4}"])
+    study = build_study("agc_lambda", agc_lambda.PRESETS, args, agc_lambda.GRID_FLAGS)
+    assert list(study.preset.grid) == ["batch_size", "clip_threshold", "augment_strength", "model_overrides"]
+    cells = study.cells()
+    assert len(cells) == 2 * 1 * 2 * 2
+    cfgs = {(c.batch_size, c.augment_strength, c.model_overrides["width"]) for c in map(study.config, cells)}
+    assert cfgs == {(b, a, w) for b in (32, 64) for a in (0.0, 0.5) for w in (8, 4)}
+    assert design.cell_label(cells[1]) == 'batch_size=32 lambda=0.04 augment_strength=0.0 model_overrides={"width": 4}'
+    assert design.short_label(cells[2]) == 'b32 λ0.04 aug0.5 model_overrides={"width":8}'
+    assert design.design_params(study, 1)["grid.augment_strength"] == "0.0, 0.5"
+
+
+def test_a_tpe_search_refuses_a_grid_of_several_cells(tmp_path, capsys):
+    from studies import hpo
+
+    with pytest.raises(SystemExit) as e:  # it searched one cell and failed unpacking two, mid-study
+        hpo.main(["--smoke-test", *common_flags(tmp_path), "--batch-sizes", "64", "128"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err.endswith("a TPE search runs in one cell; give each grid axis one value (or use "
+                                              "a grid study)")
+    assert list(tmp_path.iterdir()) == []

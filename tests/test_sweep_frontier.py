@@ -2,7 +2,7 @@
 import pyarrow as pa
 import pytest
 
-from studies.sweep import findings, frontier
+from studies.sweep import findings, frontier, layout
 
 START = 2.30
 LOSS = {"t": 1.8, "s": 2.29, "d": None, "f": None}  # trained, stalled, diverged, failed
@@ -115,14 +115,91 @@ def test_findings_state_both_effects_with_numbers_and_say_when_not_shown():
     rows.append(_row("batch_size=1024 lambda=none", 1024, "none", 0.1, "s", phase="full", acc=0.1))
     weak = findings.frontier_summary(frontier.frontier_table(rows))
     assert "4× the 0.1 without clipping (and without clipping lr 0.1 did not even train over the full budget)" in weak
+    edge = summary("tdd", "tttttt")  # AGC trains up to the largest lr tried: the ratio is a lower bound too
+    assert "at batch 1024 AGC λ=0.01 trains up to lr ≥3.2, ≥32× the 0.1 without clipping." in edge
     nothing = summary("ddd", "tts")
     assert "(no lr trains at the largest batch)" in nothing and "where no lr trains without clipping" in nothing
     hidden = summary("ttttd", "ttttd")  # no fall, and AGC only 1×
     assert hidden.count("NOT SHOWN") == 2
     undecided = summary("sss", "tttss")  # no-clipping undecided at batch 1024: neither effect can be read
     assert undecided.count("NOT SHOWN") == 2 and "undecided" in undecided
+    assert ("NOT SHOWN: at batch 1024 the frontier without clipping is undecided (no lr trained in its scan, where "
+            "AGC λ=0.01 trained up to lr 0.4 in the same budget; a longer scan may find one), so AGC cannot be "
+            "compared.") in undecided
 
 
 def test_top_k_mean_is_the_papers_best_4_of_5():
     assert frontier.top_k_mean([0.1, 0.5, 0.4, 0.3, 0.2], 4) == pytest.approx((0.5 + 0.4 + 0.3 + 0.2) / 4)
     assert frontier.top_k_mean([float("nan"), 0.3], None) == pytest.approx(0.3)
+
+
+def _three_axis_rows():
+    """batch {64, 1024} × augmentation {0, 1} × λ {0.01, none}: without clipping the frontier falls with the
+    batch, and further under strong augmentation; λ=0.01 holds it."""
+    pats = {(64, 0, "none"): "ttttd", (1024, 0, "none"): "ttddd", (64, 1, "none"): "tttdd", (1024, 1, "none"): "tdddd",
+            (64, 0, "0.01"): "tttts", (1024, 0, "0.01"): "tttss", (64, 1, "0.01"): "tttts", (1024, 1, "0.01"): "tttss"}
+    rows = []
+    for (b, a, lam), pat in pats.items():
+        cell = f"batch_size={b} augment_strength={a} lambda={lam}"
+        rows += [r | {"augment_strength": float(a)} for r in _lrs(cell, b, lam, pat)]
+    return rows
+
+
+def test_a_third_axis_gets_a_map_per_value_in_the_table_the_words_and_the_metrics():
+    cells = frontier.frontier_table(_three_axis_rows())
+    got = cells.to_pylist()
+    # Map order: facet (augmentation), then row (batch), then column (λ, no clipping last).
+    assert [(c["augment_strength"], c["batch_size"], c["lambda"]) for c in got] == [
+        (0.0, 64, 0.01), (0.0, 64, None), (0.0, 1024, 0.01), (0.0, 1024, None),
+        (1.0, 64, 0.01), (1.0, 64, None), (1.0, 1024, 0.01), (1.0, 1024, None)]
+    grids = layout.grids_of(cells)
+    assert [g.facet for g in grids] == ["augment_strength=0", "augment_strength=1"]
+    assert all(g.rows == [64, 1024] and g.cols == ["λ=0.01", "no clipping"] for g in grids)
+    assert grids[1].at[1024, "no clipping"]["max_stable_lr"] == 0.1
+    text = findings.frontier_summary(cells)
+    assert "  augment_strength=1:" in text
+    assert ("[augment_strength=0] without clipping the largest lr that trains falls as the batch grows: 0.8 at batch "
+            "64 → 0.2 at batch 1024 (÷4).") in text
+    assert "[augment_strength=1] at batch 1024 AGC λ=0.01 trains up to lr 0.4, 4× the 0.1 without clipping." in text
+    assert "augment_strength=1, batch 1024, no clipping trains up to lr 0.1" in text
+    md = findings.frontier_markdown(cells)
+    assert md.count("**Largest base lr that trains") == 2 and "— augment_strength=1" in md
+    assert "| 1024 | 0.4 | 0.1 |" in md
+    metrics = {(k, step): v for k, v, step in layout.cell_metrics(cells)}
+    assert metrics["max_stable_lr/b1024/augment_strength_1/lambda_none", 0] == 0.1
+    assert metrics["max_stable_lr/augment_strength_1/lambda_none", 1024] == 0.1  # a series over batch sizes
+
+
+def test_augmentation_as_the_rows_at_one_batch_reads_the_frontier_and_accuracy_along_it():
+    rows = []
+    for a, nc, agc, acc_nc, acc_agc in ((0.0, "tttdd", "tttts", 0.60, 0.62), (0.5, "ttddd", "tttts", 0.50, 0.58),
+                                        (1.0, "tdddd", "tttss", 0.30, 0.55)):
+        for lam, pat, acc in (("none", nc, acc_nc), ("0.01", agc, acc_agc)):
+            cell = f"augment_strength={a:g} lambda={lam}"
+            rows += [r | {"augment_strength": a} for r in _lrs(cell, 512, lam, pat)]
+            rows.append(_row(cell, 512, lam, 0.1, "t", phase="full", acc=acc) | {"augment_strength": a})
+    cells = frontier.frontier_table(rows)
+    (g,) = layout.grids_of(cells)
+    assert (g.layout.row_axis, g.rows, g.cols) == ("augment_strength", [0, 0.5, 1], ["λ=0.01", "no clipping"])
+    text = findings.frontier_summary(cells)
+    assert text.splitlines()[1].split() == ["augmentation", "λ=0.01", "no", "clipping"]  # rows: augmentation
+    assert ("without clipping the largest lr that trains falls as augmentation grows: 0.4 at augmentation 0 → 0.1 "
+            "at augmentation 1 (÷4).") in text
+    assert "without clipping the best val top-1 falls as augmentation grows: 0.600 at augmentation 0 → 0.300" in text
+    assert "at augmentation 1 AGC λ=0.01 reaches top-1 0.550, +0.250 over the 0.300 without clipping." in text
+    assert "at augmentation 1 AGC λ=0.01 trains up to lr 0.4, 4× the 0.1 without clipping." in text
+    metrics = {(k, step) for k, _, step in layout.cell_metrics(cells)}
+    assert ("max_stable_lr/aug0.5/lambda_none", 0) in metrics
+    assert not any(step for _, step in metrics)  # augmentation is no MLflow step: flat metrics only
+
+
+def test_accuracy_within_the_noise_margin_is_not_called_a_finding():
+    rows = []
+    for a, acc_nc, acc_agc in ((0.0, 0.60, 0.61), (1.0, 0.59, 0.60)):
+        for lam, acc in (("none", acc_nc), ("0.01", acc_agc)):
+            cell = f"augment_strength={a:g} lambda={lam}"
+            rows += _lrs(cell, 512, lam, "ttt") + [_row(cell, 512, lam, 0.1, "t", phase="full", acc=acc)]
+    text = findings.frontier_summary(frontier.frontier_table(rows))
+    assert "NOT SHOWN: without clipping the best val top-1 does not fall (by ≥ 0.02) from augmentation 0 to 1" in text
+    assert "NOT SHOWN: at augmentation 1 AGC's best top-1 (λ=0.01, 0.600) is not ≥ 0.02 above no clipping's 0.590." \
+        in text

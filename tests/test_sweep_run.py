@@ -4,7 +4,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from studies import agc_lambda, batch_scaling, hpo
+from studies import agc_lambda, augmentation, batch_scaling, hpo
 from studies.sweep import findings, frontier
 from tests.helpers import FIGURES, common_flags, mlflow_runs
 
@@ -136,7 +136,7 @@ def test_three_phase_study_end_to_end_and_independent_of_concurrency(tmp_path, r
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("module", [batch_scaling, hpo])
+@pytest.mark.parametrize("module", [batch_scaling, hpo, augmentation])
 def test_every_study_smoke_test(tmp_path, ray_cluster, module, capfd):
     out = module.main(["--smoke-test", *common_flags(tmp_path, module.__name__.split(".")[-1])])
     assert out["results"].num_rows >= 1 and out["complete"]
@@ -150,6 +150,11 @@ def test_every_study_smoke_test(tmp_path, ray_cluster, module, capfd):
     assert set(out["results"].column("status").to_pylist()) <= {"completed", "diverged"}
     figs = [n for n in out["files"] if n.endswith(".png")]
     assert figs and all(Path(out["files"][n]).stat().st_size > 5000 for n in figs)
+    if module is augmentation:  # the map's rows are augmentation strengths, at the preset's one batch
+        assert [(c["augment_strength"], c["batch_size"]) for c in out["cells"].to_pylist()] == [(0.0, 64), (1.0, 64)]
+        assert {r["augment_strength"] for r in out["results"].to_pylist()} == {0.0, 1.0}
+        table = out["summary"].split("largest base lr that trains", 1)[1].splitlines()
+        assert table[1].split() == ["augmentation", "λ=0.04"] and table[2].split()[0] == "0"
     if module is hpo:
         assert set(out["best_params"]) == {"base_lr", "lambda", "augment_strength"}
         rows = out["results"].to_pylist()  # the row holds the values TPE chose, under their public names

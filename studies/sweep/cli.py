@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import math
 import os
 import re
@@ -13,11 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import storage
-from studies.sweep.design import Preset, Study, cell_changes, log_grid
+from studies.sweep.design import VARIANTS, Preset, Study, cell_changes, log_grid
 from studies.sweep.run import run_study
 from studies.training import runner
-from studies.training.config import PROJECT_DIR, ConfigError, TrainConfig
-from studies.training.flags import add_train_args, flag, flag_message, grid_flag, overrides_from_args
+from studies.training.config import PROJECT_DIR, ConfigError, TrainConfig, public_name
+from studies.training.flags import (
+    add_train_args,
+    field_of,
+    flag,
+    flag_message,
+    grid_flag,
+    overrides_from_args,
+    parse_grid_axis,
+)
 from studies.training.tracking import redact, resolve_tracking_uri
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # fullmatch: '$' would also match before a trailing newline
@@ -54,18 +63,24 @@ def add_study_args(p: argparse.ArgumentParser, preset_names, grid_flags: dict[st
     g = p.add_argument_group("grid (scientific parameters)")
     for axis, (conv, hlp) in grid_flags.items():
         g.add_argument(grid_flag(axis), dest=f"grid_{axis}", type=conv, nargs="+", default=None, help=hlp)
+    g.add_argument("--grid", dest="grid_axes", action="append", default=None, metavar="FIELD=V1,V2,...",
+                   help="one more scientific axis: any training setting (a TrainConfig field) and its values, e.g. "
+                        "--grid augment_strength=0,0.5,1; repeat for more. A cell is one combination of every "
+                        "axis: the tables and figures get a map (table, panel row) per value of a third axis")
 
 
-def owned_fields(preset, grid_axes) -> dict[str, str]:
-    """TrainConfig fields the study sets itself, with why: a flag for one would do nothing, so it is refused."""
+def owned_fields(preset, grid_axes, grid_flags=None) -> dict[str, str]:
+    """TrainConfig fields the study sets itself, with why: a flag for one would do nothing, so it is refused.
+    `grid_flags`: the study's own axis flags (an axis without one came from --grid)."""
     owned = {"seed": "the study seeds each trial (use --seed)"}
     if preset.tpe:
         owned.update({k: "searched by TPE" for k in preset.tpe})
     else:
         owned["base_lr"] = "the lr design sets it per trial (use --lrs or --lr-range)"
     for axis in grid_axes:  # every field a cell of this axis sets (λ also sets clipping; a variant, the model)
+        given = grid_flag(axis) if grid_flags is None or axis in grid_flags else f"--grid {public_name(axis)}=…"
         for k in cell_changes({axis: preset.grid[axis][0]}):
-            owned[k] = f"a grid axis (use {grid_flag(axis)})" if k == axis else f"set by {grid_flag(axis)}"
+            owned[k] = f"a grid axis (use {given})" if k == axis else f"set by {given}"
     return owned
 
 
@@ -84,11 +99,31 @@ def lr_design(args: argparse.Namespace, preset: Preset) -> tuple[float, ...]:
     return log_grid(low, high)
 
 
+def grid_axes(args: argparse.Namespace, preset: Preset, grid_flags) -> dict[str, list[Any]]:
+    """The study's scientific axes: the preset's, each replaced by its own flag (--batch-sizes …), then every
+    --grid FIELD=V1,V2 (a new axis, or one of the preset's replaced). A field the study sets itself (seed, the lr
+    design, a TPE range) or given twice is refused."""
+    grid = {axis: getattr(args, f"grid_{axis}", None) or preset.grid[axis] for axis in grid_flags}
+    for text in args.grid_axes or []:
+        axis, values = parse_grid_axis(text)
+        owned = owned_fields(preset, [])
+        if axis in owned:
+            raise ValueError(f"--grid {text}: {axis} cannot be a grid axis here ({owned[axis]}); remove it")
+        if getattr(args, f"grid_{axis}", None) or sum(field_of(t.partition("=")[0]) == axis
+                                                     for t in args.grid_axes) > 1:
+            raise ValueError(f"--grid {text}: {axis} is given twice; give its values once")
+        grid[axis] = values
+    if preset.tpe and len(list(itertools.product(*grid.values()))) > 1:
+        raise ValueError("a TPE search runs in one cell; give each grid axis one value (or use a grid study)")
+    return grid
+
+
 def build_study(name: str, presets: dict[str, Preset], args: argparse.Namespace, grid_flags, analyze=None,
                 about: str = "") -> Study:
     preset = presets["smoke" if args.smoke_test else args.preset]
     overrides = overrides_from_args(args)
-    owned = owned_fields(preset, grid_flags)
+    grid = grid_axes(args, preset, grid_flags)
+    owned = owned_fields(dataclasses.replace(preset, grid=grid), grid, grid_flags)
     bad = [k for k in overrides if k in owned]
     if bad:
         raise ValueError(f"{flag(bad[0])} does nothing in this study: {bad[0]} is {owned[bad[0]]}; remove it")
@@ -100,7 +135,6 @@ def build_study(name: str, presets: dict[str, Preset], args: argparse.Namespace,
                                  ("scan_steps", args.scan_steps), ("scan_examples", args.scan_examples),
                                  ("full_top", args.full_top),
                                  ("trials", args.trials)) if v is not None}
-    grid = {axis: getattr(args, f"grid_{axis}") or preset.grid[axis] for axis in grid_flags}
     preset = dataclasses.replace(preset, grid=grid, **changes)
     output = args.output or runner.default_storage_path()
     storage.resolve(output)  # refuses 's3:/bucket' (one slash), which would otherwise become a local folder 's3:'
@@ -110,6 +144,15 @@ def build_study(name: str, presets: dict[str, Preset], args: argparse.Namespace,
         fixed = TrainConfig(**{**preset.fixed, **overrides})
     except ConfigError as e:
         raise ValueError(flag_message(e)) from None
+    for axis, values in grid.items():  # every value of every axis makes a valid config, before anything is written
+        for v in values if axis != "clip_threshold" else ():  # λ: Study says 'use none for no clipping'
+            if axis == "variant" and v not in VARIANTS:
+                raise ValueError(f"--variants: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+            try:
+                fixed.replace(**cell_changes({axis: v}))
+            except ConfigError as e:
+                raise ValueError(f"{grid_flag(axis) if axis in grid_flags else '--grid ' + public_name(axis)}: "
+                                 f"{e.detail if e.field == axis else flag_message(e)}") from None
     return Study(
         name=study_name, preset=preset, fixed=fixed,
         seed=args.study_seed or 0, output=output,

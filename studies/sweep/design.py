@@ -61,7 +61,7 @@ class Analysis:
     extra: dict[str, Any] = field(default_factory=dict)  # study-specific values returned to the caller
 
 
-def log_grid(low: float, high: float, per_octave: int = 1) -> tuple[float, ...]:
+def log_grid(low: float, high: float, per_octave: float = 1) -> tuple[float, ...]:
     if not 0 < low <= high < math.inf:  # else a ZeroDivisionError, or () (the lr design silently falls back)
         raise ValueError(f"a log grid needs finite 0 < low <= high, got {low:g} .. {high:g}")
     n = round(math.log2(high / low) * per_octave)

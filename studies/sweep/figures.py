@@ -3,6 +3,7 @@ frontier itself is frontier.py; its words, findings.py."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import matplotlib
 
@@ -15,9 +16,7 @@ from studies.sweep.frontier import (  # noqa: E402
     FOUND,
     NONE,
     SCAN_PHASES,
-    column_of,
     frontier,
-    grid_of,
     lr_results,
     num,
     rows_of,
@@ -25,6 +24,7 @@ from studies.sweep.frontier import (  # noqa: E402
     start_loss,
     top_k_mean,
 )
+from studies.sweep.layout import Layout, grids_of, sort_key  # noqa: E402
 
 # A marker per verdict of an lr (the majority of its seeds; no majority: the commoner failure).
 MARKERS = {"trained": ("o", "#1a9850"), "stalled": ("s", "#8c8c8c"), "diverged": ("x", "#d73027")}
@@ -47,37 +47,48 @@ def _lr_axis(ax, lrs) -> None:
     ax.minorticks_off()
 
 
+def _row_axis(ax, g) -> None:
+    """The map's rows, evenly spaced (batch sizes a factor apart read as a log axis; augmentation 0 fits)."""
+    ax.set_yticks(range(len(g.rows)), [f"{r:g}" if isinstance(r, (int, float)) else str(r) for r in g.rows])
+    ax.set_ylim(-0.5, len(g.rows) - 0.5)
+
+
 def plot_stable_region(results: pa.Table | list[dict], cells: pa.Table, title: str = ""):
-    """Small multiples, one panel per column of the map: lr (log) × batch (log), a marker per tried lr (trained,
-    stalled or diverged in the majority of seeds), the frontier as a line, undecided cells written out."""
-    batches, cols, at = grid_of(cells)
+    """Small multiples, one panel per column of the map (a row of panels per facet, a third axis's value): lr (log)
+    × the map's rows (batch size, or augmentation), a marker per tried lr (trained, stalled or diverged in the
+    majority of seeds), the frontier as a line, undecided cells written out."""
+    grids = grids_of(cells)
     rows = rows_of(results)
     lrs_all = _grid_lrs(stability_rows(rows))
-    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols) + 0.8, 3.6), sharex=True, sharey=True,
+    ncols = max(len(g.cols) for g in grids)
+    fig, axes = plt.subplots(len(grids), ncols, figsize=(3.2 * ncols + 0.8, 3.4 * len(grids) + 0.2), sharex=True,
                              squeeze=False)
-    for ax, col in zip(axes[0], cols):
-        front = []
-        for b in batches:
-            c = at.get((b, col))
-            if not c:
-                continue
-            for x in frontier(stability_rows([r for r in rows if r["cell"] == c["cell"]])).lrs:
-                marker, color = MARKERS[x.verdict]
-                ax.plot(x.lr, b, marker, color=color, ms=7, mew=2, mfc=color if marker != "s" else "none")
-            if c["frontier"] == FOUND:
-                front.append((c["max_stable_lr"], b))
-            else:
-                ax.annotate(c["frontier"], (1.0, b), xycoords=("axes fraction", "data"), ha="right",
-                            va="bottom", fontsize=8, color="#b00020" if c["frontier"] == NONE else "#555555")
-        if front:
-            ax.plot([f[0] for f in front], [f[1] for f in front], "-", color="black", lw=2)
-        ax.set_title(col, fontsize=10)
-        _lr_axis(ax, lrs_all)
-        ax.set_yscale("log", base=2)
-        ax.set_yticks(batches, [str(b) for b in batches])
-        ax.grid(alpha=0.3)
-        ax.set_xlabel("base lr (per 256)")
-    axes[0][0].set_ylabel("batch size")
+    for axrow, g in zip(axes, grids):
+        for ax in axrow[len(g.cols):]:
+            ax.set_visible(False)
+        for ax, col in zip(axrow, g.cols):
+            front = []
+            for i, r in enumerate(g.rows):
+                c = g.at.get((r, col))
+                if not c:
+                    continue
+                for x in frontier(stability_rows([row for row in rows if row["cell"] == c["cell"]])).lrs:
+                    marker, color = MARKERS[x.verdict]
+                    ax.plot(x.lr, i, marker, color=color, ms=7, mew=2, mfc=color if marker != "s" else "none")
+                if c["frontier"] == FOUND:
+                    front.append((c["max_stable_lr"], i))
+                else:
+                    ax.annotate(c["frontier"], (1.0, i), xycoords=("axes fraction", "data"), ha="right",
+                                va="bottom", fontsize=8, color="#b00020" if c["frontier"] == NONE else "#555555")
+            if front:
+                ax.plot([f[0] for f in front], [f[1] for f in front], "-", color="black", lw=2)
+            ax.set_title(f"{g.facet}\n{col}" if g.facet else col, fontsize=10)
+            _lr_axis(ax, lrs_all)
+            _row_axis(ax, g)
+            ax.grid(alpha=0.3)
+            ax.set_xlabel("base lr (per 256)")
+        axrow[0].set_ylabel(f"{g.layout.row_name} ({g.layout.row_axis})" if g.layout.row_axis != "batch_size"
+                            else "batch size")
     handles = [plt.Line2D([], [], marker=m, ls="", color=c, mew=2, mfc=c if m != "s" else "none", label=v)
                for v, (m, c) in MARKERS.items()]
     handles.append(plt.Line2D([], [], ls="-", color="black", lw=2, label="frontier (largest lr that trains)"))
@@ -87,27 +98,19 @@ def plot_stable_region(results: pa.Table | list[dict], cells: pa.Table, title: s
     return fig
 
 
-def plot_stability_map(cells: pa.Table, title: str = ""):
-    """Heatmap: colour = the largest lr that trains (log scale), text = it and the best accuracy; undecided cells
-    grey, cells where no lr trains hatched."""
+def _heatmap(ax, g, norm, cmap):
     import numpy as np
-    from matplotlib.colors import LogNorm
 
-    batches, cols, at = grid_of(cells)
-    grid = np.full((len(batches), len(cols)), np.nan)
-    for i, b in enumerate(batches):
-        for j, col in enumerate(cols):
-            c = at.get((b, col))
+    grid = np.full((len(g.rows), len(g.cols)), np.nan)
+    for i, r in enumerate(g.rows):
+        for j, col in enumerate(g.cols):
+            c = g.at.get((r, col))
             if c and c["frontier"] == FOUND:
                 grid[i, j] = c["max_stable_lr"]
-    fig, ax = plt.subplots(figsize=(1.7 * len(cols) + 3, 0.9 * len(batches) + 2.2))
-    finite = grid[np.isfinite(grid)]
-    norm = LogNorm(finite.min(), max(finite.max(), finite.min() * 1.01)) if finite.size else None
-    im = ax.imshow(np.ma.masked_invalid(grid), cmap=plt.get_cmap("viridis").with_extremes(bad="#d9d9d9"),
-                   norm=norm, aspect="auto")
-    for i, b in enumerate(batches):
-        for j, col in enumerate(cols):
-            c = at.get((b, col))
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto")
+    for i, r in enumerate(g.rows):
+        for j, col in enumerate(g.cols):
+            c = g.at.get((r, col))
             if not c:
                 ax.text(j, i, "not run", ha="center", va="center", fontsize=9)
                 continue
@@ -120,21 +123,45 @@ def plot_stability_map(cells: pa.Table, title: str = ""):
             light = norm is not None and found and norm(c["max_stable_lr"]) > 0.6
             ax.text(j, i, text + acc, ha="center", va="center", fontsize=9,
                     color="black" if light or not found else "white")
-    ax.set_xticks(range(len(cols)), cols)
-    ax.set_yticks(range(len(batches)), [str(b) for b in batches])
-    ax.set_ylabel("batch size")
-    ax.set_title(f"{title}\ncolour: largest base lr that trains; text: it and the best val top-1", fontsize=10)
-    if norm is not None:
-        fig.colorbar(im, ax=ax, label="largest base lr that trains")
-    fig.tight_layout()
+    ax.set_xticks(range(len(g.cols)), g.cols)
+    ax.set_yticks(range(len(g.rows)), [f"{r:g}" if isinstance(r, (int, float)) else str(r) for r in g.rows])
+    ax.set_ylabel("batch size" if g.layout.row_axis == "batch_size" else g.layout.row_axis)
+    if g.facet:
+        ax.set_title(g.facet, fontsize=10)
+    return im
+
+
+def plot_stability_map(cells: pa.Table, title: str = ""):
+    """Heatmap per facet (one without a third axis): colour = the largest lr that trains (log scale, one scale for
+    all), text = it and the best accuracy; undecided cells grey, cells where no lr trains hatched."""
+    from matplotlib.colors import LogNorm
+
+    grids = grids_of(cells)
+    found = [c["max_stable_lr"] for c in cells.to_pylist() if c["frontier"] == FOUND]
+    norm = LogNorm(min(found), max(max(found), min(found) * 1.01)) if found else None
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#d9d9d9")
+    ncols, nrows = max(len(g.cols) for g in grids), max(len(g.rows) for g in grids)
+    fig, axes = plt.subplots(1, len(grids), figsize=((1.7 * ncols + 1.6) * len(grids) + 1.4, 0.9 * nrows + 2.2),
+                             squeeze=False)
+    im = None
+    for ax, g in zip(axes[0], grids):
+        im = _heatmap(ax, g, norm, cmap)
+    fig.suptitle(f"{title}\ncolour: largest base lr that trains; text: it and the best val top-1", fontsize=10)
+    if norm is not None and im is not None:
+        fig.colorbar(im, ax=list(axes[0]), label="largest base lr that trains")
+    else:
+        fig.tight_layout()
     return fig
 
 
-def _by_batch_and_column(rows: list[dict]) -> dict[int, dict[str, list[dict]]]:
-    out: dict[int, dict[str, list[dict]]] = {}
-    for r in rows:
-        out.setdefault(int(r["batch_size"]), {}).setdefault(column_of(r)[1], []).append(r)
-    return out
+def _by_row_and_line(rows: list[dict]) -> tuple[Layout, dict[Any, dict[str, list[dict]]]]:
+    """Results rows by the map's row (a panel each) and by line (column, facet first), in map order."""
+    lay = Layout.of(rows)
+    out: dict[Any, dict[str, list[dict]]] = {}
+    for r in sorted(rows, key=lay.order):
+        line = " ".join(filter(None, (lay.facet(r), lay.col(r))))
+        out.setdefault(lay.row(r), {}).setdefault(line, []).append(r)
+    return lay, {r: out[r] for r in sorted(out, key=sort_key)}
 
 
 def _panels(n: int, ylabel: str):
@@ -143,9 +170,9 @@ def _panels(n: int, ylabel: str):
     return fig, axes[0]
 
 
-def _label_panel(ax, batch: int, lrs) -> None:
+def _label_panel(ax, lay: Layout, row, lrs) -> None:
     _lr_axis(ax, lrs)
-    ax.set_title(f"batch {batch}", fontsize=10)
+    ax.set_title(f"{lay.row_name} {row:g}" if isinstance(row, (int, float)) else f"{lay.row_name} {row}", fontsize=10)
     ax.set_xlabel("base lr (per 256)")
     ax.grid(alpha=0.3)
 
@@ -158,40 +185,42 @@ def _legend_and_fit(fig, axes):
 
 
 def plot_lr_loss(results: pa.Table | list[dict]):
-    """Final training loss vs lr (Wortsman et al. 2023), a panel per batch size, a line per column of the map,
-    from the scan runs; a diverged lr is drawn at the start loss (✕), the start as a dotted line."""
+    """Final training loss vs lr (Wortsman et al. 2023), a panel per row of the map (batch size, or augmentation),
+    a line per column (and facet), from the scan runs; a diverged lr is drawn at the start loss (✕), the start as a
+    dotted line."""
     rows = stability_rows(rows_of(results))
-    groups = _by_batch_and_column(rows)
+    lay, groups = _by_row_and_line(rows)
     fig, axes = _panels(len(groups), "final train loss (diverged: start)")
-    for ax, b in zip(axes, sorted(groups)):
-        for col in sorted(groups[b], key=lambda c: column_of(groups[b][c][0])[0]):
-            xs = lr_results(groups[b][col])
-            line, = ax.plot([x.lr for x in xs], [x.loss for x in xs], "o-", ms=4, label=col)
+    for ax, r in zip(axes, groups):
+        for line_label, rs in groups[r].items():
+            xs = lr_results(rs)
+            line, = ax.plot([x.lr for x in xs], [x.loss for x in xs], "o-", ms=4, label=line_label)
             bad = [x for x in xs if x.verdict == "diverged"]
             ax.plot([x.lr for x in bad], [x.loss for x in bad], "x", color=line.get_color(), ms=9, mew=2)
-        start = start_loss([r for rs in groups[b].values() for r in rs])
+        start = start_loss([x for rs in groups[r].values() for x in rs])
         if math.isfinite(start):
             ax.axhline(start, ls=":", color="gray", lw=1)
-        _label_panel(ax, b, _grid_lrs([r for r in rows if r["batch_size"] == b]))
+        _label_panel(ax, lay, r, _grid_lrs([x for rs in groups[r].values() for x in rs]))
     return _legend_and_fit(fig, axes)
 
 
 def plot_lr_accuracy(results: pa.Table | list[dict], best_k: int | None = None):
-    """Accuracy vs lr of the full runs, a panel per batch size, a line per column; diverged full runs at 0 (✕)."""
+    """Accuracy vs lr of the full runs, a panel per row of the map, a line per column (and facet); diverged full
+    runs at 0 (✕)."""
     rows = [r for r in rows_of(results) if r.get("phase") not in SCAN_PHASES]
-    groups = _by_batch_and_column(rows)
+    lay, groups = _by_row_and_line(rows)
     fig, axes = _panels(len(groups), "best val top-1")
-    for ax, b in zip(axes, sorted(groups)):
-        for col in sorted(groups[b], key=lambda c: column_of(groups[b][c][0])[0]):
+    for ax, r in zip(axes, groups):
+        for line_label, rs in groups[r].items():
             pts: dict[float, list[float]] = {}
-            for r in groups[b][col]:
-                pts.setdefault(float(r["base_lr"]), []).append(
-                    num(r.get("best_val_acc")) if r["status"] == "completed" else 0.0)
+            for x in rs:
+                pts.setdefault(float(x["base_lr"]), []).append(
+                    num(x.get("best_val_acc")) if x["status"] == "completed" else 0.0)
             lrs = sorted(pts)
-            line, = ax.plot(lrs, [top_k_mean(pts[lr], best_k) for lr in lrs], "o-", label=col)
+            line, = ax.plot(lrs, [top_k_mean(pts[lr], best_k) for lr in lrs], "o-", label=line_label)
             bad = [lr for lr in lrs if all(v == 0.0 for v in pts[lr])]
             ax.plot(bad, [0.0] * len(bad), "x", color=line.get_color(), ms=9, mew=2)
-        _label_panel(ax, b, {float(r["base_lr"]) for r in rows if r["batch_size"] == b})
+        _label_panel(ax, lay, r, {float(x["base_lr"]) for rs in groups[r].values() for x in rs})
     return _legend_and_fit(fig, axes)
 
 

@@ -7,7 +7,8 @@ import math
 
 import pyarrow as pa
 
-from studies.sweep.frontier import FOUND, NONE, grid_of
+from studies.sweep.frontier import FOUND, NONE
+from studies.sweep.layout import Grid, grids_of
 
 NO_CLIP_COL = "no clipping"
 
@@ -25,9 +26,14 @@ def _fails(c: dict) -> str:
     return "stalls" if c["first_unstable_verdict"] == "stalled" else "diverges"
 
 
-def cell_sentence(b: int, col: str, c: dict) -> str:
-    """'batch 1024, λ=0.01 trains up to lr 0.4 (loss 2.18, start 2.30); lr 0.8 stalls (loss 2.30)'."""
-    head, start = f"batch {b}, {col}", c["start_loss"]
+def _v(v) -> str:
+    return f"{v:g}" if isinstance(v, (int, float)) else str(v)
+
+
+def cell_sentence(row, col: str, c: dict, row_name: str = "batch", facet: str = "") -> str:
+    """'batch 1024, λ=0.01 trains up to lr 0.4 (loss 2.18, start 2.30); lr 0.8 stalls (loss 2.30)'; a facet (a
+    third axis's value) goes first: 'augment_strength=0.5, batch 1024, λ=0.01 …'."""
+    head, start = f"{facet + ', ' if facet else ''}{row_name} {_v(row)}, {col}", c["start_loss"]
     if c["frontier"] == NONE:
         return f"{head}: no lr trains — every lr tried diverged"
     if c["frontier"] != FOUND:
@@ -49,49 +55,59 @@ def _f(v) -> str:
     return "?" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
 
-def _table(title: str, batches, cols, at, text) -> list[str]:
-    cells = {(b, c): text(at.get((b, c))) for b in batches for c in cols}
-    w = max(12, *(len(c) + 2 for c in cols), *(len(t) + 2 for t in cells.values()))
-    lines = [title, "batch".rjust(7) + "".join(c.rjust(w) for c in cols)]
-    for b in batches:
-        lines.append(str(b).rjust(7) + "".join(cells[b, c].rjust(w) for c in cols))
+def _acc(c: dict | None) -> str:
+    return "-" if not c or c["best_val_acc"] is None else f"{c['best_val_acc']:.3f} @{c['best_base_lr']:g}"
+
+
+def _table(title: str, grids: list[Grid], text) -> list[str]:
+    """A text table per map (a facet's heading above each when a third axis varies): rows × columns."""
+    lines = [title]
+    for g in grids:
+        cells = {(r, c): text(g.at.get((r, c))) for r in g.rows for c in g.cols}
+        w = max(12, *(len(c) + 2 for c in g.cols), *(len(t) + 2 for t in cells.values()))
+        rw = max(7, len(g.layout.row_name) + 2)
+        if g.facet:
+            lines.append(f"  {g.facet}:")
+        lines.append(g.layout.row_name.rjust(rw) + "".join(c.rjust(w) for c in g.cols))
+        lines += [_v(r).rjust(rw) + "".join(cells[r, c].rjust(w) for c in g.cols) for r in g.rows]
     return lines
 
 
 def frontier_summary(cells: pa.Table) -> str:
     """The frontier table, verdict counts, LR sensitivity, best accuracy and the findings, with their numbers."""
-    batches, cols, at = grid_of(cells)
+    grids = grids_of(cells)
     lines = _table("largest base lr that trains (per 256 examples; ≥ = up to the largest lr tried; undecided = "
-                    "no lr trained in the scan):", batches, cols, at, frontier_text)
-    lines += _table("scan runs trained / stalled / diverged:", batches, cols, at, lambda c: "-" if c is None else
+                   "no lr trained in the scan):", grids, frontier_text)
+    lines += _table("scan runs trained / stalled / diverged:", grids, lambda c: "-" if c is None else
                     f"{c['scan_trained']}/{c['scan_stalled']}/{c['scan_diverged']}")
-    lines += _table("LR sensitivity (mean over the lr grid of min(loss, start) − best loss; 0 = flat):", batches,
-                    cols, at, lambda c: "-" if c is None or c["lr_sensitivity"] is None else
-                    f"{c['lr_sensitivity']:.3f}")
-    lines += _table("best val top-1 (at base lr):", batches, cols, at, lambda c: "-" if not c or
-                    c["best_val_acc"] is None else f"{c['best_val_acc']:.3f} @{c['best_base_lr']:g}")
+    lines += _table("LR sensitivity (mean over the lr grid of min(loss, start) − best loss; 0 = flat):", grids,
+                    lambda c: "-" if c is None or c["lr_sensitivity"] is None else f"{c['lr_sensitivity']:.3f}")
+    lines += _table("best val top-1 (at base lr):", grids, _acc)
     lines += findings(cells)
     return "\n".join(lines)
 
 
-def _md_table(title: str, batches, cols, at, text) -> list[str]:
-    lines = [f"**{title}**", "", "| batch | " + " | ".join(cols) + " |", "|---:|" + "---:|" * len(cols)]
-    lines += [f"| {b} | " + " | ".join(text(at.get((b, c))) for c in cols) + " |" for b in batches]
-    return lines + [""]
+def _md_table(title: str, grids: list[Grid], text) -> list[str]:
+    lines = []
+    for g in grids:
+        lines += [f"**{title}**" + (f" — {g.facet}" if g.facet else ""), "",
+                  f"| {g.layout.row_name} | " + " | ".join(g.cols) + " |", "|---:|" + "---:|" * len(g.cols)]
+        lines += [f"| {_v(r)} | " + " | ".join(text(g.at.get((r, c))) for c in g.cols) + " |" for r in g.rows]
+        lines.append("")
+    return lines
 
 
 def frontier_markdown(cells: pa.Table) -> str:
     """The frontier and the best accuracy per cell as Markdown tables (`frontier.md`, and the study run's MLflow
-    description): ≥ marks a frontier at the largest lr tried, a lower bound."""
-    batches, cols, at = grid_of(cells)
-    if not batches:
+    description), one per facet: ≥ marks a frontier at the largest lr tried, a lower bound."""
+    grids = grids_of(cells)
+    if not grids:
         return ""
     lines = _md_table("Largest base lr that trains (per 256 examples; ≥ = up to the largest lr tried, a lower "
-                      "bound; undecided = no lr trained in the scan; none = every lr diverged)", batches, cols, at,
-                      frontier_text)
-    lines += _md_table("Scan runs trained / stalled / diverged", batches, cols, at, lambda c: "-" if c is None else
+                      "bound; undecided = no lr trained in the scan; none = every lr diverged)", grids, frontier_text)
+    lines += _md_table("Scan runs trained / stalled / diverged", grids, lambda c: "-" if c is None else
                        f"{c['scan_trained']} / {c['scan_stalled']} / {c['scan_diverged']}")
-    lines += _md_table("Best val top-1 of the full runs (at base lr)", batches, cols, at, lambda c: "-" if not c or
+    lines += _md_table("Best val top-1 of the full runs (at base lr)", grids, lambda c: "-" if not c or
                        c["best_val_acc"] is None else f"{c['best_val_acc']:.3f} @ {c['best_base_lr']:g}")
     return "\n".join(lines)
 
@@ -104,44 +120,96 @@ def _frontier_lr(c: dict | None) -> float | None:
     return c["max_stable_lr"] if c["frontier"] == FOUND else 0.0
 
 
+ACC_MARGIN = 0.02  # top-1 differences below this are within a few seeds' noise on the laptop data: not a finding
+
+
 def findings(cells: pa.Table) -> list[str]:
-    batches, cols, at = grid_of(cells)
     out = ["findings:"]
-    out += ["  " + cell_sentence(b, col, at[b, col]) for b in batches for col in cols if (b, col) in at]
-    held = [c for c in at.values() if c["frontier_holds"] is not None]
+    grids = grids_of(cells)
+    for g in grids:
+        out += ["  " + cell_sentence(r, col, g.at[r, col], g.layout.row_name, g.facet)
+                for r in g.rows for col in g.cols if (r, col) in g.at]
+    held = [c for g in grids for c in g.at.values() if c["frontier_holds"] is not None]
     if held:
         ok = sum(c["frontier_holds"] for c in held)
         out.append(f"the frontier lr trained over the full budget in {ok} of {len(held)} cells"
                    + ("" if ok == len(held) else " — NOT everywhere: see the cells above"))
-    if NO_CLIP_COL not in cols or len(batches) < 2:
-        return out
-    lo, hi = batches[0], batches[-1]
+    for g in grids:
+        out += [f"[{g.facet}] {line}" if g.facet else line for line in _effects(g)]
+    return out
+
+
+def _effects(g: Grid) -> list[str]:
+    """The two effects of the paper along the map's rows, or NOT SHOWN: without clipping the frontier (and the
+    accuracy) falls as the row grows (batch, augmentation), and AGC holds it up at the last row."""
+    rows, at, rn = g.rows, g.at, g.layout.row_name
+    if NO_CLIP_COL not in g.cols or len(rows) < 2:
+        return []
+    out = []
+    lo, hi = rows[0], rows[-1]
     small, large = _frontier_lr(at.get((lo, NO_CLIP_COL))), _frontier_lr(at.get((hi, NO_CLIP_COL)))
     a, z = frontier_text(at.get((lo, NO_CLIP_COL))), frontier_text(at.get((hi, NO_CLIP_COL)))
     if small is not None and large is not None and large < small:
-        ratio = f" (÷{small / large:.3g})" if large else " (no lr trains at the largest batch)"
-        out.append(f"without clipping the largest lr that trains falls as the batch grows: {a} at batch {lo} → "
-                   f"{z} at batch {hi}{ratio}.")
+        ratio = f" (÷{small / large:.3g})" if large else f" (no lr trains at the largest {rn})"
+        out.append(f"without clipping the largest lr that trains falls {g.layout.grows}: {a} at {rn} {_v(lo)} → "
+                   f"{z} at {rn} {_v(hi)}{ratio}.")
     else:
-        out.append(f"NOT SHOWN: without clipping the largest lr that trains does not fall from batch {lo} to {hi} "
-                   f"({a} → {z}).")
-    agc = [(col, at[hi, col]) for col in cols if col != NO_CLIP_COL and (hi, col) in at]
+        out.append(f"NOT SHOWN: without clipping the largest lr that trains does not fall from {rn} {_v(lo)} to "
+                   f"{_v(hi)} ({a} → {z}).")
+    out += _accuracy_effect(g)
+    agc = [(col, at[hi, col]) for col in g.cols if col != NO_CLIP_COL and (hi, col) in at]
     found = [(col, c) for col, c in agc if c["frontier"] == FOUND]
     if not found:
-        out.append(f"NOT SHOWN: at batch {hi} no AGC setting has a frontier ("
+        out.append(f"NOT SHOWN: at {rn} {_v(hi)} no AGC setting has a frontier ("
                    + ", ".join(f"{col} {frontier_text(c)}" for col, c in agc) + ").")
         return out
     name, best = max(found, key=lambda x: (x[1]["max_stable_lr"], -x[1]["lr_sensitivity"] if
                                            x[1]["lr_sensitivity"] is not None else 0))
     if large is None:
-        out.append(f"NOT SHOWN: at batch {hi} the frontier without clipping is {z}, so AGC cannot be compared.")
+        seen = ""
+        if z == "undecided":  # say what the same budget did with AGC: the reader weighs it, the finding does not
+            seen = (f" (no lr trained in its scan, where AGC {name} trained up to lr {frontier_text(best)} in the "
+                    "same budget; a longer scan may find one)")
+        out.append(f"NOT SHOWN: at {rn} {_v(hi)} the frontier without clipping is {z}{seen}, so AGC cannot be "
+                   "compared.")
     elif large == 0 or best["max_stable_lr"] / large >= 2:
         times = "where no lr trains without clipping" if large == 0 else \
-            f"{best['max_stable_lr'] / large:.3g}× the {z} without clipping"
+            f"{'≥' if best['max_stable_lr_at_edge'] else ''}{best['max_stable_lr'] / large:.3g}× the {z} without " \
+            "clipping"
         weak = at[hi, NO_CLIP_COL]["frontier_holds"] is False  # the control is worse still over the full run
-        out.append(f"at batch {hi} AGC {name} trains up to lr {frontier_text(best)}, {times}"
-                   + (f" (and without clipping lr {z} did not even train over the full budget)." if weak else "."))
+        out.append(f"at {rn} {_v(hi)} AGC {name} trains up to lr {frontier_text(best)}, {times}"
+                   + (f" (and without clipping lr {z} did not even train over the full budget)."
+                      if weak else "."))
     else:
-        out.append(f"NOT SHOWN: at batch {hi} the best AGC setting ({name}, lr {frontier_text(best)}) is not ≥ 2× "
+        out.append(f"NOT SHOWN: at {rn} {_v(hi)} the best AGC setting ({name}, lr {frontier_text(best)}) is not ≥ 2× "
                    f"no clipping's {z}.")
+    return out
+
+
+def _accuracy_effect(g: Grid) -> list[str]:
+    """Best val top-1 of the full runs along the rows without clipping, and AGC's best against it at the last
+    row; a difference under ACC_MARGIN is not called one. Nothing when the full runs have no accuracy."""
+    rows, at, rn = g.rows, g.at, g.layout.row_name
+    lo, hi = rows[0], rows[-1]
+    acc = {r: (at.get((r, NO_CLIP_COL)) or {}).get("best_val_acc") for r in (lo, hi)}
+    if acc[lo] is None or acc[hi] is None:
+        return []
+    if acc[lo] - acc[hi] >= ACC_MARGIN:
+        out = [f"without clipping the best val top-1 falls {g.layout.grows}: {acc[lo]:.3f} at {rn} {_v(lo)} → "
+               f"{acc[hi]:.3f} at {rn} {_v(hi)}."]
+    else:
+        out = [f"NOT SHOWN: without clipping the best val top-1 does not fall (by ≥ {ACC_MARGIN}) from {rn} "
+               f"{_v(lo)} to {_v(hi)} ({acc[lo]:.3f} → {acc[hi]:.3f})."]
+    agc = [(col, at[hi, col]) for col in g.cols if col != NO_CLIP_COL and (hi, col) in at
+           and at[hi, col]["best_val_acc"] is not None]
+    if not agc:
+        return out
+    name, best = max(agc, key=lambda x: x[1]["best_val_acc"])
+    gain = best["best_val_acc"] - acc[hi]
+    if gain >= ACC_MARGIN:
+        out.append(f"at {rn} {_v(hi)} AGC {name} reaches top-1 {best['best_val_acc']:.3f}, {gain:+.3f} over the "
+                   f"{acc[hi]:.3f} without clipping.")
+    else:
+        out.append(f"NOT SHOWN: at {rn} {_v(hi)} AGC's best top-1 ({name}, {best['best_val_acc']:.3f}) is not ≥ "
+                   f"{ACC_MARGIN} above no clipping's {acc[hi]:.3f}.")
     return out

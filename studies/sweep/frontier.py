@@ -21,15 +21,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from studies.training.config import lambda_label
+from studies.sweep.layout import Layout, rows_of
 from studies.training.verdict import DIVERGED, STALLED, TRAINED, VERDICTS, judge
 
 SCAN_PHASES = ("scan", "refine")  # the short runs that decide stability; `full` runs measure accuracy
 FOUND, UNDECIDED, NONE = "found", "undecided", "none"
-
-
-def rows_of(table: pa.Table | list[dict]) -> list[dict[str, Any]]:
-    return table.to_pylist() if isinstance(table, pa.Table) else list(table)
 
 
 def num(v) -> float:
@@ -202,7 +198,7 @@ def frontier_holds(full: list[dict], lr: float | None) -> bool | None:
 
 CELL_COLUMNS = {
     "cell": pa.string(), "batch_size": pa.int64(), "model": pa.string(), "clipping": pa.string(),
-    "lambda": pa.float64(), "lrs_tried": pa.int64(),
+    "lambda": pa.float64(), "augment_strength": pa.float64(), "lrs_tried": pa.int64(),
     "frontier": pa.string(), "max_stable_lr": pa.float64(), "max_stable_lr_at_edge": pa.bool_(),
     "first_unstable_lr": pa.float64(), "first_unstable_verdict": pa.string(), "best_scan_lr": pa.float64(),
     "start_loss": pa.float64(), "best_scan_loss": pa.float64(), "frontier_loss": pa.float64(),
@@ -231,7 +227,7 @@ def cell_row(cell: str, rows: list[dict], best_k: int | None) -> dict[str, Any]:
     edge, fail = f.edge, f.first_fail
     return {
         "cell": cell, "batch_size": first["batch_size"], "model": first["model"], "clipping": first["clipping"],
-        "lambda": first["lambda"], "lrs_tried": len(f.lrs),
+        "lambda": first["lambda"], "augment_strength": first.get("augment_strength"), "lrs_tried": len(f.lrs),
         "frontier": f.state, "max_stable_lr": edge and edge.lr, "max_stable_lr_at_edge": f.at_edge,
         "first_unstable_lr": fail and fail.lr, "first_unstable_verdict": fail and fail.verdict,
         "best_scan_lr": f.best and f.best.lr, "start_loss": _finite_or_none(f.start),
@@ -249,56 +245,11 @@ def cell_row(cell: str, rows: list[dict], best_k: int | None) -> dict[str, Any]:
 
 def frontier_table(results: pa.Table | list[dict], best_k: int | None = None) -> pa.Table:
     """cells.parquet: stability from the scan (and its refinement), or from the full runs in a study without a
-    scan; accuracy from the full runs."""
+    scan; accuracy from the full runs. Rows in map order: facet, row, column."""
     out = [cell_row(cell, rows, best_k) for cell, rows in by_cell(rows_of(results)).items()]
-    out.sort(key=lambda c: (c["batch_size"], column_of(c)[0]))
+    lay = Layout.of(out)
+    out.sort(key=lay.order)
     return pa.Table.from_pylist(out, schema=pa.schema(CELL_COLUMNS))
-
-
-def column_of(c: dict) -> tuple[tuple, str]:
-    """(sort key, label) of a cell's column in the map: its λ, or the rest of its label beside the batch size."""
-    rest = " ".join(t for t in c["cell"].split() if not t.startswith(("batch_size=", "lambda=")))
-    if rest:
-        return (0, rest, 0.0), rest
-    lam = c["lambda"]  # null: no clipping, the last column
-    return (1, "", math.inf if lam is None else float(lam)), ("no clipping" if lam is None else
-                                                              f"λ={lambda_label(lam)}")
-
-
-def grid_of(cells: pa.Table):
-    rows = cells.to_pylist()
-    batches = sorted({c["batch_size"] for c in rows})
-    cols = sorted({column_of(c) for c in rows})
-    at = {(c["batch_size"], column_of(c)[1]): c for c in rows}
-    return batches, [label for _, label in cols], at
-
-
-CELL_METRICS = ("max_stable_lr", "stable_fraction", "lr_sensitivity", "best_val_acc")
-
-
-def metric_column(c: dict) -> str:
-    """A map column as an MLflow metric name part: 'lambda_0.01', 'lambda_none', or the cell's other axes
-    ('variant_nf_resnet_agc'); MLflow keys take letters, digits and _ - . / only."""
-    rest = column_of(c)[1] if not column_of(c)[1].startswith(("λ=", "no clipping")) else \
-        f"lambda_{lambda_label(c['lambda'])}"
-    return "".join(ch if ch.isalnum() or ch in "_-." else "_" for ch in rest.replace("=", "_"))
-
-
-def cell_metrics(cells: pa.Table) -> list[tuple[str, float, int]]:
-    """(metric name, value, step) of the frontier as MLflow metrics: one flat metric per cell at step 0
-    (`max_stable_lr/b1024/lambda_0.01`: the run's overview and the runs table show every cell), and one series per
-    column of the map with step = batch size (`max_stable_lr/lambda_0.01`: a chart over batch sizes). A frontier
-    at the largest lr tried ('≥') is a lower bound: `max_stable_lr_at_edge/…` says which (1) are."""
-    out = []
-    for c in cells.to_pylist():
-        col, b = metric_column(c), int(c["batch_size"])
-        for k in CELL_METRICS:
-            if c[k] is not None:
-                out.append((f"{k}/b{b}/{col}", float(c[k]), 0))
-                out.append((f"{k}/{col}", float(c[k]), b))
-        if c["max_stable_lr"] is not None:
-            out.append((f"max_stable_lr_at_edge/b{b}/{col}", float(bool(c["max_stable_lr_at_edge"])), 0))
-    return out
 
 
 # ---- batch scaling (Fig. 2a; Shallue et al. 2018): accuracy and steps to a target over batch sizes ----
@@ -320,10 +271,12 @@ def batch_scaling(results: pa.Table | list[dict], epochs: pa.Table | list[dict],
     to `target`, the gradient noise scale measured (NF models only: BN's batch statistics forbid the split)."""
     reach = steps_to_target(epochs, target)
     out: dict[str, dict[int, dict]] = {}
-    for r in rows_of(results):
+    rows = rows_of(results)
+    lay = Layout.of(rows)
+    for r in sorted(rows, key=lay.order):
         if r.get("phase") in SCAN_PHASES:
             continue
-        v, b = column_of(r)[1], int(r["batch_size"])
+        v, b = " ".join(filter(None, (lay.facet(r), lay.col(r)))), int(r["batch_size"])
         d = out.setdefault(v, {}).setdefault(b, {"batch_size": b, "acc": math.nan, "steps": None,
                                                  "trials": 0, "diverged": 0, "gns": []})
         d["trials"] += 1

@@ -13,7 +13,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 import storage
-from studies.sweep import figures, findings, frontier
+from studies.sweep import figures, findings, frontier, layout
 from studies.sweep.design import Analysis, Study
 from studies.training.config import lambda_label, public_name
 from studies.training.mlflow_ui import ui_link
@@ -22,13 +22,14 @@ from studies.training.tracking import Tracker, redact
 
 # What each figure of the frontier analysis shows: the study run's description lists them.
 FIGURES = {
-    "stability_map.png": "heatmap, batch size × λ: the largest base lr that trains (colour, log scale; ≥ = a lower "
-                         "bound) and the best accuracy; grey = undecided, hatched = no lr trains",
-    "stable_region.png": "a panel per λ: every tried lr (log) × batch size, marked trained / stalled / diverged "
-                         "(majority of seeds), the frontier as a line",
-    "lr_loss.png": "final scan loss vs lr, a panel per batch size, a line per λ (Wortsman et al. 2023); diverged "
-                   "lrs drawn at the start loss",
-    "lr_accuracy.png": "val top-1 of the full runs vs lr, a panel per batch size, a line per λ",
+    "stability_map.png": "heatmap, the map's rows (batch size, or augmentation) × λ, one per value of a third axis: "
+                         "the largest base lr that trains (colour, log scale; ≥ = a lower bound) and the best "
+                         "accuracy; grey = undecided, hatched = no lr trains",
+    "stable_region.png": "a panel per λ (a row of panels per third-axis value): every tried lr (log) × the map's "
+                         "rows, marked trained / stalled / diverged (majority of seeds), the frontier as a line",
+    "lr_loss.png": "final scan loss vs lr, a panel per row of the map, a line per λ (Wortsman et al. 2023); "
+                   "diverged lrs drawn at the start loss",
+    "lr_accuracy.png": "val top-1 of the full runs vs lr, a panel per row of the map, a line per λ",
 }
 
 
@@ -37,7 +38,8 @@ def frontier_analysis(study: Study, results: pa.Table, epochs: pa.Table) -> Anal
     cells = frontier.frontier_table(results, best_k=study.preset.best_k)
     if not cells.num_rows:
         return Analysis(cells)
-    title = f"{study.name}: learning-rate frontier per batch size and AGC λ"
+    axes = " × ".join("AGC λ" if a == "clip_threshold" else a.replace("_", " ") for a in study.preset.grid)
+    title = f"{study.name}: learning-rate frontier per {axes}"
     figs = {"stable_region.png": figures.plot_stable_region(results, cells, title),
             "stability_map.png": figures.plot_stability_map(cells, title),
             "lr_loss.png": figures.plot_lr_loss(results),
@@ -85,7 +87,7 @@ def finish(study: Study, table: storage.ResultsTable, parent: Tracker, wall: flo
     statuses = results.column("status").to_pylist()
     parent.log_metrics({"trials": results.num_rows, "wall_time_s": wall,
                         **{f"trials_{s}": statuses.count(s) for s in STATUSES}}, step=0)
-    for name, value, step in frontier.cell_metrics(a.cells):
+    for name, value, step in layout.cell_metrics(a.cells):
         parent.log_metrics({name: value}, step=step)
     parent.set_tags({"status": "completed" if complete else "interrupted",
                      "mlflow.note.content": study_note(study, summary, table_md, a.text, list(a.figures))})
@@ -120,21 +122,24 @@ def experiment_description(study: Study) -> str:
         "the figures, `frontier.md`, `cells.csv` and the Parquet tables. Its params are the design (`grid.*`, "
         "`design.*`) and what is held fixed (`fixed.*`).",
         "- **Trials** are its nested runs, named by what differs: `✓ b1024 λ0.16 lr3.2 scan s0` = verdict, batch "
-        "size, λ (`none`: no clipping), base lr per 256 examples, phase (`scan`: a short run at a constant lr; "
+        "size (`aug0.5`: augmentation strength, where it is an axis), λ (`none`: no clipping), base lr per 256 "
+        "examples, phase (`scan`: a short run at a constant lr; "
         "`refine`: one more lr at the frontier; `full`: the whole budget; `tpe`), seed. Verdicts: ✓ trained (its "
         "loss fell clearly below its start), ≈ stalled (finite but did not learn: heavy clipping can do that), "
         "✗ diverged, ! failed; the `verdict` tag says it in words.",
         "- **A trial's charts**: `loss/*` first (train per epoch and per step, val), then `opt/lr`, `stability/*` "
         "(AGC's clipped fraction per stage, gradient norms, the noise scale), `throughput/*`, `top1/*`.",
-        "- **The frontier** of a cell (batch size × λ) is the largest base lr that trains; `≥` marks a lower bound "
-        "(it trained up to the largest lr tried). The study run's metrics `max_stable_lr/b<batch>/lambda_<λ>` hold "
-        "it per cell.",
+        "- **The frontier** of a cell (one value of each grid axis: " + " × ".join(
+            public_name(a) for a in study.preset.grid) + ") is the largest base lr that trains; `≥` marks a lower "
+        "bound (it trained up to the largest lr tried). The study run's metrics `max_stable_lr/<cell>` hold it per "
+        "cell (`max_stable_lr/b1024/lambda_0.01`, `max_stable_lr/aug0.5/lambda_none`).",
         "- This view: `…/#/experiments/<id>/runs?workflowType=machine_learning` (MLflow 3 opens experiments in its "
         "GenAI view otherwise)."])
 
 
-PREVIEW = ("cell", "batch_size", "lambda", "frontier", "max_stable_lr", "first_unstable_lr", "first_unstable_verdict",
-           "scan_trained", "scan_stalled", "scan_diverged", "frontier_holds", "best_val_acc", "best_base_lr")
+PREVIEW = ("cell", "batch_size", "lambda", "augment_strength", "frontier", "max_stable_lr", "first_unstable_lr",
+           "first_unstable_verdict", "scan_trained", "scan_stalled", "scan_diverged", "frontier_holds", "best_val_acc",
+           "best_base_lr")
 
 
 def cells_preview(cells: pa.Table) -> pa.Table:
@@ -155,8 +160,9 @@ def study_note(study: Study, summary: str, table_md: str, analysis_text: str, fi
     head = [f"## {study.name}", "", summary.splitlines()[0], ""]
     figs = ["### Figures (Artifacts tab)", ""] + [f"- `{n}`: {FIGURES.get(n, 'see the file')}" for n in figure_names]
     files = ["", "Tables: `frontier.md`, `cells.csv` (previewed), `cells.parquet`, `results.parquet` (one row per "
-             "trial), `summary.txt`. Trials are the nested runs, named `<verdict> b<batch> λ<λ> lr<base lr> <phase> "
-             "s<seed>`: ✓ trained, ≈ stalled (finite but did not learn), ✗ diverged, ! failed."]
+             "trial), `summary.txt`. Trials are the nested runs, named `<verdict> <cell> lr<base lr> <phase> s<seed>` "
+             "(a cell: `b1024 λ0.16`, `aug0.5 λnone`): ✓ trained, ≈ stalled (finite but did not learn), ✗ diverged, "
+             "! failed."]
     table = ["### The stable region", "", table_md] if table_md else []
     words = analysis_text.split("findings:", 1)[-1].strip() if table_md else analysis_text.strip()
     text = ["### Findings", "", "```text", words, "```", ""] if words else []

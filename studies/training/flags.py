@@ -10,7 +10,7 @@ import json
 import types
 import typing
 
-from studies.training.config import ConfigError, TrainConfig, parse_lambda, public_name
+from studies.training.config import PUBLIC_NAMES, ConfigError, TrainConfig, parse_lambda, public_name
 
 
 def flag(name: str) -> str:
@@ -64,6 +64,45 @@ def parser_of(name: str):
         return parse_lambda  # 'none' = no clipping
     tp = _base_type(typing.get_type_hints(TrainConfig)[name])
     return {bool: parse_bool, dict: parse_json_dict}.get(tp, tp)
+
+
+def _not_finite(c: str):
+    raise ValueError(f"{c} is not a number a setting can hold")
+
+
+def field_of(name: str) -> str:
+    """A TrainConfig field from how a user may spell it: 'augment-strength', '--augment-strength', 'lambda'."""
+    name = name.strip().lstrip("-").replace("-", "_")
+    return {v: k for k, v in PUBLIC_NAMES.items()}.get(name, name)
+
+
+def parse_grid_axis(text: str) -> tuple[str, list]:
+    """`--grid FIELD=V1,V2,…` → (field, values): any TrainConfig field as a scientific axis of a grid study, its
+    values read as its flag reads one (λ: 'none' = no clipping; a dict field: JSON objects, comma-separated).
+    Raises ValueError with one line naming the problem and the fix."""
+    given = f"--grid {text}"
+    name, sep, values = text.partition("=")
+    field = field_of(name)
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    if not sep or not name.strip() or not values.strip():
+        raise ValueError(f"{given}: write FIELD=V1,V2,… e.g. --grid augment_strength=0,0.5,1")
+    if field not in fields:
+        raise ValueError(f"{given}: {name.strip()!r} is not a training setting; use a TrainConfig field, e.g. "
+                         "augment_strength, weight_decay, model (the training flags in --help, without '--')")
+    if fields[field].metadata.get("placement"):
+        raise ValueError(f"{given}: {field} says where a run goes, not what it computes, so its cells would be the "
+                         f"same runs; set it once with {flag(field)}")
+    conv = parser_of(field)
+    try:
+        if conv is parse_json_dict:  # JSON objects hold commas: read the list as JSON
+            vals = [parse_json_dict(json.dumps(v)) for v in json.loads(f"[{values}]", parse_constant=_not_finite)]
+        else:
+            vals = [conv(v.strip()) for v in values.split(",")]
+    except (ValueError, json.JSONDecodeError, argparse.ArgumentTypeError) as e:
+        raise ValueError(f"{given}: not values of {field} ({e}); e.g. --grid augment_strength=0,0.5,1") from None
+    if len({json.dumps(v, sort_keys=True) for v in vals}) < len(vals):
+        raise ValueError(f"{given}: lists a value twice; list each once")
+    return field, vals
 
 
 def add_train_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:

@@ -1,0 +1,183 @@
+"""The map a study's cells are shown as, a pure function of their labels (no Ray, no plotting): rows (the batch
+size, else the first other axis that varies: augmentation in studies/augmentation.py), columns (λ, 'no clipping'
+last), and a map per value of any further axis (a facet), for the tables, the words, the figures and the MLflow
+metric names of the cells."""
+from __future__ import annotations
+
+import math
+import re
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from studies.training.config import TrainConfig, lambda_label
+
+
+def rows_of(table: pa.Table | list[dict]) -> list[dict[str, Any]]:
+    return table.to_pylist() if isinstance(table, pa.Table) else list(table)
+
+
+_AXIS = re.compile(r" (?=[A-Za-z_][A-Za-z0-9_]*=)")  # a label's "axis=value" parts (a JSON value may hold spaces)
+ROW_WORDS = {"batch_size": ("batch", "as the batch grows"),
+             "augment_strength": ("augmentation", "as augmentation grows")}
+SHORT = {"batch_size": "b", "augment_strength": "aug"}  # metric-name prefixes: 'b1024', 'aug0.5'
+
+
+def cell_axes(label: str) -> dict[str, str]:
+    """A cell's coordinates from its label: 'batch_size=256 lambda=0.01' -> {'batch_size': '256', 'lambda':
+    '0.01'} (the axes in the grid's order, values as the label writes them)."""
+    return dict(part.split("=", 1) for part in _AXIS.split(label.strip()) if "=" in part)
+
+
+def _value(text: str):
+    """A label's value as a number where it is one (sorting 0.5 before 1.0), else as text; 'none' (no clipping)
+    sorts last."""
+    if text.lower() == "none":
+        return math.inf
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+
+def sort_key(v) -> tuple:
+    return (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
+
+
+def lambda_column(text: str) -> str:
+    return "no clipping" if text.lower() == "none" else f"λ={text}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a study's cells are drawn and tabled: the map's rows (the batch size, else the first axis that varies
+    but λ), its columns (λ, with 'no clipping' last; else the other axes), and one map per value of any further
+    axis that varies (a facet: e.g. augment_strength=0.5 in a batch × λ × augmentation grid). Axes of one value
+    are left out. A pure function of the cells' labels."""
+
+    row_axis: str = "batch_size"
+    col_axes: tuple[str, ...] = ()
+    facet_axes: tuple[str, ...] = ()
+
+    @staticmethod
+    def of(cells: pa.Table | list[dict]) -> Layout:
+        rows = rows_of(cells)
+        labels = [cell_axes(c["cell"]) for c in rows]
+        axes = list(dict.fromkeys(k for lab in labels for k in lab))
+        varying = [a for a in axes if len({lab.get(a) for lab in labels}) > 1]
+        if "batch_size" in varying or not [a for a in varying if a != "lambda"]:
+            row = "batch_size"
+        else:
+            row = next(a for a in varying if a != "lambda")
+        rest = [a for a in varying if a != row]
+        if "lambda" in axes and row != "lambda":
+            cols = ("lambda",)
+        elif rest:
+            cols = (rest[-1],)
+        else:  # nothing else varies: the column names the cell's other axes
+            cols = tuple(a for a in axes if a != row)
+        return Layout(row, cols, tuple(a for a in rest if a not in cols))
+
+    @property
+    def row_name(self) -> str:
+        """The rows as the words say them: 'batch', 'augmentation', else the axis's name."""
+        return ROW_WORDS.get(self.row_axis, (self.row_axis, ""))[0]
+
+    @property
+    def grows(self) -> str:
+        return ROW_WORDS.get(self.row_axis, ("", f"as {self.row_axis} grows"))[1]
+
+    def row(self, c: dict):
+        if self.row_axis == "batch_size":
+            return int(c["batch_size"])
+        return _value(cell_axes(c["cell"]).get(self.row_axis, "-"))
+
+    def col(self, c: dict) -> str:
+        if self.col_axes == ("lambda",):  # the row's own λ (null: no clipping)
+            return lambda_column(lambda_label(c["lambda"]) if "lambda" in c else cell_axes(c["cell"])["lambda"])
+        axes = cell_axes(c["cell"])
+        return " ".join(f"{a}={axes[a]}" for a in self.col_axes if a in axes)
+
+    def facet(self, c: dict) -> str:
+        axes = cell_axes(c["cell"])
+        return " ".join(f"{a}={axes[a]}" for a in self.facet_axes if a in axes)
+
+    def coords(self, c: dict) -> tuple[str, Any, str]:
+        return self.facet(c), self.row(c), self.col(c)
+
+    def order(self, c: dict) -> tuple:
+        axes = cell_axes(c["cell"])
+        return (*(sort_key(_value(axes.get(a, ""))) for a in self.facet_axes), sort_key(self.row(c)),
+                *(sort_key(_value(axes.get(a, ""))) for a in self.col_axes))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One map (a facet's): its rows, column labels and cells by (row, column)."""
+
+    facet: str
+    rows: list
+    cols: list[str]
+    at: dict[tuple[Any, str], dict]
+    layout: Layout
+
+
+def grids_of(cells: pa.Table | list[dict]) -> list[Grid]:
+    """The maps of a cells table, one per facet (one when no third axis varies), each rows × columns."""
+    rows = rows_of(cells)
+    lay = Layout.of(rows)
+    rows = sorted(rows, key=lay.order)
+    out = []
+    for facet in dict.fromkeys(lay.facet(c) for c in rows):
+        mine = [c for c in rows if lay.facet(c) == facet]
+        out.append(Grid(facet, list(dict.fromkeys(lay.row(c) for c in mine)),
+                        list(dict.fromkeys(lay.col(c) for c in mine)),
+                        {(lay.row(c), lay.col(c)): c for c in mine}, lay))
+    return out
+
+
+CELL_METRICS = ("max_stable_lr", "stable_fraction", "lr_sensitivity", "best_val_acc")
+
+
+def _slug(text: str) -> str:
+    """A name part MLflow takes (letters, digits and _ - . /): 'λ=0.01' -> 'lambda_0.01'."""
+    text = text.replace("λ=", "lambda_").replace("no clipping", "lambda_none").replace("=", "_")
+    return "".join(ch if ch.isalnum() and ch.isascii() or ch in "_-." else "_" for ch in text)
+
+
+def metric_path(lay: Layout, c: dict, with_row: bool = True) -> str:
+    """A cell as an MLflow metric name's tail: 'b1024/lambda_0.01', 'aug0.5/lambda_none',
+    'b1024/augment_strength_0.5/lambda_0.01' (row, facet, column); without the row, a column's series name."""
+    facet, row, col = lay.coords(c)
+    row_part = f"{SHORT.get(lay.row_axis, lay.row_axis + '_')}{row:g}" if isinstance(row, (int, float)) else \
+        f"{lay.row_axis}_{row}"
+    parts = ([_slug(row_part)] if with_row else []) + ([_slug(facet)] if facet else []) + [_slug(col) or "all"]
+    return "/".join(parts)
+
+
+def cell_metrics(cells: pa.Table) -> list[tuple[str, float, int]]:
+    """(metric name, value, step) of the frontier as MLflow metrics: one flat metric per cell at step 0
+    (`max_stable_lr/b1024/lambda_0.01`: the run's overview and the runs table show every cell; a facet's value
+    between the row and the column), and, when the rows are batch sizes, one series per column of each map with
+    step = batch size (`max_stable_lr/lambda_0.01`: a chart over batch sizes; MLflow steps are integers). A
+    frontier at the largest lr tried ('≥') is a lower bound: `max_stable_lr_at_edge/…` says which (1) are."""
+    rows = cells.to_pylist()
+    lay = Layout.of(rows)
+    steps = typing.get_type_hints(TrainConfig).get(lay.row_axis) is int  # batch sizes; not augmentation's 0.5
+    out = []
+    for c in rows:
+        cell, row = metric_path(lay, c), lay.row(c)
+        series = metric_path(lay, c, with_row=False) if steps and isinstance(row, int) else None
+        for k in CELL_METRICS:
+            if c[k] is not None:
+                out.append((f"{k}/{cell}", float(c[k]), 0))
+                if series:
+                    out.append((f"{k}/{series}", float(c[k]), row))
+        if c["max_stable_lr"] is not None:
+            out.append((f"max_stable_lr_at_edge/{cell}", float(bool(c["max_stable_lr_at_edge"])), 0))
+    return out
