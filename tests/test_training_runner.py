@@ -243,4 +243,6 @@ def test_train_py_prints_only_what_a_user_needs(tmp_path):
     for noise in ("TrainingReport(", "PlacementGroupCleaner", "core_worker", "Traceback", "pid="):
         assert noise not in out, (noise, out)
     assert "status: completed" in out and "workflowType=machine_learning" in out
-    assert len(out.strip().splitlines()) <= 12, out
+    # Also there: Ray's token-auth warning, the dataset's two preparation lines, MLflow's two lines creating a
+    # new store.
+    assert len(out.strip().splitlines()) <= 14, out
