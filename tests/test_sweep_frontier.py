@@ -115,6 +115,10 @@ def test_findings_state_both_effects_with_numbers_and_say_when_not_shown():
     rows.append(_row("batch_size=1024 lambda=none", 1024, "none", 0.1, "s", phase="full", acc=0.1))
     weak = findings.frontier_summary(frontier.frontier_table(rows))
     assert "4× the 0.1 without clipping (and without clipping lr 0.1 did not even train over the full budget)" in weak
+    top = findings.frontier_summary(frontier.frontier_table(
+        _lrs("batch_size=64 lambda=none", 64, "none", "ttt", lrs=(0.1, 0.2, 0.4))
+        + _lrs("batch_size=1024 lambda=none", 1024, "none", "tdd", lrs=(0.1, 0.2, 0.4))))
+    assert "falls as the batch grows: ≥0.4 at batch 64 → 0.1 at batch 1024 (÷≥4)." in top  # a lower bound at 64
     edge = summary("tdd", "tttttt")  # AGC trains up to the largest lr tried: the ratio is a lower bound too
     assert "at batch 1024 AGC λ=0.01 trains up to lr ≥3.2, ≥32× the 0.1 without clipping." in edge
     nothing = summary("ddd", "tts")

@@ -150,7 +150,9 @@ def _effects(g: Grid) -> list[str]:
     small, large = _frontier_lr(at.get((lo, NO_CLIP_COL))), _frontier_lr(at.get((hi, NO_CLIP_COL)))
     a, z = frontier_text(at.get((lo, NO_CLIP_COL))), frontier_text(at.get((hi, NO_CLIP_COL)))
     if small is not None and large is not None and large < small:
-        ratio = f" (÷{small / large:.3g})" if large else f" (no lr trains at the largest {rn})"
+        at_edge = at[lo, NO_CLIP_COL]["max_stable_lr_at_edge"]  # a lower bound at the first row: so is the fall
+        ratio = f" (÷{'≥' if at_edge else ''}{small / large:.3g})" if large else \
+            f" (no lr trains at the largest {rn})"
         out.append(f"without clipping the largest lr that trains falls {g.layout.grows}: {a} at {rn} {_v(lo)} → "
                    f"{z} at {rn} {_v(hi)}{ratio}.")
     else:
