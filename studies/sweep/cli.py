@@ -20,7 +20,6 @@ from studies.training import runner
 from studies.training.config import PROJECT_DIR, ConfigError, TrainConfig, public_name
 from studies.training.flags import (
     add_train_args,
-    field_of,
     flag,
     flag_message,
     grid_flag,
@@ -104,14 +103,15 @@ def grid_axes(args: argparse.Namespace, preset: Preset, grid_flags) -> dict[str,
     --grid FIELD=V1,V2 (a new axis, or one of the preset's replaced). A field the study sets itself (seed, the lr
     design, a TPE range) or given twice is refused."""
     grid = {axis: getattr(args, f"grid_{axis}", None) or preset.grid[axis] for axis in grid_flags}
+    given = {axis for axis in grid_flags if getattr(args, f"grid_{axis}", None)}  # by their own flags
+    owned = owned_fields(preset, [])
     for text in args.grid_axes or []:
         axis, values = parse_grid_axis(text)
-        owned = owned_fields(preset, [])
         if axis in owned:
             raise ValueError(f"--grid {text}: {axis} cannot be a grid axis here ({owned[axis]}); remove it")
-        if getattr(args, f"grid_{axis}", None) or sum(field_of(t.partition("=")[0]) == axis
-                                                     for t in args.grid_axes) > 1:
+        if axis in given:
             raise ValueError(f"--grid {text}: {axis} is given twice; give its values once")
+        given.add(axis)
         grid[axis] = values
     if preset.tpe and len(list(itertools.product(*grid.values()))) > 1:
         raise ValueError("a TPE search runs in one cell; give each grid axis one value (or use a grid study)")

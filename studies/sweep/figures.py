@@ -24,7 +24,7 @@ from studies.sweep.frontier import (  # noqa: E402
     start_loss,
     top_k_mean,
 )
-from studies.sweep.layout import Layout, grids_of, sort_key  # noqa: E402
+from studies.sweep.layout import Layout, grids_of, sort_key, value_text  # noqa: E402
 
 # A marker per verdict of an lr (the majority of its seeds; no majority: the commoner failure).
 MARKERS = {"trained": ("o", "#1a9850"), "stalled": ("s", "#8c8c8c"), "diverged": ("x", "#d73027")}
@@ -49,7 +49,7 @@ def _lr_axis(ax, lrs) -> None:
 
 def _row_axis(ax, g) -> None:
     """The map's rows, evenly spaced (batch sizes a factor apart read as a log axis; augmentation 0 fits)."""
-    ax.set_yticks(range(len(g.rows)), [f"{r:g}" if isinstance(r, (int, float)) else str(r) for r in g.rows])
+    ax.set_yticks(range(len(g.rows)), [value_text(r) for r in g.rows])
     ax.set_ylim(-0.5, len(g.rows) - 0.5)
 
 
@@ -87,8 +87,7 @@ def plot_stable_region(results: pa.Table | list[dict], cells: pa.Table, title: s
             _row_axis(ax, g)
             ax.grid(alpha=0.3)
             ax.set_xlabel("base lr (per 256)")
-        axrow[0].set_ylabel(f"{g.layout.row_name} ({g.layout.row_axis})" if g.layout.row_axis != "batch_size"
-                            else "batch size")
+        axrow[0].set_ylabel(g.layout.row_title)
     handles = [plt.Line2D([], [], marker=m, ls="", color=c, mew=2, mfc=c if m != "s" else "none", label=v)
                for v, (m, c) in MARKERS.items()]
     handles.append(plt.Line2D([], [], ls="-", color="black", lw=2, label="frontier (largest lr that trains)"))
@@ -124,8 +123,8 @@ def _heatmap(ax, g, norm, cmap):
             ax.text(j, i, text + acc, ha="center", va="center", fontsize=9,
                     color="black" if light or not found else "white")
     ax.set_xticks(range(len(g.cols)), g.cols)
-    ax.set_yticks(range(len(g.rows)), [f"{r:g}" if isinstance(r, (int, float)) else str(r) for r in g.rows])
-    ax.set_ylabel("batch size" if g.layout.row_axis == "batch_size" else g.layout.row_axis)
+    ax.set_yticks(range(len(g.rows)), [value_text(r) for r in g.rows])
+    ax.set_ylabel(g.layout.row_title)
     if g.facet:
         ax.set_title(g.facet, fontsize=10)
     return im
@@ -172,7 +171,7 @@ def _panels(n: int, ylabel: str):
 
 def _label_panel(ax, lay: Layout, row, lrs) -> None:
     _lr_axis(ax, lrs)
-    ax.set_title(f"{lay.row_name} {row:g}" if isinstance(row, (int, float)) else f"{lay.row_name} {row}", fontsize=10)
+    ax.set_title(f"{lay.row_name} {value_text(row)}", fontsize=10)
     ax.set_xlabel("base lr (per 256)")
     ax.grid(alpha=0.3)
 

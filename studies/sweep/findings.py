@@ -8,7 +8,7 @@ import math
 import pyarrow as pa
 
 from studies.sweep.frontier import FOUND, NONE
-from studies.sweep.layout import Grid, grids_of
+from studies.sweep.layout import Grid, grids_of, value_text
 
 NO_CLIP_COL = "no clipping"
 
@@ -26,14 +26,10 @@ def _fails(c: dict) -> str:
     return "stalls" if c["first_unstable_verdict"] == "stalled" else "diverges"
 
 
-def _v(v) -> str:
-    return f"{v:g}" if isinstance(v, (int, float)) else str(v)
-
-
 def cell_sentence(row, col: str, c: dict, row_name: str = "batch", facet: str = "") -> str:
     """'batch 1024, λ=0.01 trains up to lr 0.4 (loss 2.18, start 2.30); lr 0.8 stalls (loss 2.30)'; a facet (a
     third axis's value) goes first: 'augment_strength=0.5, batch 1024, λ=0.01 …'."""
-    head, start = f"{facet + ', ' if facet else ''}{row_name} {_v(row)}, {col}", c["start_loss"]
+    head, start = f"{facet + ', ' if facet else ''}{row_name} {value_text(row)}, {col}", c["start_loss"]
     if c["frontier"] == NONE:
         return f"{head}: no lr trains — every lr tried diverged"
     if c["frontier"] != FOUND:
@@ -69,7 +65,7 @@ def _table(title: str, grids: list[Grid], text) -> list[str]:
         if g.facet:
             lines.append(f"  {g.facet}:")
         lines.append(g.layout.row_name.rjust(rw) + "".join(c.rjust(w) for c in g.cols))
-        lines += [_v(r).rjust(rw) + "".join(cells[r, c].rjust(w) for c in g.cols) for r in g.rows]
+        lines += [value_text(r).rjust(rw) + "".join(cells[r, c].rjust(w) for c in g.cols) for r in g.rows]
     return lines
 
 
@@ -92,7 +88,7 @@ def _md_table(title: str, grids: list[Grid], text) -> list[str]:
     for g in grids:
         lines += [f"**{title}**" + (f" — {g.facet}" if g.facet else ""), "",
                   f"| {g.layout.row_name} | " + " | ".join(g.cols) + " |", "|---:|" + "---:|" * len(g.cols)]
-        lines += [f"| {_v(r)} | " + " | ".join(text(g.at.get((r, c))) for c in g.cols) + " |" for r in g.rows]
+        lines += [f"| {value_text(r)} | " + " | ".join(text(g.at.get((r, c))) for c in g.cols) + " |" for r in g.rows]
         lines.append("")
     return lines
 
@@ -147,22 +143,23 @@ def _effects(g: Grid) -> list[str]:
         return []
     out = []
     lo, hi = rows[0], rows[-1]
+    first, last = f"{rn} {value_text(lo)}", f"{rn} {value_text(hi)}"  # 'batch 64', 'augmentation 1'
     small, large = _frontier_lr(at.get((lo, NO_CLIP_COL))), _frontier_lr(at.get((hi, NO_CLIP_COL)))
     a, z = frontier_text(at.get((lo, NO_CLIP_COL))), frontier_text(at.get((hi, NO_CLIP_COL)))
     if small is not None and large is not None and large < small:
         at_edge = at[lo, NO_CLIP_COL]["max_stable_lr_at_edge"]  # a lower bound at the first row: so is the fall
         ratio = f" (÷{'≥' if at_edge else ''}{small / large:.3g})" if large else \
             f" (no lr trains at the largest {rn})"
-        out.append(f"without clipping the largest lr that trains falls {g.layout.grows}: {a} at {rn} {_v(lo)} → "
-                   f"{z} at {rn} {_v(hi)}{ratio}.")
+        out.append(f"without clipping the largest lr that trains falls {g.layout.grows}: {a} at {first} → "
+                   f"{z} at {last}{ratio}.")
     else:
-        out.append(f"NOT SHOWN: without clipping the largest lr that trains does not fall from {rn} {_v(lo)} to "
-                   f"{_v(hi)} ({a} → {z}).")
+        out.append(f"NOT SHOWN: without clipping the largest lr that trains does not fall from {first} to "
+                   f"{value_text(hi)} ({a} → {z}).")
     out += _accuracy_effect(g)
     agc = [(col, at[hi, col]) for col in g.cols if col != NO_CLIP_COL and (hi, col) in at]
     found = [(col, c) for col, c in agc if c["frontier"] == FOUND]
     if not found:
-        out.append(f"NOT SHOWN: at {rn} {_v(hi)} no AGC setting has a frontier ("
+        out.append(f"NOT SHOWN: at {last} no AGC setting has a frontier ("
                    + ", ".join(f"{col} {frontier_text(c)}" for col, c in agc) + ").")
         return out
     name, best = max(found, key=lambda x: (x[1]["max_stable_lr"], -x[1]["lr_sensitivity"] if
@@ -172,18 +169,18 @@ def _effects(g: Grid) -> list[str]:
         if z == "undecided":  # say what the same budget did with AGC: the reader weighs it, the finding does not
             seen = (f" (no lr trained in its scan, where AGC {name} trained up to lr {frontier_text(best)} in the "
                     "same budget; a longer scan may find one)")
-        out.append(f"NOT SHOWN: at {rn} {_v(hi)} the frontier without clipping is {z}{seen}, so AGC cannot be "
+        out.append(f"NOT SHOWN: at {last} the frontier without clipping is {z}{seen}, so AGC cannot be "
                    "compared.")
     elif large == 0 or best["max_stable_lr"] / large >= 2:
         times = "where no lr trains without clipping" if large == 0 else \
             f"{'≥' if best['max_stable_lr_at_edge'] else ''}{best['max_stable_lr'] / large:.3g}× the {z} without " \
             "clipping"
         weak = at[hi, NO_CLIP_COL]["frontier_holds"] is False  # the control is worse still over the full run
-        out.append(f"at {rn} {_v(hi)} AGC {name} trains up to lr {frontier_text(best)}, {times}"
+        out.append(f"at {last} AGC {name} trains up to lr {frontier_text(best)}, {times}"
                    + (f" (and without clipping lr {z} did not even train over the full budget)."
                       if weak else "."))
     else:
-        out.append(f"NOT SHOWN: at {rn} {_v(hi)} the best AGC setting ({name}, lr {frontier_text(best)}) is not ≥ 2× "
+        out.append(f"NOT SHOWN: at {last} the best AGC setting ({name}, lr {frontier_text(best)}) is not ≥ 2× "
                    f"no clipping's {z}.")
     return out
 
@@ -193,15 +190,16 @@ def _accuracy_effect(g: Grid) -> list[str]:
     row; a difference under ACC_MARGIN is not called one. Nothing when the full runs have no accuracy."""
     rows, at, rn = g.rows, g.at, g.layout.row_name
     lo, hi = rows[0], rows[-1]
+    first, last = f"{rn} {value_text(lo)}", f"{rn} {value_text(hi)}"
     acc = {r: (at.get((r, NO_CLIP_COL)) or {}).get("best_val_acc") for r in (lo, hi)}
     if acc[lo] is None or acc[hi] is None:
         return []
     if acc[lo] - acc[hi] >= ACC_MARGIN:
-        out = [f"without clipping the best val top-1 falls {g.layout.grows}: {acc[lo]:.3f} at {rn} {_v(lo)} → "
-               f"{acc[hi]:.3f} at {rn} {_v(hi)}."]
+        out = [f"without clipping the best val top-1 falls {g.layout.grows}: {acc[lo]:.3f} at {first} → "
+               f"{acc[hi]:.3f} at {last}."]
     else:
-        out = [f"NOT SHOWN: without clipping the best val top-1 does not fall (by ≥ {ACC_MARGIN}) from {rn} "
-               f"{_v(lo)} to {_v(hi)} ({acc[lo]:.3f} → {acc[hi]:.3f})."]
+        out = [f"NOT SHOWN: without clipping the best val top-1 does not fall (by ≥ {ACC_MARGIN}) from {first} "
+               f"to {value_text(hi)} ({acc[lo]:.3f} → {acc[hi]:.3f})."]
     agc = [(col, at[hi, col]) for col in g.cols if col != NO_CLIP_COL and (hi, col) in at
            and at[hi, col]["best_val_acc"] is not None]
     if not agc:
@@ -209,9 +207,9 @@ def _accuracy_effect(g: Grid) -> list[str]:
     name, best = max(agc, key=lambda x: x[1]["best_val_acc"])
     gain = best["best_val_acc"] - acc[hi]
     if gain >= ACC_MARGIN:
-        out.append(f"at {rn} {_v(hi)} AGC {name} reaches top-1 {best['best_val_acc']:.3f}, {gain:+.3f} over the "
+        out.append(f"at {last} AGC {name} reaches top-1 {best['best_val_acc']:.3f}, {gain:+.3f} over the "
                    f"{acc[hi]:.3f} without clipping.")
     else:
-        out.append(f"NOT SHOWN: at {rn} {_v(hi)} AGC's best top-1 ({name}, {best['best_val_acc']:.3f}) is not ≥ "
+        out.append(f"NOT SHOWN: at {last} AGC's best top-1 ({name}, {best['best_val_acc']:.3f}) is not ≥ "
                    f"{ACC_MARGIN} above no clipping's {acc[hi]:.3f}.")
     return out

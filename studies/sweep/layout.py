@@ -45,6 +45,11 @@ def _value(text: str):
             return text
 
 
+def value_text(v) -> str:
+    """A row's value as tables, words and figures write it: '1024', '0.5', '0', or the label's text."""
+    return f"{v:g}" if isinstance(v, (int, float)) else str(v)
+
+
 def sort_key(v) -> tuple:
     return (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
 
@@ -87,6 +92,11 @@ class Layout:
     def row_name(self) -> str:
         """The rows as the words say them: 'batch', 'augmentation', else the axis's name."""
         return ROW_WORDS.get(self.row_axis, (self.row_axis, ""))[0]
+
+    @property
+    def row_title(self) -> str:
+        """The rows' axis as a figure labels it: 'batch size', 'augmentation (augment_strength)'."""
+        return "batch size" if self.row_axis == "batch_size" else f"{self.row_name} ({self.row_axis})"
 
     @property
     def grows(self) -> str:
@@ -154,8 +164,8 @@ def metric_path(lay: Layout, c: dict, with_row: bool = True) -> str:
     """A cell as an MLflow metric name's tail: 'b1024/lambda_0.01', 'aug0.5/lambda_none',
     'b1024/augment_strength_0.5/lambda_0.01' (row, facet, column); without the row, a column's series name."""
     facet, row, col = lay.coords(c)
-    row_part = f"{SHORT.get(lay.row_axis, lay.row_axis + '_')}{row:g}" if isinstance(row, (int, float)) else \
-        f"{lay.row_axis}_{row}"
+    row_part = f"{SHORT.get(lay.row_axis, lay.row_axis + '_')}{value_text(row)}" if isinstance(row, (int, float)) \
+        else f"{lay.row_axis}_{row}"
     parts = ([_slug(row_part)] if with_row else []) + ([_slug(facet)] if facet else []) + [_slug(col) or "all"]
     return "/".join(parts)
 

@@ -41,7 +41,7 @@ def ray_logs() -> bool:
     return os.environ.get("NFNET_LAB_RAY_LOGS") == "1"
 
 
-def init_ray(num_cpus: int | None = None, log_to_driver: bool | None = None) -> None:
+def init_ray(num_cpus: int | None = None) -> None:
     """Local Ray, or the cluster at RAY_ADDRESS. Workers' output reaches this console only with NFNET_LAB_RAY_LOGS=1
     (ray_logs): a study prints a line per finished trial, train.py relays rank 0's progress lines itself."""
     import logging
@@ -52,13 +52,12 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool | None = None) -> 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if log_to_driver is None:
-        log_to_driver = ray_logs()
-    level = logging.INFO if ray_logs() else logging.WARNING
+    shown = ray_logs()
+    level = logging.INFO if shown else logging.WARNING
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver, logging_level=level)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=shown, logging_level=level)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver, logging_level=level)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=shown, logging_level=level)
 
 
 def _set_threads(cfg: TrainConfig) -> None:
