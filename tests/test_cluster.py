@@ -92,9 +92,13 @@ def wait_for_nodes(url: str, token: str, n: int, timeout: float = 90) -> float:
 def submit(p: dict, args: list[str], name: str) -> str:
     sub_id = f"{name}-{uuid.uuid4().hex[:6]}"
     env = {**p["env"], "RAY_AUTH_MODE": "token", "RAY_API_SERVER_ADDRESS": p["url"]}
-    out = subprocess.run(["ray", "job", "submit", "--runtime-env", "platform/runtime_env.yaml", "--working-dir", ".",
-                          "--submission-id", sub_id, "--no-wait", "--", "python", *args],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    for _ in range(10):  # a head node answers "No available agent to submit job" until its job agent is up
+        out = subprocess.run(["ray", "job", "submit", "--runtime-env", "platform/runtime_env.yaml", "--working-dir",
+                              ".", "--submission-id", sub_id, "--no-wait", "--", "python", *args],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        if out.returncode == 0 or "No available agent to submit job" not in out.stderr:
+            break
+        time.sleep(3)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return sub_id
 
