@@ -31,13 +31,13 @@ PRESETS = {
     # 6 epochs give batch 1024 96 steps, where its best run reaches > 0.3 top-1 (2 epochs, 32 steps: 0.17).
     "laptop": Preset(
         grid={"batch_size": [64, 256, 1024], "clip_threshold": [0.01, 0.04, None]},
-        lrs=log_grid(0.025, 3.2), scan_steps=96, scan_examples=20480, full_top=1, seeds=1,
+        lrs=log_grid(0.025, 3.2), scan_steps=96, scan_examples=20480, full_top=1, seeds=1, replicates=3,
         fixed=dict(**LAPTOP_MODEL, dataset_params={"n_train": 16384, "n_val": 2048, "image_size": 16}, epochs=6,
                    warmup_steps=0, gns_every_steps=0, log_every_steps=4, checkpoint_every_epochs=0),
     ),
     "cifar10": Preset(  # one GPU node, real CIFAR-10 from a path; scans run past the 2-epoch warmup
         grid={"batch_size": BATCHES, "clip_threshold": LAMBDAS}, lrs=log_grid(0.025, 1.6), scan_steps=100,
-        scan_examples=51200, full_top=2, seeds=1,
+        scan_examples=51200, full_top=2, seeds=1, replicates=3,
         fixed=dict(model="nf_resnet_cifar", model_overrides={"width": 64, "depth": 2}, dataset="cifar10",
                    use_gpu=True, epochs=30, warmup_epochs=2, precision="bf16", channels_last=True,
                    augment_strength=0.2, label_smoothing=0.1),
@@ -60,7 +60,7 @@ PRESETS = {
     # every phase runs (scan, refine, full)
     "smoke": Preset(
         grid={"batch_size": [64], "clip_threshold": [0.04]}, lrs=(0.4, 1.6), scan_steps=16, scan_examples=8192,
-        full_top=1, fixed=dict(**LAPTOP_MODEL, **SMOKE_DATA, max_steps=128, log_every_steps=4),
+        full_top=1, replicates=2, fixed=dict(**LAPTOP_MODEL, **SMOKE_DATA, max_steps=128, log_every_steps=4),
     ),
 }
 PRESETS["imagenet"] = PRESETS["paper-imagenet"]

@@ -111,3 +111,35 @@ def test_the_study_runs_params_are_its_design_and_what_it_really_holds_fixed():
     q = design.design_params(tpe, concurrency=1)
     assert q["tpe.lambda"] == "0.005 .. 0.32 (log)" and q["design.trials"] == "4" and "design.base_lrs" not in q
     assert "fixed.lambda" not in q and "fixed.base_lr" not in q and q["fixed.clipping"] == "agc"
+
+
+def test_replication_reruns_the_deciding_lrs_at_the_seeds_they_lack_and_full_runs_every_seed():
+    fixed = TrainConfig(model_overrides={"width": 8, "depth": 1}, epochs=2, warmup_steps=0)
+    st = design.Study("s", design.Preset(grid={"batch_size": [64], "clip_threshold": [0.01]}, fixed={},
+                                         lrs=(0.1, 0.2, 0.4), scan_steps=10, full_top=1, replicates=3), fixed,
+                      seed=10)
+
+    def row(lr, verdict, seed=10, phase="scan"):
+        return {"cell": "batch_size=64 lambda=0.01", "base_lr": lr, "seed": seed, "phase": phase,
+                "status": "completed", "verdict": verdict, "initial_train_loss": 2.3,
+                "final_train_loss": (1.8 if lr == 0.2 else 2.0) if verdict == "trained" else 2.3}
+
+    rows = [row(0.1, "trained"), row(0.2, "trained"), row(0.4, "stalled")]
+    specs = design.replicate_specs(st, rows, n_train=1024)
+    # best = frontier = 0.2 (the lowest loss), first failure 0.4: each at seeds 11 and 12; 0.1 stays at one seed.
+    assert sorted((s.config.base_lr, s.config.seed) for s in specs) == [(0.2, 11), (0.2, 12), (0.4, 11), (0.4, 12)]
+    assert {s.phase for s in specs} == {"replicate"} and all(s.config.lr_schedule == "constant" for s in specs)
+    assert [s.key for s in design.replicate_specs(st, rows, 1024)] == [s.key for s in specs]  # deterministic
+    rows += [row(s.config.base_lr, "trained" if s.config.base_lr == 0.2 else "stalled", s.config.seed, "replicate")
+             for s in specs]
+    assert design.replicate_specs(st, rows, 1024) == []  # every deciding lr rests on 3 seeds
+    full = design.full_specs(st, rows)
+    assert sorted((s.config.base_lr, s.config.seed) for s in full) == [(0.2, 10), (0.2, 11), (0.2, 12)]
+    one = design.Study("s", design.Preset(grid={"batch_size": [64], "clip_threshold": [0.01]}, fixed={},
+                                          lrs=(0.1, 0.2, 0.4), scan_steps=10), fixed)
+    assert design.replicate_specs(one, rows, 1024) == []  # replicates=1: no replication
+
+
+def test_replicates_below_one_is_refused():
+    with pytest.raises(ValueError, match="--replicates must be >= 1"):
+        design.Study("s", design.Preset(grid={"batch_size": [64]}, fixed={}, replicates=0), TrainConfig())

@@ -4,6 +4,9 @@ import pytest
 
 from studies.sweep import findings, frontier, layout
 
+ONE = "; one seed, no spread to weigh it against."  # an effect of an unreplicated study says so
+
+
 START = 2.30
 LOSS = {"t": 1.8, "s": 2.29, "d": None, "f": None}  # trained, stalled, diverged, failed
 STATUS = {"t": "completed", "s": "completed", "d": "diverged", "f": "failed"}
@@ -118,9 +121,9 @@ def test_findings_state_both_effects_with_numbers_and_say_when_not_shown():
     top = findings.frontier_summary(frontier.frontier_table(
         _lrs("batch_size=64 lambda=none", 64, "none", "ttt", lrs=(0.1, 0.2, 0.4))
         + _lrs("batch_size=1024 lambda=none", 1024, "none", "tdd", lrs=(0.1, 0.2, 0.4))))
-    assert "falls as the batch grows: ≥0.4 at batch 64 → 0.1 at batch 1024 (÷≥4)." in top  # a lower bound at 64
+    assert "falls as the batch grows: ≥0.4 at batch 64 → 0.1 at batch 1024 (÷≥4)" + ONE in top  # a lower bound at 64
     edge = summary("tdd", "tttttt")  # AGC trains up to the largest lr tried: the ratio is a lower bound too
-    assert "at batch 1024 AGC λ=0.01 trains up to lr ≥3.2, ≥32× the 0.1 without clipping." in edge
+    assert "at batch 1024 AGC λ=0.01 trains up to lr ≥3.2, ≥32× the 0.1 without clipping" + ONE in edge
     nothing = summary("ddd", "tts")
     assert "(no lr trains at the largest batch)" in nothing and "where no lr trains without clipping" in nothing
     hidden = summary("ttttd", "ttttd")  # no fall, and AGC only 1×
@@ -163,8 +166,9 @@ def test_a_third_axis_gets_a_map_per_value_in_the_table_the_words_and_the_metric
     text = findings.frontier_summary(cells)
     assert "  augment_strength=1:" in text
     assert ("[augment_strength=0] without clipping the largest lr that trains falls as the batch grows: 0.8 at batch "
-            "64 → 0.2 at batch 1024 (÷4).") in text
-    assert "[augment_strength=1] at batch 1024 AGC λ=0.01 trains up to lr 0.4, 4× the 0.1 without clipping." in text
+            "64 → 0.2 at batch 1024 (÷4)" + ONE) in text
+    assert ("[augment_strength=1] at batch 1024 AGC λ=0.01 trains up to lr 0.4, 4× the 0.1 without clipping"
+            + ONE) in text
     assert "augment_strength=1, batch 1024, no clipping trains up to lr 0.1" in text
     md = findings.frontier_markdown(cells)
     assert md.count("**Largest base lr that trains") == 2 and "— augment_strength=1" in md
@@ -188,10 +192,10 @@ def test_augmentation_as_the_rows_at_one_batch_reads_the_frontier_and_accuracy_a
     text = findings.frontier_summary(cells)
     assert text.splitlines()[1].split() == ["augmentation", "λ=0.01", "no", "clipping"]  # rows: augmentation
     assert ("without clipping the largest lr that trains falls as augmentation grows: 0.4 at augmentation 0 → 0.1 "
-            "at augmentation 1 (÷4).") in text
+            "at augmentation 1 (÷4)" + ONE) in text
     assert "without clipping the best val top-1 falls as augmentation grows: 0.600 at augmentation 0 → 0.300" in text
-    assert "at augmentation 1 AGC λ=0.01 reaches top-1 0.550, +0.250 over the 0.300 without clipping." in text
-    assert "at augmentation 1 AGC λ=0.01 trains up to lr 0.4, 4× the 0.1 without clipping." in text
+    assert "at augmentation 1 AGC λ=0.01 reaches top-1 0.550, +0.250 over the 0.300 without clipping" + ONE in text
+    assert "at augmentation 1 AGC λ=0.01 trains up to lr 0.4, 4× the 0.1 without clipping" + ONE in text
     metrics = {(k, step) for k, _, step in layout.cell_metrics(cells)}
     assert ("max_stable_lr/aug0.5/lambda_none", 0) in metrics
     assert not any(step for _, step in metrics)  # augmentation is no MLflow step: flat metrics only
@@ -207,3 +211,92 @@ def test_accuracy_within_the_noise_margin_is_not_called_a_finding():
     assert "NOT SHOWN: without clipping the best val top-1 does not fall (by ≥ 0.02) from augmentation 0 to 1" in text
     assert "NOT SHOWN: at augmentation 1 AGC's best top-1 (λ=0.01, 0.600) is not ≥ 0.02 above no clipping's 0.590." \
         in text
+
+
+# ---- replication where it decides (issue 30) ----
+
+def _seeds(cell, b, lam, lr, pattern, phase="replicate", **kw):
+    """Runs of one lr at seeds 0, 1, …: pattern 'tts' = seed 0 trained, seed 1 trained, seed 2 stalled."""
+    return [_row(cell, b, lam, lr, v, seed=s, phase=phase if s else "scan", **kw) for s, v in enumerate(pattern)]
+
+
+def test_replication_asks_for_the_deciding_lrs_until_each_rests_on_its_seeds():
+    a = "batch_size=256 lambda=0.01"
+    scan = _lrs(a, 256, "0.01", "sttts", losses=[None, 2.0, 1.5, 1.9, None])  # best 0.4, frontier 0.8, fails 1.6
+    need = frontier.replication_needed(scan, 3)
+    assert need == {a: {0.4: {0}, 0.8: {0}, 1.6: {0}}}  # the slow 0.1 and the inner 0.2 are not replicated
+    assert frontier.replication_needed(scan, 1) == {}  # 1 = no replication
+    # The majority agrees with seed 0: nothing more to run (the fixed point).
+    done = [r for r in scan if r["base_lr"] in (0.1, 0.2)] + _seeds(a, 256, "0.01", 0.4, "ttt", loss=1.5) \
+        + _seeds(a, 256, "0.01", 0.8, "ttt", loss=1.9) + _seeds(a, 256, "0.01", 1.6, "sss")
+    assert frontier.replication_needed(done, 3) == {}
+    # The majority moves the frontier: 0.8 fails in 2 of 3 seeds, so 0.4 is the frontier and 0.8 its first
+    # failure; the best lr moves to 0.2 (0.4's mean loss is now higher), which has one run: replicate it.
+    moved = [r for r in scan if r["base_lr"] in (0.1, 0.2)] + _seeds(a, 256, "0.01", 0.4, "ttt", loss=2.1) \
+        + _seeds(a, 256, "0.01", 0.8, "tss") + _seeds(a, 256, "0.01", 1.6, "sss")
+    f = frontier.frontier(moved)
+    assert (f.edge.lr, f.first_fail.lr) == (0.4, 0.8)
+    assert frontier.replication_needed(moved, 3) == {a: {0.2: {0}}}
+
+
+def test_a_tie_between_seeds_is_not_a_majority():
+    a = "batch_size=64 lambda=none"
+    rows = _lrs(a, 64, "none", "tt", lrs=(0.1, 0.2)) + _seeds(a, 64, "none", 0.4, "ts")  # 1 of 2 trained
+    f = frontier.frontier(rows)
+    assert (f.edge.lr, f.first_fail.lr, f.first_fail.verdict) == (0.2, 0.4, "stalled")
+
+
+def test_every_number_says_the_agreement_it_rests_on_and_its_spread():
+    a = "batch_size=256 lambda=0.01"
+    rows = [r for r in _lrs(a, 256, "0.01", "tt", lrs=(0.1, 0.2))] + _seeds(a, 256, "0.01", 0.4, "ttt") \
+        + _seeds(a, 256, "0.01", 0.8, "tss") + _seeds(a, 256, "0.01", 1.6, "sss")
+    rows += [_row(a, 256, "0.01", 0.4, "t", seed=s, phase="full", acc=acc) for s, acc in enumerate((0.5, 0.6, 0.7))]
+    (c,) = _cell(rows)
+    assert (c["max_stable_lr"], c["max_stable_lr_trained"], c["max_stable_lr_decided"]) == (0.4, 3, 3)
+    assert (c["first_unstable_lr"], c["first_unstable_failed"], c["first_unstable_decided"]) == (0.8, 2, 3)
+    assert findings.support_text(c) == "0.4 (3/3; 0.8 fails 2/3)"
+    # Seed 0 alone trains up to 0.8; seeds 1 and 2 up to 0.4: the spread of the frontier over seeds.
+    assert (c["seed_list"], c["max_stable_lr_by_seed"]) == ([0, 1, 2], [0.8, 0.4, 0.4])
+    assert (c["max_stable_lr_min"], c["max_stable_lr_max"]) == (0.4, 0.8)
+    assert findings.spread_text(c) == "0.4–0.8 (3 seeds)"
+    assert c["best_val_acc"] == pytest.approx(0.6) and c["best_val_acc_sd"] == pytest.approx(0.1)
+    assert (c["best_val_acc_min"], c["best_val_acc_max"], c["best_val_acc_seeds"]) == (0.5, 0.7, 3)
+    assert (c["frontier_holds"], c["frontier_holds_trained"], c["frontier_holds_decided"]) == (True, 3, 3)
+    text = findings.cell_sentence(256, "λ=0.01", c)
+    assert "trains up to lr 0.4 (in 3/3 seeds)" in text and "lr 0.8 stalls (in 2/3 seeds)" in text
+    assert "the seeds' own frontiers: 0.4–0.8 (3 seeds)" in text
+    summary = findings.frontier_summary(frontier.frontier_table(rows))
+    assert "0.4 (3/3; 0.8 fails 2/3)" in summary and "0.600 ± 0.100 @0.4" in summary
+    # One seed: the bare number, no agreement or spread to show.
+    (one,) = _cell(_lrs(a, 256, "0.01", "tts", lrs=(0.1, 0.2, 0.4)))
+    assert findings.support_text(one) == "0.2" and findings.spread_text(one) == "-"
+
+
+def _map(nc_small, nc_large, agc_large):
+    """A 2 × 2 map (batch 64, 1024 × λ 0.01, none) whose deciding lrs are replicated; each argument gives per
+    seed (0, 1, 2) the verdicts at lrs 0.1 … 1.6 as 'ttdd…'."""
+    rows = []
+    for b, lam, per_seed in ((64, "none", nc_small), (1024, "none", nc_large), (1024, "0.01", agc_large),
+                             (64, "0.01", ["ttttt"] * 3)):
+        cell = f"batch_size={b} lambda={lam}"
+        for s, pattern in enumerate(per_seed):
+            rows += _lrs(cell, b, lam, pattern, seed=s, phase="scan" if s == 0 else "replicate")
+    return rows
+
+
+def test_a_difference_within_the_seeds_spread_is_never_called_a_finding():
+    # Every seed agrees: batch 64 trains up to 0.8, batch 1024 to 0.1; AGC at 1024 up to 0.8.
+    apart = findings.frontier_summary(frontier.frontier_table(_map(["ttttd"] * 3, ["tdddd"] * 3, ["ttttd"] * 3)))
+    assert ("without clipping the largest lr that trains falls as the batch grows: 0.8 at batch 64 → 0.1 at "
+            "batch 1024 (÷8); holds in 3 of 3 seeds.") in apart
+    assert "AGC λ=0.01 trains up to lr 0.8, 8× the 0.1 without clipping; holds in 3 of 3 seeds." in apart
+    # The majority says the same, but seed 2's batch-1024 control trains up to 0.8 and seed 1's AGC only to 0.1:
+    # the seeds' ranges overlap, so neither effect is called, and the seeds that broke it are named.
+    within = findings.frontier_summary(frontier.frontier_table(
+        _map(["ttttd"] * 3, ["tdddd", "tdddd", "ttttd"], ["ttttd", "tdddd", "ttttd"])))
+    assert "NOT SHOWN: without clipping the largest lr that trains falls from batch 64 to 1024 in the majority" \
+        in within
+    assert "within the seeds' spread (0.8 vs 0.1–0.8); holds in 2 of 3 seeds (seed 2 broke it)." in within
+    assert "NOT SHOWN: at batch 1024 AGC λ=0.01 trains up to lr 0.8, 8× the 0.1 without clipping in the majority" \
+        in within
+    assert "(seed 1, 2 broke it)" in within

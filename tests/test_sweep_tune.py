@@ -17,7 +17,7 @@ def test_a_phase_is_handed_out_only_once_the_one_before_has_ended():
             return [[f"{name}{i}"] for i in range(n)]
         return make
 
-    s = tune.PhaseSearcher([phase("scan", 2), phase("full", 1)])
+    s = tune.PhaseSearcher([tune.Phase(phase("scan", 2)), tune.Phase(phase("full", 1))])
     assert s.suggest("a") == {"specs": ["scan0"]} and s.suggest("b") == {"specs": ["scan1"]}
     assert s.suggest("c") is None and handed == ["scan"]  # the scan still runs: the full phase is not computed
     s.on_trial_complete("a")
@@ -26,6 +26,26 @@ def test_a_phase_is_handed_out_only_once_the_one_before_has_ended():
     assert s.suggest("c") == {"specs": ["full0"]} and handed == ["scan", "full"]
     s.on_trial_complete("c")
     assert s.suggest("d") == Searcher.FINISHED
+
+
+def test_a_repeated_phase_is_asked_again_after_each_round_until_it_has_nothing():
+    rounds = [[["rep0"], ["rep1"]], [["rep2"]], []]
+    asked = []
+
+    def replicate():
+        asked.append("replicate")
+        return rounds.pop(0)
+
+    s = tune.PhaseSearcher([tune.Phase(replicate, repeat=True), tune.Phase(lambda: [["full0"]])])
+    assert s.suggest("a") == {"specs": ["rep0"]} and s.suggest("b") == {"specs": ["rep1"]}
+    assert s.suggest("c") is None  # the round runs: the next one is not computed yet
+    s.on_trial_complete("a")
+    s.on_trial_complete("b")
+    assert s.suggest("c") == {"specs": ["rep2"]} and asked == ["replicate"] * 2
+    s.on_trial_complete("c")
+    assert s.suggest("d") == {"specs": ["full0"]} and asked == ["replicate"] * 3  # the empty round ended it
+    s.on_trial_complete("d")
+    assert s.suggest("e") == Searcher.FINISHED
 
 
 def test_a_trial_runs_the_config_its_spec_carries_and_skips_runs_with_a_row(tmp_path, monkeypatch):

@@ -44,6 +44,9 @@ def add_study_args(p: argparse.ArgumentParser, preset_names, grid_flags: dict[st
     g.add_argument("--seed", dest="study_seed", type=int, default=None,
                    help="seed of the study: trial seeds are seed, seed+1, … (same seed, same numbers)")
     g.add_argument("--seeds", type=int, default=None, help="seeds per learning rate")
+    g.add_argument("--replicates", type=int, default=None,
+                   help="seeds at the lrs that decide each cell (its frontier, the first lr that fails, its best lr) "
+                        "and in the full phase: reruns until each rests on a majority of this many; 1 = none")
     g.add_argument("--best-k", type=int, default=None, help="a setting's score = mean of its best k seeds")
     g.add_argument("--lrs", type=float, nargs="+", default=None, help="the base lrs tried in every cell (per 256)")
     g.add_argument("--lr-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
@@ -131,7 +134,8 @@ def build_study(name: str, presets: dict[str, Preset], args: argparse.Namespace,
     if not NAME.fullmatch(study_name):
         raise ValueError(f"--name {study_name!r}: use letters, digits, '_', '-' and '.' only (it names an MLflow "
                          "experiment, a folder and a filter)")
-    changes = {k: v for k, v in (("lrs", lr_design(args, preset)), ("seeds", args.seeds), ("best_k", args.best_k),
+    changes = {k: v for k, v in (("lrs", lr_design(args, preset)), ("seeds", args.seeds),
+                                 ("replicates", args.replicates), ("best_k", args.best_k),
                                  ("scan_steps", args.scan_steps), ("scan_examples", args.scan_examples),
                                  ("full_top", args.full_top),
                                  ("trials", args.trials)) if v is not None}
@@ -175,7 +179,8 @@ def run_study_cli(name: str, presets: dict, argv: list[str] | None, doc: str,
         p.error(str(e))
     pr = study.preset
     scan = f"≥ {pr.scan_steps} steps" + (f" and ≥ {pr.scan_examples} examples" if pr.scan_examples else "")
-    phases = f"scan {scan} × {len(study.lrs())} lrs, refined once, then full runs at the best {pr.full_top} " \
+    rep = f", its deciding lrs replicated to {pr.replicates} seeds" if pr.replicates > 1 else ""
+    phases = f"scan {scan} × {len(study.lrs())} lrs, refined once{rep}, then full runs at the best {pr.full_top} " \
         "and the frontier" \
         if pr.scan_steps else f"{pr.trials} TPE trials" if pr.tpe else f"{len(study.lrs())} lr(s) in full"
     print(f"study {study.name}: {len(study.cells())} cells; {phases}; {pr.seeds} seed(s); output {study.study_dir};"

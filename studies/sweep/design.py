@@ -3,7 +3,10 @@ design, and the trials of each phase as Specs, a pure function of the design (an
 
   scan    short runs of every lr × seed, past the warmup at a constant lr: where does the cell train at all?
   refine  one more lr per cell, the geometric midpoint between its frontier and the first lr that fails (√2)
-  full    the whole budget at the cell's best lrs that train, and at its frontier (does it hold?): how well?
+  replicate  the lrs that decide each cell (best, frontier, first failure) rerun until each has `replicates`
+          seeds; rounds repeat while the majority moves the frontier onto lrs that have fewer
+  full    the whole budget at the cell's best lrs that train, and at its frontier (does it hold?), at every
+          replicate seed: how well, and how much that varies?
 
 A study without a scan (the paper's protocol) runs every lr of its design in full; hpo searches with TPE. The lr
 grid is the Deep Learning Tuning Playbook's exploration phase: the design never depends on completion order."""
@@ -45,6 +48,8 @@ class Preset:
     scan_examples: int = 0
     full_top: int = 2  # full runs per cell, at the best stable scan lrs
     seeds: int = 1
+    # Seeds at the lrs that decide a cell (frontier, first failure, best) and in the full phase; 1 = no replication.
+    replicates: int = 1
     best_k: int | None = None  # a setting's score: mean of its best k seeds (the paper: best 4 of 5)
     tpe: dict[str, tuple[float, float, bool]] | None = None  # hpo: name -> (low, high, log), searched with TPE
     trials: int = 0  # hpo: TPE trials
@@ -96,6 +101,8 @@ class Study:
                 raise ValueError(f"study {self.name!r}: λ must be > 0 (use 'none' for no clipping), got {values}")
         if p.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {p.seeds}")
+        if p.replicates < 1:
+            raise ValueError(f"--replicates must be >= 1 (1 = no replication), got {p.replicates}")
         if p.best_k is not None and not 1 <= p.best_k <= p.seeds:
             raise ValueError(f"--best-k must be in [1, seeds={p.seeds}], got {p.best_k}")
         if p.scan_steps is not None and p.scan_steps < 1 or p.full_top < 1 or p.scan_examples < 0:
@@ -156,6 +163,8 @@ def design_params(study: Study, concurrency: int) -> dict[str, str]:
         out.update({"design.scan_steps": str(p.scan_steps), "design.scan_examples": str(p.scan_examples),
                     "design.full_top": str(p.full_top)})
     out["design.seeds"] = str(p.seeds)
+    if p.scan_steps:
+        out["design.replicates"] = str(p.replicates)
     if p.best_k:
         out["design.best_k"] = str(p.best_k)
     out.update({"study.seed": str(study.seed), "study.max_concurrent": str(concurrency)})
@@ -265,15 +274,36 @@ def refine_specs(study: Study, scan_rows, n_train: int) -> list[Spec]:
             for cell in study.cells() if cell_label(cell) in mid for s in range(study.preset.seeds)]
 
 
+def replicate_seeds(study: Study) -> int:
+    """Seeds per lr where the study replicates: the deciding lrs of a scan, and the full runs after a scan."""
+    return max(study.preset.seeds, study.preset.replicates)
+
+
+def replicate_specs(study: Study, rows, n_train: int) -> list[Spec]:
+    """The next replication round: every deciding lr of every cell (frontier.replication_needed) at the seeds it
+    lacks. [] once the frontier and its first failure rest on `replicates` seeds each. A pure function of the
+    rows (the scan's, the refinement's and earlier rounds'): the same at any concurrency."""
+    if not study.preset.scan_steps:
+        return []
+    need = frontier.replication_needed(rows, replicate_seeds(study))
+    return [Spec("replicate", cell_label(cell),
+                 scan_config(study, study.config(cell, base_lr=lr, seed=study.seed + s), n_train),
+                 short=short_label(cell))
+            for cell in study.cells() for lr, have in sorted(need.get(cell_label(cell), {}).items())
+            for s in range(replicate_seeds(study)) if study.seed + s not in have]
+
+
 def full_specs(study: Study, scan_rows) -> list[Spec]:
-    """Every lr of the design without a scan; else each cell's best lrs that train, and its frontier."""
+    """Every lr of the design without a scan; else each cell's best lrs that train, and its frontier, each at
+    every replicate seed (so that 'holds' and the accuracy rest on a majority and have a spread)."""
     chosen = frontier.full_phase_lrs(scan_rows, study.preset.full_top) if study.preset.scan_steps else None
+    seeds = study.preset.seeds if chosen is None else replicate_seeds(study)
     out = []
     for cell in study.cells():
         label = cell_label(cell)
         lrs = study.lrs() if chosen is None else chosen.get(label, [])
         out += [Spec("full", label, study.config(cell, base_lr=lr, seed=study.seed + s), short=short_label(cell))
-                for lr in lrs for s in range(study.preset.seeds)]
+                for lr in lrs for s in range(seeds)]
     return out
 
 

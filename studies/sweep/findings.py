@@ -22,6 +22,28 @@ def frontier_text(c: dict | None) -> str:
     return ("≥" if c["max_stable_lr_at_edge"] else "") + f"{c['max_stable_lr']:g}"
 
 
+def support_text(c: dict | None) -> str:
+    """A cell's frontier with the agreement it rests on: '0.4 (3/3; 0.5657 fails 3/3)', '≥3.2 (2/3)'; the bare
+    frontier where no deciding lr was replicated (one seed each)."""
+    text = frontier_text(c)
+    if c is None or c["frontier"] != FOUND or not (c.get("max_stable_lr_decided") or 0) > 1:
+        return text
+    out = f"{text} ({c['max_stable_lr_trained']}/{c['max_stable_lr_decided']}"
+    if c["first_unstable_lr"] is not None:
+        out += f"; {c['first_unstable_lr']:g} fails {c['first_unstable_failed']}/{c['first_unstable_decided']}"
+    return out + ")"
+
+
+def spread_text(c: dict | None) -> str:
+    """The range of the seeds' own frontiers: '0.2828–0.4 (3 seeds)', '0.4 (3 seeds)'; '-' with one seed."""
+    if c is None or c.get("max_stable_lr_min") is None or len(c.get("seed_list") or []) < 2:
+        return "-"
+    lo, hi, n = c["max_stable_lr_min"], c["max_stable_lr_max"], len(c["seed_list"])
+    undecided = sum(v is None for v in c["max_stable_lr_by_seed"])
+    tail = f" ({n} seeds" + (f", {undecided} undecided" if undecided else "") + ")"
+    return (f"{lo:g}" if lo == hi else f"{lo:g}–{hi:g}") + tail
+
+
 def _fails(c: dict) -> str:
     return "stalls" if c["first_unstable_verdict"] == "stalled" else "diverges"
 
@@ -35,24 +57,43 @@ def cell_sentence(row, col: str, c: dict, row_name: str = "batch", facet: str = 
     if c["frontier"] != FOUND:
         return (f"{head}: undecided — no lr trained in the scan ({c['scan_stalled']} stalled, {c['scan_diverged']} "
                 f"diverged; start loss {_f(start)}): too short for it, raise --scan-steps / --scan-examples")
-    s = f"{head} trains up to lr {c['max_stable_lr']:g} (loss {_f(c['frontier_loss'])}, start {_f(start)})"
+    s = f"{head} trains up to lr {c['max_stable_lr']:g}{_seeds(c['max_stable_lr_trained'], c['max_stable_lr_decided'])}"
+    s += f" (loss {_f(c['frontier_loss'])}, start {_f(start)})"
     if c["first_unstable_lr"] is None:
         s += ", the largest lr tried"
     else:
         s += f"; lr {c['first_unstable_lr']:g} {_fails(c)}"
+        s += _seeds(c["first_unstable_failed"], c["first_unstable_decided"])
         if c["first_unstable_verdict"] == "stalled":
             s += f" (loss {_f(c['first_unstable_loss'])})"
+    held = _seeds(c.get("frontier_holds_trained"), c.get("frontier_holds_decided"), "trained")
     if c["frontier_holds"] is False:
-        s += f" — NOT held over the full budget (the full run at lr {c['max_stable_lr']:g} did not train)"
+        s += f" — NOT held over the full budget (the full run at lr {c['max_stable_lr']:g} did not train{held})"
+    if spread_text(c) != "-":
+        s += f"; the seeds' own frontiers: {spread_text(c)}"
     return s
+
+
+def _seeds(k: int | None, n: int | None, what: str = "") -> str:
+    """' in 3/3 seeds' where an lr was replicated; nothing for a lone run."""
+    return f" ({(what + ' ') if what else ''}in {k}/{n} seeds)" if n and n > 1 and k is not None else ""
 
 
 def _f(v) -> str:
     return "?" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
 
-def _acc(c: dict | None) -> str:
-    return "-" if not c or c["best_val_acc"] is None else f"{c['best_val_acc']:.3f} @{c['best_base_lr']:g}"
+def _mean_sd(c: dict) -> str:
+    """'0.538 ± 0.012' (mean ± sample sd over seeds), '0.538' with one seed."""
+    sd = c.get("best_val_acc_sd")
+    return f"{c['best_val_acc']:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
+
+
+def _acc(c: dict | None, sep: str = "@") -> str:
+    """Best val top-1: '0.538 ± 0.012 @0.5657' (mean ± sample sd over seeds), '0.538 @0.5657' with one seed."""
+    if not c or c["best_val_acc"] is None:
+        return "-"
+    return f"{_mean_sd(c)} {sep}{c['best_base_lr']:g}"
 
 
 def _table(title: str, grids: list[Grid], text) -> list[str]:
@@ -73,12 +114,15 @@ def frontier_summary(cells: pa.Table) -> str:
     """The frontier table, verdict counts, LR sensitivity, best accuracy and the findings, with their numbers."""
     grids = grids_of(cells)
     lines = _table("largest base lr that trains (per 256 examples; ≥ = up to the largest lr tried; undecided = "
-                   "no lr trained in the scan):", grids, frontier_text)
+                   "no lr trained in the scan; (k/n) = seeds that trained there, and that failed at the next lr):",
+                   grids, support_text)
+    if any(spread_text(c) != "-" for g in grids for c in g.at.values()):
+        lines += _table("the seeds' own frontiers (min–max over seeds):", grids, spread_text)
     lines += _table("scan runs trained / stalled / diverged:", grids, lambda c: "-" if c is None else
                     f"{c['scan_trained']}/{c['scan_stalled']}/{c['scan_diverged']}")
     lines += _table("LR sensitivity (mean over the lr grid of min(loss, start) − best loss; 0 = flat):", grids,
                     lambda c: "-" if c is None or c["lr_sensitivity"] is None else f"{c['lr_sensitivity']:.3f}")
-    lines += _table("best val top-1 (at base lr):", grids, _acc)
+    lines += _table("best val top-1 (mean ± sd over seeds, at base lr):", grids, _acc)
     lines += findings(cells)
     return "\n".join(lines)
 
@@ -100,11 +144,14 @@ def frontier_markdown(cells: pa.Table) -> str:
     if not grids:
         return ""
     lines = _md_table("Largest base lr that trains (per 256 examples; ≥ = up to the largest lr tried, a lower "
-                      "bound; undecided = no lr trained in the scan; none = every lr diverged)", grids, frontier_text)
+                      "bound; undecided = no lr trained in the scan; none = every lr diverged; (k/n) = seeds that "
+                      "trained there; then the next lr and the seeds that failed at it)", grids, support_text)
+    if any(spread_text(c) != "-" for g in grids for c in g.at.values()):
+        lines += _md_table("The seeds' own frontiers (min–max over seeds)", grids, spread_text)
     lines += _md_table("Scan runs trained / stalled / diverged", grids, lambda c: "-" if c is None else
                        f"{c['scan_trained']} / {c['scan_stalled']} / {c['scan_diverged']}")
-    lines += _md_table("Best val top-1 of the full runs (at base lr)", grids, lambda c: "-" if not c or
-                       c["best_val_acc"] is None else f"{c['best_val_acc']:.3f} @ {c['best_base_lr']:g}")
+    lines += _md_table("Best val top-1 of the full runs (mean ± sd over seeds, at base lr)", grids,
+                       lambda c: _acc(c, "@ "))
     return "\n".join(lines)
 
 
@@ -135,23 +182,66 @@ def findings(cells: pa.Table) -> list[str]:
     return out
 
 
+def _seed_values(c: dict) -> dict[int, float | None]:
+    """seed -> that seed's own frontier (0: every lr diverged; None: undecided)."""
+    return dict(zip(c.get("seed_list") or [], c.get("max_stable_lr_by_seed") or []))
+
+
+def _support(cells: list[dict], holds) -> tuple[int, int, list[int]]:
+    """(seeds in which `holds(*frontiers)` is true, seeds, the seeds that broke it): each seed's own frontier per
+    cell; a cell that lacks the seed (nothing of it was replicated) reads its majority frontier."""
+    seeds = sorted({s for c in cells for s in c.get("seed_list") or []})
+    broke = []
+    for s in seeds:
+        vals = [_seed_values(c).get(s, _frontier_lr(c)) for c in cells]
+        if any(v is None for v in vals) or not holds(*vals):
+            broke.append(s)
+    return len(seeds) - len(broke), len(seeds), broke
+
+
+def _support_text(k: int, n: int, broke: list[int]) -> str:
+    if n < 2:
+        return "; one seed, no spread to weigh it against"
+    return f"; holds in {k} of {n} seeds" + (f" (seed {', '.join(map(str, broke))} broke it)" if broke else "")
+
+
+def _range(c: dict) -> str:
+    lo, hi = c.get("max_stable_lr_min"), c.get("max_stable_lr_max")
+    return "?" if lo is None else f"{lo:g}" if lo == hi else f"{lo:g}–{hi:g}"
+
+
+def _apart(low: dict, high: dict) -> bool:
+    """The seeds' frontiers of `high` all lie above those of `low`: a difference outside the spread."""
+    a, b = low.get("max_stable_lr_max"), high.get("max_stable_lr_min")
+    return a is not None and b is not None and b > a
+
+
 def _effects(g: Grid) -> list[str]:
     """The two effects of the paper along the map's rows, or NOT SHOWN: without clipping the frontier (and the
-    accuracy) falls as the row grows (batch, augmentation), and AGC holds it up at the last row."""
+    accuracy) falls as the row grows (batch, augmentation), and AGC holds it up at the last row. An effect is
+    called only when the majority frontiers show it AND the two cells' seed ranges do not overlap; each says in
+    how many seeds it holds."""
     rows, at, rn = g.rows, g.at, g.layout.row_name
     if NO_CLIP_COL not in g.cols or len(rows) < 2:
         return []
     out = []
     lo, hi = rows[0], rows[-1]
     first, last = f"{rn} {value_text(lo)}", f"{rn} {value_text(hi)}"  # 'batch 64', 'augmentation 1'
-    small, large = _frontier_lr(at.get((lo, NO_CLIP_COL))), _frontier_lr(at.get((hi, NO_CLIP_COL)))
-    a, z = frontier_text(at.get((lo, NO_CLIP_COL))), frontier_text(at.get((hi, NO_CLIP_COL)))
+    c_lo, c_hi = at.get((lo, NO_CLIP_COL)), at.get((hi, NO_CLIP_COL))
+    small, large = _frontier_lr(c_lo), _frontier_lr(c_hi)
+    a, z = frontier_text(c_lo), frontier_text(c_hi)
     if small is not None and large is not None and large < small:
-        at_edge = at[lo, NO_CLIP_COL]["max_stable_lr_at_edge"]  # a lower bound at the first row: so is the fall
+        at_edge = c_lo["max_stable_lr_at_edge"]  # a lower bound at the first row: so is the fall
         ratio = f" (÷{'≥' if at_edge else ''}{small / large:.3g})" if large else \
             f" (no lr trains at the largest {rn})"
-        out.append(f"without clipping the largest lr that trains falls {g.layout.grows}: {a} at {first} → "
-                   f"{z} at {last}{ratio}.")
+        sup = _support_text(*_support([c_lo, c_hi], lambda x, y: y < x))
+        if _apart(c_hi, c_lo):
+            out.append(f"without clipping the largest lr that trains falls {g.layout.grows}: {a} at {first} → "
+                       f"{z} at {last}{ratio}{sup}.")
+        else:
+            out.append(f"NOT SHOWN: without clipping the largest lr that trains falls from {first} to "
+                       f"{value_text(hi)} in the majority ({a} → {z}) but within the seeds' spread ({_range(c_lo)} "
+                       f"vs {_range(c_hi)}){sup}.")
     else:
         out.append(f"NOT SHOWN: without clipping the largest lr that trains does not fall from {first} to "
                    f"{value_text(hi)} ({a} → {z}).")
@@ -175,28 +265,57 @@ def _effects(g: Grid) -> list[str]:
         times = "where no lr trains without clipping" if large == 0 else \
             f"{'≥' if best['max_stable_lr_at_edge'] else ''}{best['max_stable_lr'] / large:.3g}× the {z} without " \
             "clipping"
-        weak = at[hi, NO_CLIP_COL]["frontier_holds"] is False  # the control is worse still over the full run
+        sup = _support_text(*_support([best, c_hi], lambda x, y: x > 0 and (y == 0 or x / y >= 2)))
+        if not _apart(c_hi, best):
+            out.append(f"NOT SHOWN: at {last} AGC {name} trains up to lr {frontier_text(best)}, {times} in the "
+                       f"majority, but within the seeds' spread ({_range(best)} vs {_range(c_hi)}){sup}.")
+            return out
+        weak = c_hi["frontier_holds"] is False  # the control is worse still over the full run
         out.append(f"at {last} AGC {name} trains up to lr {frontier_text(best)}, {times}"
-                   + (f" (and without clipping lr {z} did not even train over the full budget)."
-                      if weak else "."))
+                   + (f" (and without clipping lr {z} did not even train over the full budget)" if weak else "")
+                   + f"{sup}.")
     else:
         out.append(f"NOT SHOWN: at {last} the best AGC setting ({name}, lr {frontier_text(best)}) is not ≥ 2× "
                    f"no clipping's {z}.")
     return out
 
 
+def _acc_by_seed(c: dict) -> dict[int, float]:
+    return dict(zip(c.get("acc_seed_list") or [], c.get("best_val_acc_by_seed") or []))
+
+
+def _acc_apart(low: dict, high: dict) -> bool:
+    """`high`'s seeds all score above `low`'s (a point where a cell has one seed)."""
+    return high["best_val_acc_min"] > low["best_val_acc_max"] if high.get("best_val_acc_min") is not None and \
+        low.get("best_val_acc_max") is not None else True
+
+
+def _acc_support(low: dict, high: dict) -> str:
+    """In how many seeds (paired by seed) `high` beats `low` by ACC_MARGIN."""
+    a, b = _acc_by_seed(low), _acc_by_seed(high)
+    seeds = sorted(set(a) & set(b))
+    broke = [s for s in seeds if b[s] - a[s] < ACC_MARGIN]
+    return _support_text(len(seeds) - len(broke), len(seeds), broke)
+
+
 def _accuracy_effect(g: Grid) -> list[str]:
     """Best val top-1 of the full runs along the rows without clipping, and AGC's best against it at the last
-    row; a difference under ACC_MARGIN is not called one. Nothing when the full runs have no accuracy."""
+    row; a difference under ACC_MARGIN, or inside the seeds' range, is not called one. Nothing when the full runs
+    have no accuracy."""
     rows, at, rn = g.rows, g.at, g.layout.row_name
     lo, hi = rows[0], rows[-1]
     first, last = f"{rn} {value_text(lo)}", f"{rn} {value_text(hi)}"
-    acc = {r: (at.get((r, NO_CLIP_COL)) or {}).get("best_val_acc") for r in (lo, hi)}
+    cells = {r: at.get((r, NO_CLIP_COL)) or {} for r in (lo, hi)}
+    acc = {r: cells[r].get("best_val_acc") for r in (lo, hi)}
     if acc[lo] is None or acc[hi] is None:
         return []
-    if acc[lo] - acc[hi] >= ACC_MARGIN:
-        out = [f"without clipping the best val top-1 falls {g.layout.grows}: {acc[lo]:.3f} at {first} → "
-               f"{acc[hi]:.3f} at {last}."]
+    shown = f"{_mean_sd(cells[lo])} at {first} → {_mean_sd(cells[hi])} at {last}"
+    if acc[lo] - acc[hi] >= ACC_MARGIN and _acc_apart(cells[hi], cells[lo]):
+        out = [f"without clipping the best val top-1 falls {g.layout.grows}: {shown}"
+               f"{_acc_support(cells[hi], cells[lo])}."]
+    elif acc[lo] - acc[hi] >= ACC_MARGIN:
+        out = [f"NOT SHOWN: without clipping the best val top-1 falls in the mean ({shown}) but within the seeds' "
+               f"range{_acc_support(cells[hi], cells[lo])}."]
     else:
         out = [f"NOT SHOWN: without clipping the best val top-1 does not fall (by ≥ {ACC_MARGIN}) from {first} "
                f"to {value_text(hi)} ({acc[lo]:.3f} → {acc[hi]:.3f})."]
@@ -206,9 +325,13 @@ def _accuracy_effect(g: Grid) -> list[str]:
         return out
     name, best = max(agc, key=lambda x: x[1]["best_val_acc"])
     gain = best["best_val_acc"] - acc[hi]
-    if gain >= ACC_MARGIN:
-        out.append(f"at {last} AGC {name} reaches top-1 {best['best_val_acc']:.3f}, {gain:+.3f} over the "
-                   f"{acc[hi]:.3f} without clipping.")
+    if gain >= ACC_MARGIN and _acc_apart(cells[hi], best):
+        out.append(f"at {last} AGC {name} reaches top-1 {_mean_sd(best)}, {gain:+.3f} over the "
+                   f"{_mean_sd(cells[hi])} without clipping{_acc_support(cells[hi], best)}.")
+    elif gain >= ACC_MARGIN:
+        out.append(f"NOT SHOWN: at {last} AGC {name} reaches top-1 {_mean_sd(best)}, {gain:+.3f} over the "
+                   f"{_mean_sd(cells[hi])} without clipping in the mean, but within the seeds' range"
+                   f"{_acc_support(cells[hi], best)}.")
     else:
         out.append(f"NOT SHOWN: at {last} AGC's best top-1 ({name}, {best['best_val_acc']:.3f}) is not ≥ "
                    f"{ACC_MARGIN} above no clipping's {acc[hi]:.3f}.")

@@ -12,7 +12,13 @@ trained (1 of 2 is not a majority; failed and stopped runs decide nothing).
   undecided   no lr of the cell trains, but not every one diverged: the scan was too short to tell (never a
               number). `none`: every tried lr diverged.
   LR sensitivity  mean over the lr grid of min(final loss, start loss) − the best of them (Wortsman et al.
-              2023): what is lost by not tuning the lr; one number, no threshold, 0 = a flat curve."""
+              2023): what is lost by not tuning the lr; one number, no threshold, 0 = a flat curve.
+
+Replication where it decides: the lrs that decide a cell (its best lr, its frontier and the first lr that fails
+above it) are rerun at more seeds until each has `replicates` runs; when the majority moves the frontier, the new
+deciding lrs are replicated too (a fixed point, a pure function of the rows). Every other lr keeps one run. A
+seed's own frontier reads that seed's run wherever it has one and the lone run elsewhere: the spread of the
+frontier over seeds is the range of those, and an effect "holds in k of n seeds" when it holds in k of them."""
 from __future__ import annotations
 
 import math
@@ -24,7 +30,7 @@ import pyarrow as pa
 from studies.sweep.layout import Layout, rows_of
 from studies.training.verdict import DIVERGED, STALLED, TRAINED, VERDICTS, judge
 
-SCAN_PHASES = ("scan", "refine")  # the short runs that decide stability; `full` runs measure accuracy
+SCAN_PHASES = ("scan", "refine", "replicate")  # the short runs that decide stability; `full` measures accuracy
 FOUND, UNDECIDED, NONE = "found", "undecided", "none"
 
 
@@ -155,6 +161,63 @@ def refine_lrs(scan: pa.Table | list[dict]) -> dict[str, float]:
     return out
 
 
+def deciding_lrs(f: Frontier) -> list[float]:
+    """The lrs a cell's frontier rests on: its best lr, the frontier, the first lr that fails above it."""
+    return sorted({x.lr for x in (f.best, f.edge, f.first_fail) if x is not None})
+
+
+def replication_needed(rows: pa.Table | list[dict], replicates: int) -> dict[str, dict[float, set[int]]]:
+    """Per cell: each deciding lr of its majority frontier (over every stability run so far) that has fewer than
+    `replicates` runs, with the seeds it has. Empty once every deciding lr rests on `replicates` runs: the fixed
+    point a study replicates towards. A pure function of the rows, the same at any concurrency."""
+    out: dict[str, dict[float, set[int]]] = {}
+    if replicates <= 1:
+        return out
+    for cell, rs in by_cell(rows_of(rows), SCAN_PHASES).items():
+        f = frontier(rs)
+        seeds: dict[float, set[int]] = {}
+        for r in rs:
+            seeds.setdefault(float(r["base_lr"]), set()).add(int(r["seed"]))
+        short = {lr: seeds.get(lr, set()) for lr in deciding_lrs(f) if len(seeds.get(lr, ())) < replicates}
+        if short:
+            out[cell] = short
+    return out
+
+
+def seeds_of(rows: list[dict]) -> list[int]:
+    return sorted({int(r["seed"]) for r in rows if r.get("seed") is not None})
+
+
+def seed_view(rows: list[dict], seed: int) -> list[dict]:
+    """What one seed says of a cell: its own run at every lr that has one, the lone (unreplicated) run elsewhere."""
+    by_lr: dict[float, list[dict]] = {}
+    for r in rows:
+        by_lr.setdefault(float(r["base_lr"]), []).append(r)
+    out = []
+    for rs in by_lr.values():
+        own = [r for r in rs if r.get("seed") is not None and int(r["seed"]) == seed]
+        out += own or rs
+    return out
+
+
+def frontier_value(f: Frontier) -> float | None:
+    """A frontier as a number: its lr, 0 when every lr diverged, None when undecided."""
+    return f.edge.lr if f.state == FOUND else 0.0 if f.state == NONE else None
+
+
+def seed_frontiers(rows: list[dict]) -> dict[int, float | None]:
+    """Per seed of the cell's stability runs: the frontier that seed's own view gives (frontier_value)."""
+    return {s: frontier_value(frontier(seed_view(rows, s))) for s in seeds_of(rows)}
+
+
+def agreement(x: LrResult | None, trains: bool) -> str:
+    """'3/3': of an lr's decided seeds, how many trained (trains) or failed (not trains)."""
+    if x is None:
+        return ""
+    n = x.counts[TRAINED] if trains else x.decided - x.counts[TRAINED]
+    return f"{n}/{x.decided}"
+
+
 def full_phase_lrs(scan: pa.Table | list[dict], top: int) -> dict[str, list[float]]:
     """Per cell: the `top` lrs at or below the frontier that train with the lowest scan loss (ties: the smaller
     lr), and the frontier itself, so the study checks that the frontier still trains over the full budget.
@@ -174,24 +237,41 @@ def full_phase_lrs(scan: pa.Table | list[dict], top: int) -> dict[str, list[floa
 def best_accuracy(rows: list[dict], best_k: int | None) -> tuple[float, float | None]:
     """(score, base lr) of the best lr among completed full runs; a setting's score is the mean of its best k
     seeds. Ties go to the smaller lr."""
-    by_lr: dict[float, list[float]] = {}
-    for r in rows:
-        if r["status"] == "completed" and r.get("best_val_acc") is not None:
-            by_lr.setdefault(float(r["base_lr"]), []).append(num(r["best_val_acc"]))
     best, best_lr = float("nan"), None
-    for lr in sorted(by_lr):
-        score = top_k_mean(by_lr[lr], best_k)
+    for lr, accs in sorted(_accuracies(rows).items()):
+        score = top_k_mean(list(accs.values()), best_k)
         if not math.isnan(score) and (math.isnan(best) or score > best):
             best, best_lr = score, lr
     return best, best_lr
 
 
+def _accuracies(rows: list[dict]) -> dict[float, dict[int, float]]:
+    """lr -> seed -> best val top-1, over completed full runs."""
+    by_lr: dict[float, dict[int, float]] = {}
+    for r in rows:
+        if r["status"] == "completed" and r.get("best_val_acc") is not None and not math.isnan(num(r["best_val_acc"])):
+            by_lr.setdefault(float(r["base_lr"]), {})[int(r.get("seed") or 0)] = num(r["best_val_acc"])
+    return by_lr
+
+
+def _sd(vals: list[float]) -> float | None:
+    """Sample standard deviation; None under 2 values."""
+    if len(vals) < 2:
+        return None
+    m = sum(vals) / len(vals)
+    return math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+
+
 def frontier_holds(full: list[dict], lr: float | None) -> bool | None:
     """Did the full runs at the frontier lr train (a majority of their decided seeds)? None: none ran."""
-    if lr is None:
-        return None
-    vs = [run_verdict(r) for r in full if float(r["base_lr"]) == lr and run_verdict(r) is not None]
-    return 2 * vs.count(TRAINED) > len(vs) if vs else None
+    trained, decided = holds_count(full, lr)
+    return 2 * trained > decided if decided else None
+
+
+def holds_count(full: list[dict], lr: float | None) -> tuple[int, int]:
+    """(trained, decided) of the full runs at `lr`."""
+    vs = [run_verdict(r) for r in full if lr is not None and float(r["base_lr"]) == lr and run_verdict(r) is not None]
+    return vs.count(TRAINED), len(vs)
 
 
 # ---- cells.parquet: one row per cell ----
@@ -207,6 +287,15 @@ CELL_COLUMNS = {
     "full_trials": pa.int64(), "full_trained": pa.int64(), "full_stalled": pa.int64(), "full_diverged": pa.int64(),
     "failed_trials": pa.int64(), "frontier_holds": pa.bool_(), "best_val_acc": pa.float64(),
     "best_base_lr": pa.float64(),
+    # replication: the agreement each number rests on, and its spread over seeds
+    "seeds": pa.int64(), "max_stable_lr_trained": pa.int64(), "max_stable_lr_decided": pa.int64(),
+    "first_unstable_failed": pa.int64(), "first_unstable_decided": pa.int64(),
+    "max_stable_lr_min": pa.float64(), "max_stable_lr_max": pa.float64(),
+    "seed_list": pa.list_(pa.int64()), "max_stable_lr_by_seed": pa.list_(pa.float64()),
+    "frontier_holds_trained": pa.int64(), "frontier_holds_decided": pa.int64(),
+    "best_val_acc_sd": pa.float64(), "best_val_acc_min": pa.float64(), "best_val_acc_max": pa.float64(),
+    "best_val_acc_seeds": pa.int64(), "acc_seed_list": pa.list_(pa.int64()),
+    "best_val_acc_by_seed": pa.list_(pa.float64()),
 }
 
 
@@ -219,12 +308,17 @@ def cell_row(cell: str, rows: list[dict], best_k: int | None) -> dict[str, Any]:
     full = [r for r in rows if r.get("phase") not in SCAN_PHASES]
     basis = scan or full
     f = frontier(basis)
-    grid = [r for r in basis if r.get("phase") != "refine"]  # sensitivity over the design's own lr grid
+    design = {float(r["base_lr"]) for r in basis if r.get("phase") in ("scan", "full")}
+    grid = [r for r in basis if float(r["base_lr"]) in design]  # sensitivity over the design's own lr grid
     acc, acc_lr = best_accuracy(full, best_k)
     first = rows[0]
     count = {(ph, v): sum(run_verdict(r) == v for r in rs) for ph, rs in (("scan", scan), ("full", full))
              for v in VERDICTS}
     edge, fail = f.edge, f.first_fail
+    by_seed = seed_frontiers(basis) if f.state != UNDECIDED else {}
+    spread = [v for v in by_seed.values() if v is not None]
+    held = holds_count(full, edge.lr) if scan and edge else (0, 0)
+    accs = _accuracies(full).get(acc_lr, {}) if acc_lr is not None else {}
     return {
         "cell": cell, "batch_size": first["batch_size"], "model": first["model"], "clipping": first["clipping"],
         "lambda": first["lambda"], "augment_strength": first.get("augment_strength"), "lrs_tried": len(f.lrs),
@@ -240,6 +334,16 @@ def cell_row(cell: str, rows: list[dict], best_k: int | None) -> dict[str, Any]:
         "failed_trials": sum(r["status"] == "failed" for r in rows),
         "frontier_holds": frontier_holds(full, edge.lr) if scan and edge else None,
         "best_val_acc": _finite_or_none(acc), "best_base_lr": acc_lr,
+        "seeds": len(seeds_of(basis)), "max_stable_lr_trained": edge and edge.counts[TRAINED],
+        "max_stable_lr_decided": edge and edge.decided,
+        "first_unstable_failed": fail and fail.decided - fail.counts[TRAINED],
+        "first_unstable_decided": fail and fail.decided,
+        "max_stable_lr_min": min(spread) if spread else None, "max_stable_lr_max": max(spread) if spread else None,
+        "seed_list": list(by_seed), "max_stable_lr_by_seed": list(by_seed.values()),
+        "frontier_holds_trained": held[0] if held[1] else None, "frontier_holds_decided": held[1] or None,
+        "best_val_acc_sd": _sd(list(accs.values())), "best_val_acc_min": min(accs.values(), default=None),
+        "best_val_acc_max": max(accs.values(), default=None), "best_val_acc_seeds": len(accs) or None,
+        "acc_seed_list": sorted(accs), "best_val_acc_by_seed": [accs[k] for k in sorted(accs)],
     }
 
 

@@ -18,7 +18,7 @@ from ray.tune.search import Searcher
 
 import storage
 from studies.sweep import frontier, tables
-from studies.sweep.design import Spec, Study, full_specs, group_specs, refine_specs, scan_specs
+from studies.sweep.design import Spec, Study, full_specs, group_specs, refine_specs, replicate_specs, scan_specs
 from studies.training import runner
 from studies.training.summary import OBJECTIVE, RunSummary
 from studies.training.tracking import git_commit, hardware, marked_name
@@ -88,12 +88,21 @@ def trainable(fn: Callable, cfg, **params):
     return tune.with_resources(tune.with_parameters(fn, **params), runner.trial_resources(cfg))
 
 
+@dataclass(frozen=True)
+class Phase:
+    """One phase of the searcher: `trials()` computes its trials (groups of specs) from the rows so far. A
+    repeated phase (replication) is asked again once its round has ended, until it has nothing left to run."""
+
+    trials: Callable[[], list[list[Spec]]]
+    repeat: bool = False
+
+
 class PhaseSearcher(Searcher):
     """Hands out the trials of one phase after another: a phase's trials are computed (by its function) only once
     every trial of the previous phase has ended, so the full phase sees the whole scan. Deterministic: no
     suggestion depends on the order in which trials finish."""
 
-    def __init__(self, phases: list[Callable[[], list[list[Spec]]]]):
+    def __init__(self, phases: list[Phase]):
         super().__init__(metric=OBJECTIVE, mode="max")
         self.phases, self.queue, self.running = list(phases), [], set()
 
@@ -103,7 +112,9 @@ class PhaseSearcher(Searcher):
                 return None  # the phase is still running: wait
             if not self.phases:
                 return Searcher.FINISHED
-            self.queue = self.phases.pop(0)()
+            self.queue = self.phases[0].trials()
+            if not (self.phases[0].repeat and self.queue):
+                self.phases.pop(0)
         self.running.add(trial_id)
         return {"specs": self.queue.pop(0)}
 
@@ -224,6 +235,7 @@ class Phases:
                  lock=None):
         self.study, self.env, self.table, self.concurrency, self.n_train = study, env, table, concurrency, n_train
         self.lock, self.printer = lock, ProgressPrinter()
+        self.tried: set[str] = set()  # replication runs handed out so far
 
     def __getstate__(self):  # Tune pickles the searcher (and so this) into its own state; the lock stays here
         return {**self.__dict__, "lock": None, "printer": None}
@@ -248,11 +260,31 @@ class Phases:
         rows = self._after(self.scan())
         return None if rows is None else refine_specs(self.study, rows, self.n_train)
 
-    def full(self) -> list[Spec] | None:
-        """The full phase's runs; None while any scan or refinement run lacks its row."""
+    def replicate(self) -> list[Spec] | None:
+        """The next replication round (design.replicate_specs: only runs without a row); [] once every deciding lr
+        has its seeds; None while any scan or refinement run lacks its row."""
         refine = self.refine()
         rows = self._after(None if refine is None else self.scan() + refine)
-        return None if rows is None else full_specs(self.study, rows)
+        return None if rows is None else replicate_specs(self.study, rows, self.n_train)
+
+    def replicate_round(self) -> list[list[Spec]]:
+        """A round of replication for the searcher; nothing when the round would only repeat runs the round before
+        already tried and left without a row (lost to infrastructure after their retries: --resume reruns them),
+        so a run that keeps failing cannot loop the study."""
+        specs = self.replicate() or []
+        keys = {s.key for s in specs}
+        if keys and keys <= self.tried:
+            return []
+        self.tried |= keys
+        return self.pending("replicate", specs)
+
+    def full(self) -> list[Spec] | None:
+        """The full phase's runs; None while a scan, refinement or replication run lacks its row, or the
+        replication has not reached its fixed point."""
+        rep = self.replicate()
+        if rep is None or rep:
+            return None
+        return full_specs(self.study, self.table.read().to_pylist())
 
     def pending(self, phase: str, specs: list[Spec] | None) -> list[list[Spec]]:
         if not specs:
@@ -268,9 +300,10 @@ class Phases:
 
     def fit(self) -> bool:
         """True when every run of every phase has its row (False: interrupted, or lost to infrastructure)."""
-        searcher = PhaseSearcher([lambda: self.pending("scan", self.scan()),
-                                  lambda: self.pending("refine", self.refine()),
-                                  lambda: self.pending("full", self.full())])
+        searcher = PhaseSearcher([Phase(lambda: self.pending("scan", self.scan())),
+                                  Phase(lambda: self.pending("refine", self.refine())),
+                                  Phase(self.replicate_round, repeat=True),
+                                  Phase(lambda: self.pending("full", self.full()))])
         # reuse_actors: a finished trial's process runs the next one (no Python + torch start per trial).
         fit(self.study, trainable(phase_trial, self.study.fixed, env=self.env),
             tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=self.concurrency,
