@@ -151,7 +151,8 @@ def grids_of(cells: pa.Table | list[dict]) -> list[Grid]:
     return out
 
 
-CELL_METRICS = ("max_stable_lr", "stable_fraction", "lr_sensitivity", "best_val_acc")
+CELL_METRICS = ("max_stable_lr", "max_stable_lr_min", "max_stable_lr_max", "stable_fraction", "lr_sensitivity",
+                "best_val_acc", "best_val_acc_sd")
 
 
 def _slug(text: str) -> str:
@@ -175,7 +176,8 @@ def cell_metrics(cells: pa.Table) -> list[tuple[str, float, int]]:
     (`max_stable_lr/b1024/lambda_0.01`: the run's overview and the runs table show every cell; a facet's value
     between the row and the column), and, when the rows are batch sizes, one series per column of each map with
     step = batch size (`max_stable_lr/lambda_0.01`: a chart over batch sizes; MLflow steps are integers). A
-    frontier at the largest lr tried ('≥') is a lower bound: `max_stable_lr_at_edge/…` says which (1) are."""
+    frontier at the largest lr tried ('≥') is a lower bound: `max_stable_lr_at_edge/…` says which (1) are. The
+    spread over seeds: `max_stable_lr_min/…`, `max_stable_lr_max/…` (the seeds' own frontiers), `best_val_acc_sd/…`."""
     rows = cells.to_pylist()
     lay = Layout.of(rows)
     steps = typing.get_type_hints(TrainConfig).get(lay.row_axis) is int  # batch sizes; not augmentation's 0.5

@@ -137,9 +137,9 @@ def experiment_description(study: Study) -> str:
         "GenAI view otherwise)."])
 
 
-PREVIEW = ("cell", "batch_size", "lambda", "augment_strength", "frontier", "max_stable_lr", "first_unstable_lr",
-           "first_unstable_verdict", "scan_trained", "scan_stalled", "scan_diverged", "frontier_holds", "best_val_acc",
-           "best_base_lr")
+PREVIEW = ("cell", "batch_size", "lambda", "augment_strength", "frontier", "agreement", "max_stable_lr",
+           "max_stable_lr_min", "max_stable_lr_max", "first_unstable_lr", "first_unstable_verdict", "scan_trained",
+           "scan_stalled", "scan_diverged", "frontier_holds", "best_val_acc", "best_val_acc_sd", "best_base_lr")
 
 
 def cells_preview(cells: pa.Table) -> pa.Table:
@@ -150,6 +150,7 @@ def cells_preview(cells: pa.Table) -> pa.Table:
         row = {k: c.get(k) for k in PREVIEW}
         row["lambda"] = lambda_label(c.get("lambda"))
         row["frontier"] = findings.frontier_text(c)
+        row["agreement"] = findings.support_text(c)
         rows.append(row)
     return pa.Table.from_pylist(rows) if rows else pa.table({k: pa.array([], pa.string()) for k in PREVIEW})
 
