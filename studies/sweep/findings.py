@@ -245,13 +245,17 @@ def _effects(g: Grid) -> list[str]:
     else:
         out.append(f"NOT SHOWN: without clipping the largest lr that trains does not fall from {first} to "
                    f"{value_text(hi)} ({a} → {z}).")
-    out += _accuracy_effect(g)
-    agc = [(col, at[hi, col]) for col in g.cols if col != NO_CLIP_COL and (hi, col) in at]
+    return out + _accuracy_effect(g) + _agc_effect(g, c_hi, large, z, last)
+
+
+def _agc_effect(g: Grid, c_hi: dict | None, large: float | None, z: str, last: str) -> list[str]:
+    """AGC's best frontier against no clipping's at the last row: called at ≥ 2× and outside the seeds' spread."""
+    hi = g.rows[-1]
+    agc = [(col, g.at[hi, col]) for col in g.cols if col != NO_CLIP_COL and (hi, col) in g.at]
     found = [(col, c) for col, c in agc if c["frontier"] == FOUND]
     if not found:
-        out.append(f"NOT SHOWN: at {last} no AGC setting has a frontier ("
-                   + ", ".join(f"{col} {frontier_text(c)}" for col, c in agc) + ").")
-        return out
+        return [f"NOT SHOWN: at {last} no AGC setting has a frontier ("
+                + ", ".join(f"{col} {frontier_text(c)}" for col, c in agc) + ")."]
     name, best = max(found, key=lambda x: (x[1]["max_stable_lr"], -x[1]["lr_sensitivity"] if
                                            x[1]["lr_sensitivity"] is not None else 0))
     if large is None:
@@ -259,25 +263,19 @@ def _effects(g: Grid) -> list[str]:
         if z == "undecided":  # say what the same budget did with AGC: the reader weighs it, the finding does not
             seen = (f" (no lr trained in its scan, where AGC {name} trained up to lr {frontier_text(best)} in the "
                     "same budget; a longer scan may find one)")
-        out.append(f"NOT SHOWN: at {last} the frontier without clipping is {z}{seen}, so AGC cannot be "
-                   "compared.")
-    elif large == 0 or best["max_stable_lr"] / large >= 2:
-        times = "where no lr trains without clipping" if large == 0 else \
-            f"{'≥' if best['max_stable_lr_at_edge'] else ''}{best['max_stable_lr'] / large:.3g}× the {z} without " \
-            "clipping"
-        sup = _support_text(*_support([best, c_hi], lambda x, y: x > 0 and (y == 0 or x / y >= 2)))
-        if not _apart(c_hi, best):
-            out.append(f"NOT SHOWN: at {last} AGC {name} trains up to lr {frontier_text(best)}, {times} in the "
-                       f"majority, but within the seeds' spread ({_range(best)} vs {_range(c_hi)}){sup}.")
-            return out
-        weak = c_hi["frontier_holds"] is False  # the control is worse still over the full run
-        out.append(f"at {last} AGC {name} trains up to lr {frontier_text(best)}, {times}"
-                   + (f" (and without clipping lr {z} did not even train over the full budget)" if weak else "")
-                   + f"{sup}.")
-    else:
-        out.append(f"NOT SHOWN: at {last} the best AGC setting ({name}, lr {frontier_text(best)}) is not ≥ 2× "
-                   f"no clipping's {z}.")
-    return out
+        return [f"NOT SHOWN: at {last} the frontier without clipping is {z}{seen}, so AGC cannot be compared."]
+    if not (large == 0 or best["max_stable_lr"] / large >= 2):
+        return [f"NOT SHOWN: at {last} the best AGC setting ({name}, lr {frontier_text(best)}) is not ≥ 2× "
+                f"no clipping's {z}."]
+    times = "where no lr trains without clipping" if large == 0 else \
+        f"{'≥' if best['max_stable_lr_at_edge'] else ''}{best['max_stable_lr'] / large:.3g}× the {z} without clipping"
+    sup = _support_text(*_support([best, c_hi], lambda x, y: x > 0 and (y == 0 or x / y >= 2)))
+    if not _apart(c_hi, best):
+        return [f"NOT SHOWN: at {last} AGC {name} trains up to lr {frontier_text(best)}, {times} in the majority, "
+                f"but within the seeds' spread ({_range(best)} vs {_range(c_hi)}){sup}."]
+    weak = c_hi["frontier_holds"] is False  # the control is worse still over the full run
+    return [f"at {last} AGC {name} trains up to lr {frontier_text(best)}, {times}"
+            + (f" (and without clipping lr {z} did not even train over the full budget)" if weak else "") + f"{sup}."]
 
 
 def _acc_by_seed(c: dict) -> dict[int, float]:
