@@ -6,7 +6,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("nfnet", "storage", "studies")
 SCRIPTS = {"studies.agc_lambda", "studies.augmentation", "studies.batch_scaling", "studies.hpo", "studies.signal_prop",
-           "studies.train"}
+           "studies.train", "studies.compare_maps"}
 MAX_FUNCTION_LINES, MAX_MODULE_LINES = 60, 420  # "about 400": storage/loaders.py is 411
 
 

@@ -1,6 +1,7 @@
 """The study's figures as pure functions of its tables: a third grid axis gets its own row of panels (or heatmap),
 augmentation as the map's rows reads as such."""
 import pyarrow as pa
+import pytest
 
 from studies.sweep import figures, frontier
 from tests.test_sweep_frontier import _lrs, _row, _three_axis_rows
@@ -56,3 +57,130 @@ def test_augmentation_rows_are_evenly_spaced_and_named():
     acc = figures.plot_lr_accuracy(rows)
     assert [a.get_title() for a in _visible(acc)] == ["augmentation 0", "augmentation 0.5", "augmentation 1"]
     figures.close(acc)
+
+
+# ---- replication (issue 30): every seed's verdict, the frontier's spread, the accuracy's range ----
+
+VERDICT = {"t": "trained", "s": "stalled", "d": "diverged"}
+
+
+def _run(cell, b, lr, v, seed=0, phase="scan", acc=None):
+    """A results row of λ=0.01 with its verdict: t(rained), s(talled) or d(iverged)."""
+    return {"cell": cell, "batch_size": b, "model": "nf_resnet_cifar", "clipping": "agc", "lambda": 0.01,
+            "base_lr": lr, "seed": seed, "phase": phase, "status": "diverged" if v == "d" else "completed",
+            "verdict": VERDICT[v], "initial_train_loss": 2.3, "final_train_loss": {"t": 1.8, "s": 2.29}.get(v),
+            "final_train_loss_se": 0.01, "best_val_acc": acc}
+
+
+def _per_lr(cell, b, per_lr: dict[float, str], phase_0="scan"):
+    """Runs of a cell: per lr, the verdicts of seeds 0, 1, … ('tts'); seeds past 0 are replicates."""
+    return [_run(cell, b, lr, v, seed=s, phase=phase_0 if s == 0 else "replicate")
+            for lr, pattern in per_lr.items() for s, v in enumerate(pattern)]
+
+
+A, B, C = "batch_size=64 lambda=0.01", "batch_size=1024 lambda=0.01", "batch_size=256 lambda=0.01"
+
+
+def _replicated_rows():
+    """A (batch 64): 0.4 trains in seeds 0, 1 and stalls in seed 2, so the majority frontier is 0.4 (2 of 3) and
+    seed 2's own is 0.2; full runs at 0.2 score 0.5, 0.6, 0.7. B (batch 1024): one seed, frontier 0.2. C (batch
+    256): seed 2 diverges at every lr, its own frontier none (0)."""
+    rows = _per_lr(A, 64, {0.1: "t", 0.2: "ttt", 0.4: "tts", 0.8: "sss"})
+    rows += _per_lr(B, 1024, {0.1: "t", 0.2: "t", 0.4: "d"})
+    rows += _per_lr(C, 256, {0.1: "ttd", 0.2: "ddd"})
+    rows += [_run(A, 64, 0.2, "t", seed=s, phase="full", acc=acc) for s, acc in enumerate((0.5, 0.6, 0.7))]
+    rows.append(_run(B, 1024, 0.1, "t", phase="full", acc=0.4))
+    return rows
+
+
+def _tagged(ax, gid):
+    return [a for a in [*ax.get_lines(), *ax.collections] if a.get_gid() == gid]
+
+
+def _verdict_of(line):
+    return next(v for v, (m, c) in figures.MARKERS.items() if (m, c) == (line.get_marker(), line.get_color()))
+
+
+def test_every_seeds_verdict_is_drawn_beneath_its_lr_and_the_frontier_with_its_spread():
+    rows = _replicated_rows()
+    cells = frontier.frontier_table(rows)
+    fig = figures.plot_stable_region(rows, cells, "t")
+    (ax,) = _visible(fig)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["64", "256", "1024"]  # A row 0, C row 1, B row 2
+    seeds = _tagged(ax, figures.SEED_GID)
+    at = {(x, y): [ln for ln in seeds if (ln.get_xdata()[0], ln.get_ydata()[0]) == (x, y)] for x, y in
+          {(ln.get_xdata()[0], ln.get_ydata()[0]) for ln in seeds}}
+    # A: every replicated lr shows its three seeds, in seed order; the lone run at 0.1 gets none.
+    assert {lr for lr, row in at if row == 0} == {0.2, 0.4, 0.8}
+    assert [_verdict_of(ln) for ln in at[0.4, 0]] == ["trained", "trained", "stalled"]
+    assert [_verdict_of(ln) for ln in at[0.8, 0]] == ["stalled"] * 3
+    # …stacked beneath the lr's majority marker (trained: 2 of 3), each further down.
+    (major,) = [ln for ln in ax.get_lines() if ln.get_gid() is None and list(ln.get_xdata()) == [0.4]
+                and list(ln.get_ydata()) == [0] and ln.get_marker() == "o"]
+    ys = [ln.get_transform().transform((0.4, 0))[1] for ln in [major, *at[0.4, 0]]]
+    assert ys == sorted(ys, reverse=True) and len(set(ys)) == 4
+    assert not any(row == 2 for _, row in at)  # B has one seed: nothing beneath its lrs
+    # The frontier line goes by the majority; the band spans the seeds' own frontiers (A: 0.2–0.4; C: none–0.1,
+    # drawn from left of its lrs), and B, unreplicated, has none.
+    line = [ln for ln in ax.get_lines() if ln.get_linestyle() == "-" and ln.get_gid() is None][0]
+    assert list(line.get_xdata()) == [0.4, 0.1, 0.2] and list(line.get_ydata()) == [0, 1, 2]
+    bands = {ln.get_ydata()[0]: list(ln.get_xdata()) for ln in _tagged(ax, figures.SPREAD_GID)}
+    assert bands == {0: [0.2, 0.4], 1: [pytest.approx(0.1 / 2 ** 0.5), 0.1]}
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "each seed's verdict (beneath its lr)" in labels and "frontier range over seeds" in labels
+    assert "trained (majority of seeds)" in labels
+    figures.close(fig)
+
+
+def test_the_map_writes_the_agreement_the_spread_and_the_accuracy_with_its_sd():
+    cells = frontier.frontier_table(_replicated_rows())
+    heat = figures.plot_stability_map(cells, "t")
+    (ax,) = [ax for ax in heat.axes if ax.images]
+    texts = [t.get_text() for t in ax.texts]
+    assert texts == ["lr 0.4 (2/3)\n0.8 fails 3/3\nseeds 0.2–0.4\nacc 0.600 ± 0.100",  # A: map order, batch 64 first
+                     "lr 0.1 (2/3)\n0.2 fails 3/3\nseeds none–0.1",  # C: seed 2 trains at no lr
+                     "lr 0.2\nacc 0.400"]  # B: one seed, as before
+    figures.close(heat)
+
+
+def test_the_curves_draw_each_seed_around_the_mean_and_the_accuracys_range():
+    rows = _replicated_rows()
+    fig = figures.plot_lr_loss(rows)
+    axes = {ax.get_title(): ax for ax in _visible(fig)}
+    mean = next(ln for ln in axes["batch 64"].get_lines() if ln.get_label() == "λ=0.01")
+    assert dict(zip(mean.get_xdata(), mean.get_ydata()))[0.4] == pytest.approx((1.8 + 1.8 + 2.29) / 3)
+    (points,) = _tagged(axes["batch 64"], figures.SEED_GID)  # no seed diverged: one set of points
+    got = sorted(y for x, y in zip(points.get_xdata(), points.get_ydata()) if x == 0.4)
+    assert got == pytest.approx([1.8, 1.8, 2.29]) and points.get_alpha() < 1
+    div = [ln for ln in _tagged(axes["batch 256"], figures.SEED_GID) if ln.get_marker() == "x"]
+    assert len(div) == 1 and list(div[0].get_xdata()) == [0.1] + [0.2] * 3  # C's diverged seeds, at the start
+    assert not _tagged(axes["batch 1024"], figures.SEED_GID)  # B: one seed
+    figures.close(fig)
+    acc = figures.plot_lr_accuracy(rows)
+    axes = {ax.get_title(): ax for ax in _visible(acc)}
+    (bars,) = _tagged(axes["batch 64"], figures.ACC_SPREAD_GID)
+    assert [[tuple(p) for p in seg] for seg in bars.get_segments()] == [[(0.2, 0.5), (0.2, 0.7)]]
+    (points,) = _tagged(axes["batch 64"], figures.SEED_GID)
+    assert sorted(points.get_ydata()) == [0.5, 0.6, 0.7]
+    assert not _tagged(axes["batch 1024"], figures.ACC_SPREAD_GID)
+    assert [t.get_text() for t in axes["batch 1024"].get_legend().get_texts()] == ["λ=0.01", "one seed",
+                                                                                    "range over seeds"]
+    figures.close(acc)
+
+
+def test_an_unreplicated_study_draws_nothing_of_seeds():
+    rows = [r for r in _replicated_rows() if r["cell"] == B]
+    rows += _per_lr(A, 64, {0.1: "t", 0.2: "t", 0.4: "t", 0.8: "s"})
+    cells = frontier.frontier_table(rows)
+    for fig in (figures.plot_stable_region(rows, cells), figures.plot_lr_loss(rows), figures.plot_lr_accuracy(rows)):
+        for ax in _visible(fig):
+            assert not [a for g in (figures.SEED_GID, figures.SPREAD_GID, figures.ACC_SPREAD_GID)
+                        for a in _tagged(ax, g)]
+        legends = fig.legends or [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+        labels = [t.get_text() for lg in legends for t in lg.get_texts()]
+        assert not any("seed" in label for label in labels)
+        figures.close(fig)
+    heat = figures.plot_stability_map(cells)
+    assert "seeds" not in heat._suptitle.get_text()
+    assert [t.get_text() for t in next(ax for ax in heat.axes if ax.images).texts] == ["lr 0.4", "lr 0.2\nacc 0.400"]
+    figures.close(heat)

@@ -177,9 +177,12 @@ def findings(cells: pa.Table) -> list[str]:
         ok = sum(c["frontier_holds"] for c in held)
         out.append(f"the frontier lr trained over the full budget in {ok} of {len(held)} cells"
                    + ("" if ok == len(held) else " — NOT everywhere: see the cells above"))
-    for g in grids:
-        out += [f"[{g.facet}] {line}" if g.facet else line for line in _effects(g)]
-    return out
+    return out + effect_lines(grids)
+
+
+def effect_lines(grids: list[Grid]) -> list[str]:
+    """The paper's effects read along each map (a facet's heading first), shown or NOT SHOWN."""
+    return [f"[{g.facet}] {line}" if g.facet else line for g in grids for line in _effects(g)]
 
 
 def _seed_values(c: dict) -> dict[int, float | None]:

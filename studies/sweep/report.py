@@ -23,13 +23,16 @@ from studies.training.tracking import Tracker, redact
 # What each figure of the frontier analysis shows: the study run's description lists them.
 FIGURES = {
     "stability_map.png": "heatmap, the map's rows (batch size, or augmentation) × λ, one per value of a third axis: "
-                         "the largest base lr that trains (colour, log scale; ≥ = a lower bound) and the best "
-                         "accuracy; grey = undecided, hatched = no lr trains",
+                         "the largest base lr that trains (colour, log scale; ≥ = a lower bound) with the seeds "
+                         "it rests on, the next lr and the seeds that failed there, the seeds' own frontiers and the "
+                         "best accuracy (mean ± sd); grey = undecided, hatched = no lr trains",
     "stable_region.png": "a panel per λ (a row of panels per third-axis value): every tried lr (log) × the map's "
-                         "rows, marked trained / stalled / diverged (majority of seeds), the frontier as a line",
+                         "rows, marked trained / stalled / diverged (majority of seeds; each seed's verdict small "
+                         "beneath a replicated lr), the frontier as a line, its range over seeds as a band",
     "lr_loss.png": "final scan loss vs lr, a panel per row of the map, a line per λ (Wortsman et al. 2023); "
-                   "diverged lrs drawn at the start loss",
-    "lr_accuracy.png": "val top-1 of the full runs vs lr, a panel per row of the map, a line per λ",
+                   "diverged lrs drawn at the start loss; each seed a small point at a replicated lr",
+    "lr_accuracy.png": "val top-1 of the full runs vs lr, a panel per row of the map, a line per λ (mean over "
+                       "seeds, each seed a point, their range a bar)",
 }
 
 

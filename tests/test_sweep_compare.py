@@ -1,0 +1,60 @@
+"""Two maps of one design compared (pure functions over cells tables): √2 steps per cell, same findings."""
+import pyarrow.parquet as pq
+import pytest
+
+from studies import compare_maps
+from studies.sweep import compare, frontier
+
+START = 2.30
+
+
+def _rows(frontiers: dict[tuple[int, str], str], seed: int = 0) -> list[dict]:
+    """A map's scan rows: per (batch, λ) a verdict pattern over lrs 0.1 … 1.6 ('tttdd': frontier 0.4)."""
+    rows = []
+    for (b, lam), pattern in frontiers.items():
+        for lr, v in zip((0.1, 0.2, 0.4, 0.8, 1.6), pattern):
+            rows.append({"cell": f"batch_size={b} lambda={lam}", "batch_size": b, "model": "m",
+                         "clipping": "none" if lam == "none" else "agc",
+                         "lambda": None if lam == "none" else float(lam), "base_lr": lr, "seed": seed,
+                         "phase": "scan", "status": "diverged" if v == "d" else "completed",
+                         "initial_train_loss": START, "final_train_loss": {"t": 1.8, "s": 2.29}.get(v),
+                         "final_train_loss_se": 0.01})
+    return rows
+
+
+A = {(64, "none"): "tttdd", (1024, "none"): "tdddd", (64, "0.01"): "ttttt", (1024, "0.01"): "tttdd"}
+
+
+def test_cells_within_one_sqrt2_step_agree_and_further_apart_do_not():
+    a = frontier.frontier_table(_rows(A))
+    b = frontier.frontier_table(_rows({**A, (64, "none"): "ttttd", (1024, "none"): "sdddd"}, seed=10))
+    pairs = {p.cell: p for p in compare.pair_cells(a, b)}
+    far = pairs["batch_size=64 lambda=none"]
+    assert far.steps == pytest.approx(2.0) and not far.agree
+    assert pairs["batch_size=1024 lambda=none"].steps is None  # 0.1 vs undecided: no number to compare
+    assert pairs["batch_size=64 lambda=0.01"].agree  # ≥1.6 in both
+    text = compare.comparison_text(a, b, ("seed0", "seed10"))
+    assert "2 of 4 cells within one √2 step" in text and "← apart" in text
+    assert "findings differ" in text  # the control's fall is shown in one, NOT SHOWN (undecided) in the other
+
+
+def test_a_lower_bound_agrees_with_anything_above_it_and_the_same_map_agrees_everywhere():
+    a = frontier.frontier_table(_rows(A))
+    low = frontier.frontier_table(_rows({**A, (64, "none"): "ttt"}))  # ≥0.4: only up to 0.4 was tried
+    high = frontier.frontier_table(_rows({**A, (64, "none"): "tttttd"[:5]}))  # 1.6 (≥1.6): above the bound
+    assert all(p.agree for p in compare.pair_cells(low, high)) and all(p.agree for p in compare.pair_cells(high, low))
+    text = compare.comparison_text(a, a)
+    assert "4 of 4 cells within one √2 step; findings the same" in text
+
+
+def test_the_script_reads_two_outputs_and_refuses_a_folder_without_a_map(tmp_path, capsys):
+    for name in ("seed0", "seed10"):
+        (tmp_path / name / "s").mkdir(parents=True)
+        pq.write_table(frontier.frontier_table(_rows(A)), tmp_path / name / "s" / "cells.parquet")
+    out = compare_maps.main([str(tmp_path / "seed0" / "s"), str(tmp_path / "seed10" / "s")])
+    assert "seed0" in out and "seed10" in out and "4 of 4 cells" in out
+    try:
+        compare_maps.main([str(tmp_path / "seed0"), str(tmp_path / "seed10" / "s")])
+    except SystemExit as e:
+        assert e.code == 2
+    assert "holds no cells.parquet" in capsys.readouterr().err
