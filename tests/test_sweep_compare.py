@@ -58,3 +58,35 @@ def test_the_script_reads_two_outputs_and_refuses_a_folder_without_a_map(tmp_pat
     except SystemExit as e:
         assert e.code == 2
     assert "holds no cells.parquet" in capsys.readouterr().err
+
+
+def test_a_small_scan_gives_the_same_map_on_two_kernel_paths(tmp_path):
+    """Issue 30, item 4, small: the same seed's scan of one cell with channels_last off and on (other conv kernels,
+    other rounding) and with bf16 autocast: the frontiers lie within one √2 step."""
+    import torch
+
+    import storage
+    from studies.sweep import tables
+    from studies.training import loop
+    from studies.training.config import TrainConfig
+
+    uri = storage.prepare_dataset("synthetic", str(tmp_path), seed=0, n_train=2048, n_val=64, image_size=16).uri
+    base = TrainConfig(model="nf_resnet_cifar", model_overrides={"width": 8, "depth": 1}, dataset="synthetic",
+                       batch_size=64, clipping="agc", clip_threshold=0.04, warmup_steps=0, lr_schedule="constant", max_steps=128,
+                       eval_every_epochs=0, checkpoint_every_epochs=0, log_every_steps=4, gns_every_steps=0)
+    maps, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)  # a study's trial has one thread
+    for path in ({}, {"channels_last": True}, {"precision": "bf16", "channels_last": True}):
+        rows = []
+        for lr in (0.4, 1.6, 6.4):
+            cfg = base.replace(base_lr=lr, **path)
+            summary = loop.train(cfg, uri, loop.WorkerContext(print=lambda *_: None))
+            rows.append(tables.results_row({"study": "t", "trial_key": str(lr), "phase": "scan",
+                                            "cell": "batch_size=64 lambda=0.04"}, cfg, summary, "cpu", "x"))
+        maps.append(frontier.frontier_table(rows))
+    torch.set_num_threads(threads)
+    # the scan decides: 0.4 and 1.6 train, 6.4 fails (measured: 2.30 → 2.09, 1.87, 2.34 on the first path)
+    assert maps[0].column("max_stable_lr").to_pylist() == [1.6]
+    for other in maps[1:]:
+        (pair,) = compare.pair_cells(maps[0], other)
+        assert pair.agree, pair
