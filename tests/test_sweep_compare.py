@@ -72,8 +72,9 @@ def test_a_small_scan_gives_the_same_map_on_two_kernel_paths(tmp_path):
 
     uri = storage.prepare_dataset("synthetic", str(tmp_path), seed=0, n_train=2048, n_val=64, image_size=16).uri
     base = TrainConfig(model="nf_resnet_cifar", model_overrides={"width": 8, "depth": 1}, dataset="synthetic",
-                       batch_size=64, clipping="agc", clip_threshold=0.04, warmup_steps=0, lr_schedule="constant", max_steps=128,
-                       eval_every_epochs=0, checkpoint_every_epochs=0, log_every_steps=4, gns_every_steps=0)
+                       batch_size=64, clipping="agc", clip_threshold=0.04, warmup_steps=0, lr_schedule="constant",
+                       max_steps=128, eval_every_epochs=0, checkpoint_every_epochs=0, log_every_steps=4,
+                       gns_every_steps=0)
     maps, threads = [], torch.get_num_threads()
     torch.set_num_threads(1)  # a study's trial has one thread
     for path in ({}, {"channels_last": True}, {"precision": "bf16", "channels_last": True}):
