@@ -12,11 +12,11 @@ from storage.loaders import (
 )
 from storage.lock import acquire_lock
 from storage.results import ResultsTable
-from storage.uri import StorageError, StorageUnavailable, check_writable, require_absolute, resolve
+from storage.uri import StorageError, StorageUnavailable, StorageUnwritable, check_writable, require_absolute, resolve
 
 __all__ = [
     "EpochStream", "Manifest", "ResidentLoader", "ResultsTable", "ShardSet", "StorageError", "StorageUnavailable",
-    "StreamingLoader",
+    "StorageUnwritable", "StreamingLoader",
     "acquire_lock", "check_writable", "derive_seed", "iter_torch_batches", "make_loader", "open_dataset",
     "prepare_dataset", "ray_dataset", "require_absolute", "resolve", "source_params",
 ]

@@ -1,8 +1,9 @@
 """Dataset format: Parquet shards + manifest.json, written by prepare_dataset, read by open_dataset.
 
 Layout under root/<source>-<hash>/:
-  shards-<token>/<split>-00000.parquet   one attempt's shards (an interrupted attempt leaves an orphan dir, cleared
-                                         by the next attempt, except under a best-effort lease: gs://)
+  shards-<token>/<split>-00000.parquet   one attempt's shards (an attempt that fails or is refused removes its dir,
+                                         the lock file and the folders it made; a killed one leaves an orphan dir,
+                                         cleared by the next attempt, except under a best-effort lease: gs://)
   manifest.json                          written LAST: its presence is the commit marker
   .lock                                  held while writing (storage.lock): a second writer waits, then reuses
 Fixed-size sets store raw uint8 HWC bytes per row; imagefolder stores the encoded file bytes. The hash covers
@@ -32,7 +33,19 @@ import torch
 from storage import sources
 from storage.lock import acquire_lock
 from storage.sources import IMAGE_EXTS, SOURCES, SPLITS, source_params  # noqa: F401  (re-exported)
-from storage.uri import StorageError, exists, join, one_line, read_bytes, resolve, stays_inside, write_bytes_atomic
+from storage.uri import (
+    StorageError,
+    exists,
+    join,
+    missing_dirs,
+    one_line,
+    read_bytes,
+    refused_write,
+    remove_empty_dirs,
+    resolve,
+    stays_inside,
+    write_bytes_atomic,
+)
 
 SCHEMA_VERSION = 1
 DEFAULT_MAX_SHARD_BYTES = 256 << 20  # bounds preparation memory (imagefolder) and keeps shards well below 2 GiB
@@ -139,8 +152,8 @@ def _write_split(fs, dpath: str, shard_dir: str, split: str, tables: Iterator[pa
             with fs.open_output_stream(join(dpath, rel)) as f:
                 f.write(blob)
         except OSError as e:
-            raise StorageError(f"cannot write {join(dpath, rel)} ({one_line(e)}); check permissions / "
-                               "credentials") from e
+            raise refused_write(e, join(dpath, rel)) or StorageError(
+                f"cannot write {join(dpath, rel)} ({one_line(e)}); check permissions / credentials") from e
         out.append({"path": rel, "rows": table.num_rows, "sha256": hashlib.sha256(blob).hexdigest()})
         if sizes is not None:
             sizes.update(zip(table["height"].to_pylist(), table["width"].to_pylist()))
@@ -169,6 +182,18 @@ def _clear_orphans(fs, dpath: str, uri: str, lock) -> None:
             fs.delete_dir(d)
     except OSError as e:
         raise StorageError(f"cannot list {uri} ({one_line(e)}); check the URI and credentials") from e
+
+
+def _discard_attempt(fs, shard_dir: str, lock, made: list[str]) -> None:
+    """What a failed preparation wrote, taken back: its own shard dir (no manifest names it; on a full disk this
+    frees what it used), the lock file, and the folders it created once they are empty (an interrupted attempt, a
+    killed process, leaves its dir to the next attempt's _clear_orphans instead)."""
+    try:
+        fs.delete_dir(shard_dir)
+    except OSError:
+        pass  # not created, or unreachable: a later attempt clears it (an orphan)
+    lock.release(discard=True)
+    remove_empty_dirs(made)
 
 
 def _check_request(source: str, seed: int, path: str | None, params: dict, **sizes) -> None:
@@ -209,35 +234,40 @@ def prepare_dataset(source: str, root: str, *, seed: int = 0, path: str | None =
     if exists(fs, join(dpath, "manifest.json")):
         return open_dataset(uri).manifest
     owner = f"prepare_dataset {source} on {socket.gethostname()}"
+    made = missing_dirs(dpath)  # the local folders this preparation creates: taken back if it fails
     with acquire_lock(uri, owner, wait_s=None) as lock:
         if exists(fs, join(dpath, "manifest.json")):
             return open_dataset(uri).manifest  # another writer finished it while we waited
         _clear_orphans(fs, dpath, uri, lock)
         said = sources.Preparing(name, source)
         shard_dir = f"shards-{uuid.uuid4().hex[:8]}"
-        fs.create_dir(join(dpath, shard_dir), recursive=True)
-        if listing is None:
-            if source == "synthetic":
-                data, names = sources.synthetic_splits(seed, **params)
+        try:
+            fs.create_dir(join(dpath, shard_dir), recursive=True)
+            if listing is None:
+                if source == "synthetic":
+                    data, names = sources.synthetic_splits(seed, **params)
+                else:
+                    data, names = sources.cifar_splits(path, source == "cifar100", download=download)
+                h, w, c = data["train"][0].shape[1:]
+                rows = max(1, min(rows_per_shard, max_shard_bytes // (h * w * c)))
+                shards = {s: _write_split(fs, dpath, shard_dir, s, _raw_tables(*data[s], rows)) for s in SPLITS}
+                image_shape, encoding = (int(c), int(h), int(w)), "raw"
             else:
-                data, names = sources.cifar_splits(path, source == "cifar100", download=download)
-            h, w, c = data["train"][0].shape[1:]
-            rows = max(1, min(rows_per_shard, max_shard_bytes // (h * w * c)))
-            shards = {s: _write_split(fs, dpath, shard_dir, s, _raw_tables(*data[s], rows)) for s in SPLITS}
-            image_shape, encoding = (int(c), int(h), int(w)), "raw"
-        else:
-            progress = sources.Progress(sum(len(f) for f in listing.splits.values()), progress_every, name)
-            sizes = set()
-            shards = {s: _write_split(fs, dpath, shard_dir, s, sources.imagefolder_tables(
-                listing.splits[s], rows_per_shard, max_shard_bytes, progress, s), sizes) for s in SPLITS}
-            names, encoding = listing.classes, "encoded"
-            image_shape = (3, *sizes.pop()) if len(sizes) == 1 else None
-        manifest = Manifest(uri=uri, source=source, params={**key, "seed": seed}, num_classes=len(names),
-                            class_names=names, image_shape=image_shape,
-                            splits={s: sum(x["rows"] for x in shards[s]) for s in SPLITS}, shards=shards,
-                            encoding=encoding)
-        lock.check()  # an object-store lease lost mid-way means another writer may have cleared our shards
-        write_bytes_atomic(fs, join(dpath, "manifest.json"), manifest.to_json().encode())  # the commit
+                progress = sources.Progress(sum(len(f) for f in listing.splits.values()), progress_every, name)
+                sizes = set()
+                shards = {s: _write_split(fs, dpath, shard_dir, s, sources.imagefolder_tables(
+                    listing.splits[s], rows_per_shard, max_shard_bytes, progress, s), sizes) for s in SPLITS}
+                names, encoding = listing.classes, "encoded"
+                image_shape = (3, *sizes.pop()) if len(sizes) == 1 else None
+            manifest = Manifest(uri=uri, source=source, params={**key, "seed": seed}, num_classes=len(names),
+                                class_names=names, image_shape=image_shape,
+                                splits={s: sum(x["rows"] for x in shards[s]) for s in SPLITS}, shards=shards,
+                                encoding=encoding)
+            lock.check()  # an object-store lease lost mid-way means another writer may have cleared our shards
+            write_bytes_atomic(fs, join(dpath, "manifest.json"), manifest.to_json().encode())  # the commit
+        except Exception:  # refused (a missing or bad source) or failed (no space): nothing of it is left behind
+            _discard_attempt(fs, join(dpath, shard_dir), lock, made)
+            raise
     said.done(manifest.splits, sum(len(v) for v in shards.values()), uri)
     return manifest
 

@@ -54,24 +54,45 @@ class _Flock:
         self.path, self.info, self.fd = path, info, None
 
     def try_acquire(self) -> dict | None:
-        try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e:
-            raise StorageError(f"cannot create lock file {self.path} ({one_line(e)}); check the folder's "
-                               "permissions or pass another location") from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            held = _parse(os.pread(fd, 65536, 0))
-            os.close(fd)
-            return held or {}
+        while True:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held = _parse(os.pread(fd, 65536, 0))
+                os.close(fd)
+                return held or {}
+            if self._current(fd):
+                break
+            os.close(fd)  # a holder discarded the file after we opened it: lock the one at the path now
         # who holds it, for the refusal message of the next one and for fences; the lock itself is the flock
         self.info["generation"] = int((_parse(os.pread(fd, 65536, 0)) or {}).get("generation", 0)) + 1
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(self.info).encode(), 0)
         self.fd = fd
         return None
+
+    def _open(self) -> int:
+        folder = os.path.dirname(self.path)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            try:
+                return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except FileNotFoundError:  # a holder that discarded the lock removed its empty folder in between
+                os.makedirs(folder, exist_ok=True)
+                return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise StorageError(f"cannot create lock file {self.path} ({one_line(e)}); check the folder's "
+                               "permissions or pass another location") from e
+
+    def _current(self, fd: int) -> bool:
+        """Whether fd is still the file at the path: discard() unlinks it while holding the flock, so a flock won on
+        the old file after that guards nothing."""
+        try:
+            st, now = os.fstat(fd), os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
 
     def renew(self) -> None:
         pass
@@ -93,8 +114,14 @@ class _Flock:
         finally:
             os.close(fd)
 
-    def release(self) -> None:
+    def release(self, discard: bool = False) -> None:
+        """discard: delete the lock file too (before letting go of the flock, so nobody locks it meanwhile)."""
         if self.fd is not None:
+            if discard:
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None

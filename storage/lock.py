@@ -1,7 +1,9 @@
 """One writer per location: acquire_lock(uri, owner) refuses (or waits for) a second holder.
 
 Local paths: fcntl.flock on <uri>/.lock. The kernel drops it when the holder's process dies, so a crash never
-leaves a stale lock (Linux maps flock to POSIX locks on NFS, so a shared NFS mount works too).
+leaves a stale lock (Linux maps flock to POSIX locks on NFS, so a shared NFS mount works too). release(discard=True)
+deletes the file while still holding it (a location left as it was found); a taker checks, once it has the flock,
+that the file it locked is still the one at the path, and otherwise locks the new one.
 
 s3://: a lease object <uri>/.lock created with a conditional put (boto3, If-None-Match: *), holding the owner and
 an expiry time. The holder renews it (renew(), or the heartbeat thread that acquire_lock starts) before it
@@ -132,12 +134,17 @@ class Lock:
     def fence(self) -> Fence:
         return Fence(self.uri, self._backend.info["token"], self.generation, self.ttl_s)
 
-    def release(self) -> None:
+    def release(self, discard: bool = False) -> None:
+        """discard: delete the lock file too, for a location its holder leaves as it found it (a study or a
+        preparation refused before it wrote anything). Object-store leases are deleted on every release."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        self._backend.release()
+        if isinstance(self._backend, _Flock):
+            self._backend.release(discard=discard)
+        else:
+            self._backend.release()
 
     def __enter__(self) -> "Lock":
         return self

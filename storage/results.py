@@ -1,5 +1,9 @@
 """Study results as a directory of Parquet part-files: append = one new part (atomic), read = concat all parts
-and keep the LAST row per key (per (key, epoch) for epochs), so resumed studies never duplicate."""
+and keep the LAST row per key (per (key, epoch) for epochs), so resumed studies never duplicate.
+
+A write the storage refuses (no space, read-only, permission lost) leaves no part, not even a partial one, and
+raises StorageUnwritable naming the folder and the fix: the rows written before are kept, and --resume reruns the
+trials without a row once the fix is in."""
 
 import time
 import uuid
@@ -10,7 +14,18 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from storage.lock import Fence, check_fence
-from storage.uri import StorageError, join, read_bytes, resolve, write_bytes_atomic
+from storage.uri import (
+    StorageError,
+    StorageUnwritable,
+    join,
+    probe_write,
+    read_bytes,
+    refused_write,
+    resolve,
+    write_bytes_atomic,
+)
+
+RESUME = "continue the study with --resume (the rows written so far are kept)"
 
 
 def _column(name: str, values: list, typ: pa.DataType) -> pa.Array:
@@ -61,8 +76,19 @@ class ResultsTable:
         # time-ordered names: reading sorts by name, so 'last row wins' follows append order
         name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
         path = join(self.path, sub, name)
-        write_bytes_atomic(self.fs, path, sink.getvalue().to_pybytes())
+        try:
+            write_bytes_atomic(self.fs, path, sink.getvalue().to_pybytes())
+        except StorageUnwritable as e:  # the folder, not the part's name (never written): that is what to fix
+            raise (refused_write(e.__cause__, join(self.uri, sub)) or e).then(RESUME) from e.__cause__
         return path
+
+    def check_writable(self) -> None:
+        """Raise StorageUnwritable (naming the results folder and the fix) when a row written now would be refused:
+        a probe write of a part's size, deleted again. For a driver that cannot see its trials' writes fail."""
+        try:
+            probe_write(join(self.uri, "results"))
+        except StorageUnwritable as e:
+            raise e.then(RESUME) from None
 
     def _read(self, sub: str, keys: list[str]) -> pa.Table | None:
         d = join(self.path, sub)

@@ -1,5 +1,6 @@
 """One place that turns a URI into (pyarrow FileSystem, path); everything else goes through it."""
 
+import errno
 import os
 import posixpath
 import re
@@ -17,6 +18,54 @@ class StorageError(ValueError):
 class StorageUnavailable(StorageError):
     """Storage could not be reached (network, throttling, a server's 5xx): the same request may succeed later, so
     a run that meets it is retried, never recorded as failed."""
+
+
+class StorageUnwritable(StorageError):
+    """The storage refuses writes until someone acts: no space left (ENOSPC, EDQUOT), a read-only file system (EROFS),
+    permission or credentials lost (EACCES, EPERM, an object store's AccessDenied). Retrying cannot help, so it is
+    never retried; the message (one line) names the path and the fix. `errno` and `path` say which and where."""
+
+    errno: int | None = None
+    path: str = ""
+
+    def then(self, step: str) -> "StorageUnwritable":
+        """The same fault, its fix followed by the caller's next step ('continue the study with --resume')."""
+        e = StorageUnwritable(f"{self}, then {step}")
+        e.errno, e.path = self.errno, self.path
+        return e
+
+
+# errno -> (what happened, the fix)
+_REFUSED = {errno.ENOSPC: ("no space left on the device", "free space there"),
+            errno.EDQUOT: ("the disk quota is used up", "free space there or raise the quota"),
+            errno.EROFS: ("the file system is read-only", "make it writable (remount it read-write)"),
+            errno.EACCES: ("permission denied", "give this user write access to it (or fix the credentials)"),
+            errno.EPERM: ("operation not permitted", "give this user write access to it")}
+_DENIED = ("ACCESS_DENIED", "AccessDenied", "HTTP 403", "Forbidden")  # an object store's EACCES
+
+
+def refused_write(e: BaseException, path: str) -> StorageUnwritable | None:
+    """A write fault that stays until someone fixes it (no space, read-only, no permission), as one line naming
+    `path` and the fix; None for any other error."""
+    code = getattr(e, "errno", None)
+    if code in _REFUSED:
+        why, fix = _REFUSED[code]
+        why = f"{why} ({errno.errorcode[code]})"
+    elif isinstance(e, OSError) and any(w.lower() in str(e).lower() for w in _DENIED):
+        code, fix = errno.EACCES, _REFUSED[errno.EACCES][1]
+        why = f"access denied ({one_line(e)})"  # the store's own words: which operation, which key
+    else:
+        return None
+    err = StorageUnwritable(f"cannot write {path}: {why}; {fix}")
+    err.errno, err.path = code, path
+    return err
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass  # never there, or already gone
 
 
 # pyarrow's and the object stores' words for a transport failure, as opposed to a refusal (access denied, no such
@@ -141,9 +190,12 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """Local: write a temp name, fsync it, rename, fsync the folder. Object stores: one PUT is all-or-nothing.
 
     Without the fsyncs a power loss can leave the new name pointing at a file whose bytes never reached the disk
-    (a zero-length results part or manifest on ext4/xfs): the data first, then the rename's directory entry.
+    (a zero-length results part or manifest on ext4/xfs): the data first, then the rename's directory entry. A write
+    that fails (no space, read-only, permission) removes its temp file: readers never see part of one, and a full
+    disk gets back what it had. Raises StorageUnwritable for those faults, StorageError for any other.
     """
     parent = path.rsplit("/", 1)[0]
+    tmp = None
     try:
         fs.create_dir(parent, recursive=True)
         if not is_local(fs):
@@ -156,13 +208,17 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        tmp = None
         fd = os.open(parent, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
     except OSError as e:
-        raise StorageError(f"cannot write {path!r} ({one_line(e)}); check permissions / credentials") from e
+        if tmp is not None:
+            _remove_quietly(tmp)
+        raise refused_write(e, path) or StorageError(f"cannot write {path!r} ({one_line(e)}); check permissions / "
+                                                     "credentials") from e
 
 
 def require_absolute(uri: str | os.PathLike, flag_name: str) -> str:
@@ -175,15 +231,59 @@ def require_absolute(uri: str | os.PathLike, flag_name: str) -> str:
                        f"working directory); pass an absolute path, e.g. {flag_name} {os.path.abspath(uri)}")
 
 
-def check_writable(uri: str | os.PathLike) -> None:
-    """Write and delete a small probe object under uri, so a bad output fails before any work, not after it."""
+def missing_dirs(uri: str | os.PathLike) -> list[str]:
+    """The local folders from uri up that do not exist yet, deepest first: what writing under uri creates, for
+    remove_empty_dirs to take back. [] on object stores (their folders are key prefixes, gone with their keys)."""
+    fs, path = resolve(uri)
+    out: list[str] = []
+    while is_local(fs) and not os.path.lexists(path) and os.path.dirname(path) != path:
+        out.append(path)
+        path = os.path.dirname(path)
+    return out
+
+
+def remove_empty_dirs(dirs: list[str]) -> None:
+    """Remove these folders (deepest first) while they are empty: a folder that holds anything is kept, and so
+    is every folder above it."""
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
+
+
+def probe_write(uri: str | os.PathLike, size: int = 4096) -> None:
+    """Write `size` bytes under uri and delete them (creating uri's folders as a write there would): raises
+    StorageUnwritable when the storage refuses (no space, read-only, permission; naming uri, not the probe's name),
+    StorageError on any other fault."""
     fs, path = resolve(uri)
     probe = join(path, f".write-probe-{uuid.uuid4().hex[:8]}")
     try:
         fs.create_dir(path, recursive=True)
-        with fs.open_output_stream(probe) as f:
-            f.write(b"probe")
-        fs.delete_file(probe)
+        if is_local(fs):
+            try:
+                with open(probe, "wb") as f:
+                    f.write(b"\0" * size)
+            finally:
+                _remove_quietly(probe)
+        else:
+            with fs.open_output_stream(probe) as f:
+                f.write(b"\0" * size)
+            fs.delete_file(probe)
     except OSError as e:
-        raise StorageError(f"cannot write to {os.fspath(uri)} ({one_line(e)}); fix its permissions or credentials, "
-                           "or pass another location") from e
+        raise refused_write(e, os.fspath(uri)) or StorageError(
+            f"cannot write to {os.fspath(uri)} ({one_line(e)}); fix its permissions or credentials, or pass another "
+            "location") from e
+
+
+def check_writable(uri: str | os.PathLike) -> None:
+    """Write and delete a small probe object under uri (its folders created), so a bad output fails before any work,
+    not after it. A refused one is left as it was found: the folders made for the probe are removed again."""
+    made = missing_dirs(uri)
+    try:
+        probe_write(uri, size=5)
+    except StorageError:
+        remove_empty_dirs(made)
+        raise

@@ -1,7 +1,7 @@
 """Faults injected into a running study: the driver killed (SIGKILL, mid-scan and mid-full), stopped (SIGTERM),
-interrupted (SIGINT), the tracking server down (a lost trial process or node: tests/test_cluster.py). After each,
-the study is resumed (or recovers by itself) and must hold exactly one row and one MLflow run per trial, none left
-RUNNING, with the numbers of an uninterrupted run."""
+interrupted (SIGINT), the tracking server down, the results disk full (ENOSPC) (a lost trial process or node:
+tests/test_cluster.py). After each, the study is resumed (or recovers by itself) and must hold exactly one row and
+one MLflow run per trial, none left RUNNING, with the numbers of an uninterrupted run."""
 import os
 import signal
 import subprocess
@@ -199,3 +199,93 @@ def test_tracking_server_down_for_seconds_mid_study(tmp_path, data_root, referen
     assert len(outage) == 2 and outage[1] - outage[0] >= 4  # the server really was down mid-study
     assert out["complete"] and "failed" not in out["results"].column("status").to_pylist()
     check_whole(tmp_path, "outage", reference)
+
+
+# Loaded by every Python process of the study (driver and Ray workers, through PYTHONPATH): the disk holding the
+# results folder fills up once it holds NFNET_TEST_FULL_AFTER parts. A write there then lands half its bytes and
+# fails with ENOSPC, as on a real full disk.
+FULL_DISK = '''
+import builtins, errno, glob, os
+
+_open, _folder, _after = builtins.open, os.environ["NFNET_TEST_FULL_FOLDER"], int(os.environ["NFNET_TEST_FULL_AFTER"])
+
+
+class _HalfWritten:
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, b):
+        self.f.write(b[:len(b) // 2])
+        self.f.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.f.name)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def _full_disk_open(file, mode="r", *a, **kw):
+    f = _open(file, mode, *a, **kw)
+    if isinstance(file, str) and file.startswith(_folder + "/") and any(c in mode for c in "wax") and \\
+            len(glob.glob(_folder + "/part-*.parquet")) >= _after:
+        return _HalfWritten(f)
+    return f
+
+
+builtins.open = _full_disk_open
+'''
+
+
+def test_results_disk_full_mid_study_stops_it_in_one_line_then_resume_completes(tmp_path, data_root, reference):
+    # ENOSPC on the results folder after 2 rows (issue 31, items 3 and 5): the study stops within the driver's
+    # probe interval plus a margin, with one line naming the folder and the fix; nothing written is lost or half
+    # there, no MLflow run is left RUNNING; once space is freed, --resume ends with the uninterrupted rows.
+    from mlflow.tracking import MlflowClient
+
+    from studies.sweep.run import PROBE_S
+
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(FULL_DISK)
+    folder = tmp_path / "out" / "full" / "results" / "results"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NFNET_TEST_FULL_FOLDER": str(folder), "NFNET_TEST_FULL_AFTER": "2",
+           "PYTHONPATH": os.pathsep.join([str(inject), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    cmd = [sys.executable, str(ROOT / "studies" / "agc_lambda.py"), *flags(tmp_path, "full", data_root)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and len(list(folder.glob("part-*.parquet"))) < 2:
+            time.sleep(0.2)
+        full_at = time.time()  # from here on every write to the folder fails
+        proc.wait(timeout=PROBE_S[True] + 90)
+        took = time.time() - full_at
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    reader.join(timeout=30)
+    text = "".join(out)
+    assert proc.returncode == 2, text[-3000:]
+    assert text.strip().splitlines()[-1] == (
+        f"agc_lambda.py: error: cannot write {folder}: no space left on the device (ENOSPC); free space there, then "
+        "continue the study with --resume (the rows written so far are kept)"), text[-3000:]
+    print(f"stopped {took:.1f} s after the disk filled up")
+    assert took < PROBE_S[True] + 60  # the probe interval, plus a margin for Tune to stop a trial on 2 busy cores
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith("part-")) == []  # no temp, no probe
+    assert table(tmp_path, "full").read().num_rows == 2  # what was written is all there, and whole
+    c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = c.search_runs([c.get_experiment_by_name("full").experiment_id], max_results=1000)
+    assert runs and all(r.info.status != "RUNNING" for r in runs)
+    (parent,) = [r for r in runs if r.data.tags.get("role") == "study"]
+    assert parent.info.status == "KILLED" and parent.data.tags["status"] == "interrupted"
+    resume(tmp_path, "full", data_root)  # space freed (no injection): the rest of the study runs
+    check_whole(tmp_path, "full", reference)

@@ -280,3 +280,26 @@ def storage_results(uri, fence):
 
     return ResultsTable(uri + "/results", pa.schema([("trial_key", pa.string()), ("study", pa.string())]),
                         fence=fence)
+
+
+def test_a_discarded_lock_leaves_no_file_and_never_two_holders(tmp_path, monkeypatch):
+    # A refused study or preparation leaves its location as it found it: release(discard=True) deletes .lock. A
+    # taker that opened the old file just before (and so wins a flock on a file no longer at the path) must notice
+    # and lock the file at the path, or two holders could exist at once.
+    first = acquire_lock(str(tmp_path), "first")
+    stale = os.open(str(tmp_path / ".lock"), os.O_RDWR)  # a second taker's open, just before the discard
+    first.release(discard=True)
+    assert not (tmp_path / ".lock").exists()
+    real, opened = leases._Flock._open, []
+
+    def open_stale_first(self):
+        opened.append(1)
+        return stale if len(opened) == 1 else real(self)
+
+    monkeypatch.setattr(leases._Flock, "_open", open_stale_first)
+    with acquire_lock(str(tmp_path), "second") as second:
+        assert len(opened) == 2  # the stale file was let go, the one at the path locked
+        assert second.generation == 1
+        with pytest.raises(StorageError, match="in use by second"):
+            acquire_lock(str(tmp_path), "third")
+    acquire_lock(str(tmp_path), "third").release()

@@ -229,3 +229,32 @@ def test_preparation_is_said_in_a_line_when_it_starts_and_one_when_done_and_reus
     assert len(lines) == 2
     storage.prepare_dataset("synthetic", str(tmp_path), seed=3, n_train=200, n_val=40, rows_per_shard=100)
     assert capsys.readouterr().err == ""  # reused: nothing to say
+
+
+def test_a_refused_or_failed_preparation_leaves_nothing_behind(tmp_path, monkeypatch):
+    # Refused (a CIFAR folder that is not there), or failed mid-way (the disk fills up at the second shard): no
+    # shards-*/ dir, no .lock, no folder it made; a data root that held another dataset keeps just that.
+    import errno
+
+    root = tmp_path / "data"
+    with pytest.raises(StorageError, match="/nonexistent/cifar"):
+        storage.prepare_dataset("cifar10", str(root), path="/nonexistent/cifar")
+    assert not root.exists()
+    kept = storage.prepare_dataset("synthetic", str(root), seed=1, n_train=100, n_val=20)
+    real, calls = ds._shard_bytes, []
+
+    def full_at_second_shard(table):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(table)
+
+    monkeypatch.setattr(ds, "_shard_bytes", full_at_second_shard)
+    with pytest.raises(OSError, match="No space left"):
+        storage.prepare_dataset("synthetic", str(root), seed=2, n_train=300, n_val=50, rows_per_shard=100)
+    assert [p.name for p in root.iterdir()] == [os.path.basename(kept.uri)]
+    with pytest.raises(StorageError, match="/nonexistent/cifar"):  # also beside a prepared set
+        storage.prepare_dataset("cifar10", str(root), path="/nonexistent/cifar")
+    assert [p.name for p in root.iterdir()] == [os.path.basename(kept.uri)]
+    monkeypatch.setattr(ds, "_shard_bytes", real)
+    assert storage.open_dataset(kept.uri).load_split("train")[0].shape[0] == 100

@@ -1,6 +1,10 @@
+import errno
+import os
+
 import pyarrow as pa
 import pytest
 
+import storage
 from storage import ResultsTable, StorageError
 
 SCHEMA = pa.schema({"trial_id": pa.string(), "cell": pa.string(), "seed": pa.int64(), "status": pa.string(),
@@ -110,3 +114,78 @@ def test_local_atomic_write_fsyncs_file_then_folder(tmp_path, monkeypatch):
     file_ino, dir_ino = (tmp_path / "d" / "part-1.parquet").stat().st_ino, (tmp_path / "d").stat().st_ino
     # the data is on disk before the new name points at it, and the rename itself is on disk before we return
     assert events == [("fsync", "file", file_ino), ("replace", "part-1.parquet"), ("fsync", "dir", dir_ino)]
+
+
+class _Full:
+    """A file on a disk that fills up half-way through the write: the first half lands, then ENOSPC."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, b):
+        self.f.write(b[:len(b) // 2])
+        self.f.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.f.name)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def _refusing(code):
+    def fake_open(file, mode="r", *a, **kw):
+        if "w" not in mode:
+            return open(file, mode, *a, **kw)
+        if code == errno.ENOSPC:
+            return _Full(open(file, mode, *a, **kw))
+        raise OSError(code, os.strerror(code), file)
+    return fake_open
+
+
+@pytest.mark.parametrize("code, why, fix", [
+    (errno.ENOSPC, "no space left on the device (ENOSPC)", "free space there"),
+    (errno.EROFS, "the file system is read-only (EROFS)", "make it writable (remount it read-write)"),
+    (errno.EACCES, "permission denied (EACCES)", "give this user write access to it (or fix the credentials)"),
+])
+def test_a_refused_write_leaves_no_part_and_says_the_folder_and_the_fix(tmp_path, monkeypatch, code, why, fix):
+    import pickle
+
+    rt = table(str(tmp_path / "study"))
+    rt.append([_row("t1", final_val_acc=0.5)])
+    rt.append_epochs([{"trial_id": "t1", "epoch": 0, "val_acc": 0.5}])
+    before = sorted(p.name for p in (tmp_path / "study").rglob("*"))
+    monkeypatch.setattr(storage.uri, "open", _refusing(code), raising=False)  # the disk fills up, or turns read-only
+    line = f"cannot write {tmp_path}/study/results: {why}; {fix}, then continue the study with --resume (the rows " \
+        "written so far are kept)"
+    for write in (lambda: rt.append([_row("t2")]), rt.check_writable):  # a trial's row, the driver's probe
+        with pytest.raises(storage.StorageUnwritable) as e:
+            write()
+        assert str(e.value) == line and e.value.errno == code
+    with pytest.raises(storage.StorageUnwritable, match=f"cannot write {tmp_path}/study/epochs: "):
+        rt.append_epochs([{"trial_id": "t2", "epoch": 0, "val_acc": 0.1}])
+    # nothing half-written: no temp file, no probe, no part; what was recorded reads as before
+    assert sorted(p.name for p in (tmp_path / "study").rglob("*")) == before
+    assert rt.read().column("trial_id").to_pylist() == ["t1"] and rt.read_epochs().num_rows == 1
+    back = pickle.loads(pickle.dumps(e.value))  # a trial's error reaches the driver pickled (Ray)
+    assert str(back) == str(e.value) and back.errno == code
+    monkeypatch.undo()  # space freed: the same table takes rows again
+    rt.append([_row("t2")])
+    rt.check_writable()
+    assert sorted(rt.read().column("trial_id").to_pylist()) == ["t1", "t2"]
+
+
+def test_an_object_store_access_denied_is_a_refused_write():
+    from storage.uri import refused_write
+
+    e = refused_write(OSError("When uploading part for key 'r/part-1': AWS Error ACCESS_DENIED during "
+                              "UploadPart operation: Access Denied"), "s3://bucket/study/results")
+    assert e.errno == errno.EACCES and str(e) == (
+        "cannot write s3://bucket/study/results: access denied (When uploading part for key 'r/part-1': AWS Error "
+        "ACCESS_DENIED during UploadPart operation: Access Denied); give this user write access to it (or fix the "
+        "credentials)")
+    assert refused_write(OSError("AWS Error NETWORK_CONNECTION: connection reset"), "s3://b/r") is None  # retried

@@ -179,3 +179,32 @@ def test_a_tpe_search_refuses_a_grid_of_several_cells(tmp_path, capsys):
     assert e.value.code == 2 and err.endswith("a TPE search runs in one cell; give each grid axis one value (or use "
                                               "a grid study)")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--resume"], "--resume: there is no study to resume at {out}/s ({out} does not exist); check --output and "
+                   "--name, or leave out --resume to start a new study"),
+    (["--dataset", "cifar10", "--dataset-params", '{"path": "/nonexistent/cifar"}'],
+     "/nonexistent/cifar/cifar-10-batches-py: not found; pass the directory holding cifar-10-batches-py/ as path=, "
+     "or download=True to fetch it"),
+])
+def test_a_refused_study_leaves_nothing_behind(tmp_path, capsys, flags, line):
+    # --resume with nothing to resume is refused before anything is written; a refused dataset preparation takes
+    # back its shards-*/ dir, its .lock and the folders it made, and the study its own .lock and folders (issue 31,
+    # item 4).
+    with pytest.raises(SystemExit) as e:
+        agc_lambda.main(["--smoke-test", *common_flags(tmp_path), *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].split(" error: ", 1)[1] == line.format(out=tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the data root nor the output
+
+
+def test_a_study_refused_after_its_data_is_prepared_leaves_only_the_data(tmp_path, capsys):
+    # The prepared set is kept (reused by the next study); the output gets nothing, not even its folder or .lock.
+    with pytest.raises(SystemExit) as e:
+        agc_lambda.main(["--smoke-test", *common_flags(tmp_path), "--batch-sizes", "100000"])
+    assert e.value.code == 2 and "larger than the training split" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    (ds,) = (tmp_path / "data").iterdir()
+    assert (ds / "manifest.json").exists()

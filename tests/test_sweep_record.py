@@ -104,3 +104,30 @@ def test_resume_may_change_placement_but_not_what_decides_the_numbers(tmp_path):
     assert record.check_record(resumed(max_steps=4.0)) == "abc123"  # 4 and 4.0 alike
     with pytest.raises(ValueError, match=r"--resume with other settings .*fixed.base_lr: 0.1 → 0.2"):
         record.check_record(resumed(base_lr=0.2))
+
+
+def test_resume_with_no_study_there_is_refused_naming_the_output_and_what_is_there(tmp_path):
+    # A mistyped --output or --name used to start a whole new study, and call it a resume (issue 31, item 4).
+    out = tmp_path / "out"
+    fix = "check --output and --name, or leave out --resume to start a new study"
+
+    def refusal():
+        before = sorted(tmp_path.rglob("*"))
+        with pytest.raises(ValueError) as e:
+            record.check_record(_study(tmp_path, resume=True))
+        assert sorted(tmp_path.rglob("*")) == before  # nothing written
+        assert "\n" not in str(e.value) and str(e.value).endswith(fix)
+        return str(e.value).removesuffix(fix)
+
+    assert refusal() == f"--resume: there is no study to resume at {out}/s ({out} does not exist); "
+    out.mkdir()
+    assert refusal() == f"--resume: there is no study to resume at {out}/s ({out} is empty); "
+    for name in ("s_v2", "agc_lambda"):  # other studies in the output: the name was mistyped
+        record.write_record(design.Study(name, design.Preset(grid={"batch_size": [32]}, fixed={}), TrainConfig(),
+                                         output=str(out)), "id")
+    (out / "notes.txt").write_text("x")
+    assert refusal() == f"--resume: there is no study to resume at {out}/s ({out} holds the studies agc_lambda, " \
+        "s_v2); "
+    (out / "s" / "results").mkdir(parents=True)  # a folder of that name, without its record
+    assert refusal() == f"--resume: there is no study to resume at {out}/s (that folder has no study.json; it " \
+        "holds results/); "

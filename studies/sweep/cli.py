@@ -188,8 +188,15 @@ def run_study_cli(name: str, presets: dict, argv: list[str] | None, doc: str,
     try:
         out = run_study(study)
     except (ValueError, ConnectionError, PermissionError, FileNotFoundError, RuntimeError) as e:
-        if os.environ.get("NFNET_LAB_TRACEBACK") == "1":  # for whoever debugs the platform, not for users
-            traceback.print_exc()
-        p.exit(2, f"{p.prog}: error: {type(e).__name__ + ': ' if isinstance(e, OSError) else ''}{e}\n")
-    print(out["summary"], flush=True)
-    return out
+        err, line = e, f"{type(e).__name__ + ': ' if isinstance(e, OSError) else ''}{e}"
+    except OSError as e:  # no space, read-only, outside storage's own writes (a full temp folder): one line too
+        full = storage.uri.refused_write(e, e.filename or "a file")
+        if full is None:
+            raise
+        err, line = e, f"{full}, then rerun (with --resume if the study had begun)"
+    else:
+        print(out["summary"], flush=True)
+        return out
+    if os.environ.get("NFNET_LAB_TRACEBACK") == "1":  # for whoever debugs the platform, not for users
+        traceback.print_exception(err)
+    p.exit(2, f"{p.prog}: error: {line}\n")

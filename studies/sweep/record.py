@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pyarrow.fs as pafs
+
 import storage
 from studies.sweep.design import Study
 from studies.training.config import TrainConfig
@@ -66,6 +68,9 @@ def check_record(study: Study) -> str | None:
     its trials are about to start)."""
     old = read_record(study)
     if old is None:
+        if study.resume:  # a mistyped --output or --name would otherwise cost a whole new study, called a resume
+            raise ValueError(f"--resume: there is no study to resume at {study.study_dir} ({what_is_there(study)}); "
+                             "check --output and --name, or leave out --resume to start a new study")
         return None
     if not study.resume:
         raise ValueError(f"{study.study_dir} already holds study {study.name!r}; continue it with --resume, or "
@@ -87,6 +92,34 @@ def check_record(study: Study) -> str | None:
         raise ValueError(f"--resume with other settings than the study was started with ({', '.join(diff[:6])}); "
                          "rerun with the original flags, or start a new study with another --name")
     return old["study_id"]
+
+
+def what_is_there(study: Study, most: int = 6) -> str:
+    """What the output holds, for a --resume that finds no study.json: the studies beside the one named (a mistyped
+    --name), or the output's absence (a mistyped --output), or what the study's folder holds instead."""
+    fs, out = storage.resolve(study.output)
+    here = storage.uri.join(out, study.name)
+
+    def names(infos) -> list[str]:
+        shown = sorted(i.base_name + ("/" if i.type == pafs.FileType.Directory else "") for i in infos)
+        return shown[:most] + ([f"… {len(shown) - most} more"] if len(shown) > most else [])
+
+    try:
+        if fs.get_file_info(here).type == pafs.FileType.Directory:
+            inside = names(fs.get_file_info(pafs.FileSelector(here)))
+            return f"that folder has no study.json; it holds {', '.join(inside)}" if inside else "that folder is empty"
+        if fs.get_file_info(out).type != pafs.FileType.Directory:
+            return f"{study.output} does not exist"
+        entries = fs.get_file_info(pafs.FileSelector(out))
+        dirs = [i for i in entries if i.type == pafs.FileType.Directory][:100]
+        records = fs.get_file_info([storage.uri.join(d.path, "study.json") for d in dirs])
+        studies = sorted(d.base_name for d, r in zip(dirs, records) if r.type == pafs.FileType.File)
+        if studies:
+            return f"{study.output} holds the studies {', '.join(studies[:most])}" + \
+                (f" and {len(studies) - most} more" if len(studies) > most else "")
+        return f"{study.output} holds no study: {', '.join(names(entries))}" if entries else f"{study.output} is empty"
+    except OSError as e:
+        return f"{study.output} cannot be listed: {storage.uri.one_line(e)}"
 
 
 def write_record(study: Study, study_id: str) -> None:

@@ -1,6 +1,7 @@
 """run_study, top to bottom: check → lock → prepare → size → record → tune → report."""
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 from typing import Any
@@ -12,15 +13,35 @@ from studies.training import runner
 from studies.training.mlflow_ui import describe_experiment, save_view, source_tags
 from studies.training.tracking import Tracker, check_tracking_uri, hardware
 
+PROBE_S = {True: 2.0, False: 30.0}  # how often the driver probes the results folder: local, object store
+
 
 def run_study(study: Study) -> dict[str, Any]:
-    """Run (or resume) the study; returns its tables, figures, summary and where things are."""
+    """Run (or resume) the study; returns its tables, figures, summary and where things are. A study refused before
+    its record is written leaves its output as it found it: no lock file, no folder it made."""
     record.check_cells(study)
     check_tracking_uri(study.tracking_uri)
+    record.check_record(study)  # before anything is written: --resume with no study there, a rerun without it
+    made = storage.uri.missing_dirs(study.study_dir)
     record.check_paths(study)
     # One study per output at a time: a second would share its tables and MLflow runs.
-    with storage.acquire_lock(study.study_dir, owner=f"study {study.name}") as lock:
-        return _run_locked(study, record.check_record(study), lock)
+    lock = storage.acquire_lock(study.study_dir, owner=f"study {study.name}")
+    try:
+        return _run_locked(study, record.check_record(study), lock)  # checked again: the record is ours now
+    except Exception:
+        if not _recorded(study):  # refused before its record: nothing of it stays
+            lock.release(discard=True)
+            storage.uri.remove_empty_dirs(made)
+        raise
+    finally:
+        lock.release()
+
+
+def _recorded(study: Study) -> bool:
+    try:
+        return record.read_record(study) is not None
+    except Exception:
+        return True  # unknown: keep everything
 
 
 def _run_locked(study: Study, study_id: str | None, lock: storage.lock.Lock) -> dict[str, Any]:
@@ -47,18 +68,73 @@ def _run_locked(study: Study, study_id: str | None, lock: storage.lock.Lock) -> 
     env = TrialEnv(study.name, study_id, study.experiment, dataset_uri, study.tracking_uri, parent.run_id,
                    table.uri, storage.uri.join(study.study_dir, "train"), lock.fence(),
                    source=source_tags(study.script))
+    guard = WriteGuard(lock, table)
     t0 = time.time()
-    if study.preset.tpe is not None:
-        complete = run_tpe(study, env, concurrency, lock)
-    else:
-        complete = Phases(study, env, table, concurrency, n_train, lock).fit()
+    try:
+        if study.preset.tpe is not None:
+            complete = run_tpe(study, env, concurrency, guard)
+        else:
+            complete = Phases(study, env, table, concurrency, n_train, guard).fit()
+    except Exception as e:  # Tune's own state files under the output fail on a full disk too
+        if guard.unwritable(now=True) is None:
+            raise
+        raise stopped(study, parent, guard.fault) from e
     try:
         lock.check()
     except storage.lock.LeaseLost as e:  # another driver may hold the study now: write nothing more
         raise storage.lock.LeaseLost(f"{e}. The study stopped starting trials and wrote nothing after the loss; "
                                      "its rows so far are kept: once no other driver runs it, continue with "
                                      "--resume") from None
-    return {**report.finish(study, table, parent, time.time() - t0, complete, notes), "concurrency": concurrency}
+    if not complete and guard.unwritable(now=True) is not None:
+        raise stopped(study, parent, guard.fault)
+    try:
+        out = report.finish(study, table, parent, time.time() - t0, complete, notes)
+    except storage.StorageUnwritable as e:  # the figures or the summary: the rows are in, --resume writes them
+        raise stopped(study, parent, e.then("continue the study with --resume (it writes the report)")) from e
+    return {**out, "concurrency": concurrency}
+
+
+class WriteGuard:
+    """The study's lock as Tune's stopper sees it (tune.LeaseStopper asks lost() at every step of the Tune loop):
+    lost also once the results folder refuses writes (no space, read-only, permission lost). A trial's row write
+    fails in the trial's own process, out of the driver's sight, and every trial started after it would train for
+    nothing; a probe write of the folder (ResultsTable.check_writable, at most every PROBE_S seconds) finds it."""
+
+    def __init__(self, lock: storage.lock.Lock, table: storage.ResultsTable):
+        self.lock, self.table, self.every = lock, table, PROBE_S[storage.uri.is_local(table.fs)]
+        self.fault: storage.StorageUnwritable | None = None
+        self.next = 0.0
+
+    def unwritable(self, now: bool = False) -> storage.StorageUnwritable | None:
+        """The results folder's write fault, if it has one (probed now, or when the last probe is PROBE_S old)."""
+        if self.fault is None and (now or time.monotonic() >= self.next):
+            self.next = time.monotonic() + self.every
+            try:
+                self.table.check_writable()
+            except storage.StorageUnwritable as e:
+                self.fault = e
+            except storage.StorageError:
+                pass  # unreachable for a moment (object-store throttling): the trials' writes report their own
+        return self.fault
+
+    def lost(self) -> bool:
+        return self.lock.lost() or self.unwritable() is not None
+
+
+def stopped(study: Study, parent: Tracker, fault: Exception) -> Exception:
+    """The study's MLflow run marked interrupted (KILLED: --resume reopens it), saying why, and the runs of the trials
+    the stop cut off KILLED too (--resume replaces them; none is left RUNNING); -> fault, to raise."""
+    try:
+        cut = parent.client.search_runs([parent.experiment_id()], f"tags.mlflow.parentRunId = '{parent.run_id}' and "
+                                        "attributes.status = 'RUNNING'", max_results=1000)
+        for run in cut:
+            parent.client.set_terminated(run.info.run_id, "KILLED")
+        parent.set_tags({"status": "interrupted", "mlflow.note.content": f"## {study.name}\n\nstopped: {fault}"})
+        parent.client.set_terminated(parent.run_id, "KILLED")
+    except Exception as e:  # the MLflow store may be on the same full disk: the raised line still says what to do
+        print(f"warning: the study's MLflow run could not be marked interrupted ({storage.uri.one_line(e)})",
+              file=sys.stderr, flush=True)
+    return fault
 
 
 def study_run(study: Study, study_id: str, concurrency: int) -> Tracker:
