@@ -64,7 +64,7 @@ PRESETS = {
     # every phase runs (scan, refine, full)
     "smoke": Preset(
         grid={"batch_size": [64], "clip_threshold": [0.04]}, lrs=(0.4, 1.6), scan_steps=16, scan_examples=8192,
-        full_top=1, replicates=2, fixed=dict(**LAPTOP_MODEL, **SMOKE_DATA, max_steps=128, log_every_steps=4),
+        full_top=1, fixed=dict(**LAPTOP_MODEL, **SMOKE_DATA, max_steps=128, log_every_steps=4),
     ),
 }
 PRESETS["imagenet"] = PRESETS["paper-imagenet"]

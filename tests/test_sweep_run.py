@@ -14,7 +14,7 @@ def _grid_flags(tmp_path, name, *extra):
     # this data to leave chance loss; lr 25.6 blows up. The full runs are as long as batch 32's scan, so they can
     # confirm its frontier (shorter ones are flagged in a budget note, and did not hold).
     return ["--smoke-test", *common_flags(tmp_path, name), "--batch-sizes", "32", "64", "--lambdas", "0.04", "none",
-            "--lrs", "0.4", "1.6", "25.6", "--full-top", "1", "--max-steps", "320", *extra]
+            "--lrs", "0.4", "1.6", "25.6", "--full-top", "1", "--max-steps", "320", "--replicates", "2", *extra]
 
 
 def _rows(out, phase=None):
@@ -33,6 +33,7 @@ def test_three_phase_study_end_to_end_and_independent_of_concurrency(tmp_path, r
     rows = res.to_pylist()
     scan = [r for r in rows if r["phase"] == "scan"]
     refine = [r for r in rows if r["phase"] == "refine"]
+    replicate = [r for r in rows if r["phase"] == "replicate"]
     full = [r for r in rows if r["phase"] == "full"]
     assert len(scan) == 4 * 3 and all(r["best_val_acc"] is None for r in scan + refine)
     # A scan: the full run's warmup (1 epoch of 2048 images), then its budget at the peak lr.
@@ -46,9 +47,12 @@ def test_three_phase_study_end_to_end_and_independent_of_concurrency(tmp_path, r
         assert r["verdict"] in ("trained", "stalled", "diverged") and r["initial_train_loss"] > 2.0
     # Each phase is the pure function of the rows before it.
     assert {r["cell"]: r["base_lr"] for r in refine} == frontier.refine_lrs(scan)
-    chosen = frontier.full_phase_lrs(scan + refine, top=1)
-    assert sorted((r["cell"], r["base_lr"]) for r in full) == sorted((c, lr) for c, lrs in chosen.items()
-                                                                     for lr in lrs)
+    # Replication: every deciding lr of the final majority frontier rests on 2 seeds (the fixed point).
+    assert replicate and {r["seed"] for r in replicate} == {1}
+    assert frontier.replication_needed(scan + refine + replicate, 2) == {}
+    chosen = frontier.full_phase_lrs(scan + refine + replicate, top=1)
+    assert sorted((r["cell"], r["base_lr"], r["seed"]) for r in full) == sorted(
+        (c, lr, s) for c, lrs in chosen.items() for lr in lrs for s in (0, 1))  # every full lr at both seeds
     cells = {c["cell"]: c for c in one["cells"].to_pylist()}
     found = [c for c in cells.values() if c["frontier"] == "found"]
     assert len(cells) == 4 and found
