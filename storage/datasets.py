@@ -11,13 +11,13 @@ the source, seed and parameters, and for imagefolder a fingerprint of the folder
 a shard's sha256 against the manifest (unless verify=False), on the resident and streaming (Ray Data) paths alike."""
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import socket
 import sys
 import uuid
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,10 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import simplejpeg
 import torch
 
 from storage import sources
+from storage.decode import decode_encoded, decode_encoded_hwc, decode_raw  # noqa: F401  (re-exported)
 from storage.lock import acquire_lock
 from storage.sources import IMAGE_EXTS, SOURCES, SPLITS, source_params  # noqa: F401  (re-exported)
 from storage.uri import (
@@ -212,8 +212,7 @@ def prepare_dataset(source: str, root: str, *, seed: int = 0, path: str | None =
     """Write (or reuse) the shard set for source+params under root/<source>-<hash>/ and return its manifest.
 
     A shard closes at rows_per_shard rows or max_shard_bytes of image bytes, whichever comes first. Writers of
-    the same dataset take its lock in turn: the second waits, then reuses what the first wrote.
-    """
+    the same dataset take its lock in turn: the second waits, then reuses what the first wrote."""
     if source not in SOURCES:
         if "/" in source or os.path.isdir(source):
             return open_dataset(source).manifest  # an existing shard set (or a clear error saying what it is)
@@ -223,9 +222,8 @@ def prepare_dataset(source: str, root: str, *, seed: int = 0, path: str | None =
     if path is not None:
         key["path"] = path = os.path.abspath(os.path.expanduser(path))
     download = bool(key.pop("download", False))
-    listing = None
-    if source == "imagefolder":
-        listing = sources.list_imagefolder(path, seed, **params)
+    listing = sources.list_imagefolder(path, seed, **params) if source == "imagefolder" else None
+    if listing is not None:
         key["listing"] = listing.fingerprint  # touched, added or removed images -> another dataset
     fs, base = resolve(root)
     name = f"{source}-{_params_hash(source, seed, key)}"
@@ -233,9 +231,8 @@ def prepare_dataset(source: str, root: str, *, seed: int = 0, path: str | None =
     dpath = join(base, name)
     if exists(fs, join(dpath, "manifest.json")):
         return open_dataset(uri).manifest
-    owner = f"prepare_dataset {source} on {socket.gethostname()}"
     made = missing_dirs(dpath)  # the local folders this preparation creates: taken back if it fails
-    with acquire_lock(uri, owner, wait_s=None) as lock:
+    with acquire_lock(uri, f"prepare_dataset {source} on {socket.gethostname()}", wait_s=None) as lock:
         if exists(fs, join(dpath, "manifest.json")):
             return open_dataset(uri).manifest  # another writer finished it while we waited
         _clear_orphans(fs, dpath, uri, lock)
@@ -243,20 +240,19 @@ def prepare_dataset(source: str, root: str, *, seed: int = 0, path: str | None =
         shard_dir = f"shards-{uuid.uuid4().hex[:8]}"
         try:
             fs.create_dir(join(dpath, shard_dir), recursive=True)
+            write = functools.partial(_write_split, fs, dpath, shard_dir)
             if listing is None:
-                if source == "synthetic":
-                    data, names = sources.synthetic_splits(seed, **params)
-                else:
-                    data, names = sources.cifar_splits(path, source == "cifar100", download=download)
+                data, names = sources.synthetic_splits(seed, **params) if source == "synthetic" else \
+                    sources.cifar_splits(path, source == "cifar100", download=download)
                 h, w, c = data["train"][0].shape[1:]
                 rows = max(1, min(rows_per_shard, max_shard_bytes // (h * w * c)))
-                shards = {s: _write_split(fs, dpath, shard_dir, s, _raw_tables(*data[s], rows)) for s in SPLITS}
+                shards = {s: write(s, _raw_tables(*data[s], rows)) for s in SPLITS}
                 image_shape, encoding = (int(c), int(h), int(w)), "raw"
             else:
                 progress = sources.Progress(sum(len(f) for f in listing.splits.values()), progress_every, name)
                 sizes = set()
-                shards = {s: _write_split(fs, dpath, shard_dir, s, sources.imagefolder_tables(
-                    listing.splits[s], rows_per_shard, max_shard_bytes, progress, s), sizes) for s in SPLITS}
+                shards = {s: write(s, sources.imagefolder_tables(listing.splits[s], rows_per_shard, max_shard_bytes,
+                                                                 progress, s), sizes) for s in SPLITS}
                 names, encoding = listing.classes, "encoded"
                 image_shape = (3, *sizes.pop()) if len(sizes) == 1 else None
             manifest = Manifest(uri=uri, source=source, params={**key, "seed": seed}, num_classes=len(names),
@@ -273,71 +269,6 @@ def prepare_dataset(source: str, root: str, *, seed: int = 0, path: str | None =
 
 
 # ---------------------------------------------------------------- reading
-
-def decode_raw(images: pa.Array, shape: tuple[int, int, int], where: str) -> torch.Tensor:
-    """Binary column of HWC uint8 rows -> uint8 tensor [N, C, H, W], zero-copy until the final permute."""
-    if isinstance(images, pa.ChunkedArray):
-        images = images.combine_chunks() if images.num_chunks != 1 else images.chunk(0)
-    if not pa.types.is_binary(images.type) and not pa.types.is_large_binary(images.type):
-        raise StorageError(f"{where}: column 'image' has type {images.type}, expected binary; prepare again")
-    c, h, w = shape
-    n, row = len(images), c * h * w
-    if n == 0:
-        return torch.empty(0, c, h, w, dtype=torch.uint8)
-    odt = np.int64 if pa.types.is_large_binary(images.type) else np.int32
-    offsets = np.frombuffer(images.buffers()[1], dtype=odt)[images.offset:images.offset + n + 1]
-    if not np.all(np.diff(offsets) == row):
-        bad = int(np.argmax(np.diff(offsets) != row))
-        raise StorageError(f"{where}: row {bad} holds {int(offsets[bad + 1] - offsets[bad])} bytes but the "
-                           f"manifest says images are {shape} ({row} bytes); manifest and shards disagree, "
-                           "prepare the data again")
-    values = np.frombuffer(images.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
-    return torch.from_numpy(values.reshape(n, h, w, c).copy()).permute(0, 3, 1, 2).contiguous()
-
-
-def decode_encoded(blobs, image_size: int | None, where: str) -> torch.Tensor:
-    """Encoded JPEG/PNG bytes -> uint8 [N, 3, S, S]: shorter side resized to S then centre-cropped."""
-    return torch.from_numpy(decode_encoded_hwc(blobs, image_size, where)).permute(0, 3, 1, 2).contiguous()
-
-
-def decode_encoded_hwc(blobs, image_size: int | None, where: str) -> np.ndarray:
-    """Encoded JPEG/PNG bytes -> uint8 [N, S, S, 3] (HWC, the layout a decoder writes): shorter side resized to S,
-    then centre-cropped. JPEGs go through simplejpeg (libjpeg-turbo, straight to HWC; torchvision's decoder
-    permutes to CHW, and torch's antialiased uint8 resize is fastest on HWC memory); anything else through
-    torchvision."""
-    from torchvision.transforms.v2 import functional as F
-
-    out = None
-    for i, b in enumerate(blobs):
-        img = _decode_hwc(b, f"{where}: row {i}")  # [H, W, 3]
-        if image_size is not None:
-            img = F.center_crop(F.resize(img.permute(2, 0, 1), image_size, antialias=True), [image_size] * 2)
-            img = img.permute(1, 2, 0)
-        if out is None:
-            out = np.empty((len(blobs), *img.shape), np.uint8)
-        elif img.shape != out.shape[1:]:
-            raise StorageError(f"{where}: images have mixed sizes ({tuple(out.shape[1:3])} and "
-                               f"{tuple(img.shape[:2])}); pass image_size=<pixels> to resize them to one size")
-        torch.from_numpy(out[i]).copy_(img)
-    return out if out is not None else np.empty((0, image_size or 0, image_size or 0, 3), np.uint8)
-
-
-def _decode_hwc(blob: bytes, where: str) -> torch.Tensor:
-    if blob[:3] == b"\xff\xd8\xff":  # JPEG; a CMYK one raises here and torchvision converts it below
-        try:
-            return torch.from_numpy(simplejpeg.decode_jpeg(blob, "RGB"))
-        except ValueError:
-            pass
-    from torchvision.io import ImageReadMode, decode_image
-
-    try:
-        with warnings.catch_warnings():  # torchvision 0.29 flags its decoders deprecated (-> torchcodec)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return decode_image(torch.frombuffer(bytearray(blob), dtype=torch.uint8),
-                                mode=ImageReadMode.RGB).permute(1, 2, 0)
-    except RuntimeError as e:
-        raise StorageError(f"{where} is not a decodable image ({e}); prepare the data again") from e
-
 
 def read_verified_shard(fs: pafs.FileSystem, path: str, sha256: str | None, rows: int, dataset: str,
                         num_classes: int | None = None) -> pa.Table:
