@@ -7,7 +7,7 @@ learning rates that trains — the frontier — and the accuracy inside it.
               frontier; lr = base_lr × batch / 256 (linear scaling)
   fixed       everything else (model, data, budget, schedule)
 
-  python studies/agc_lambda.py --preset laptop       # built-in synthetic data, ~7 min on 2 CPU cores
+  python studies/agc_lambda.py --preset laptop       # built-in synthetic data, 3 seeds where it decides
   python studies/agc_lambda.py --preset cifar10 --dataset-params '{"path": "/data/cifar10"}'
   python studies/agc_lambda.py --preset paper-imagenet --dataset-params '{"path": "/data/imagenet"}'
 """
@@ -25,7 +25,7 @@ LAPTOP_MODEL = dict(model="nf_resnet_cifar", model_overrides={"width": 8, "depth
 SMOKE_DATA = dict(dataset_params={"n_train": 2048, "n_val": 256, "image_size": 16})
 
 PRESETS = {
-    # 2 CPU cores, ~7 min; 16 px images keep batch 1024 cheap. Budgets measured on this data: nothing learns in
+    # 2 CPU cores; 16 px images keep batch 1024 cheap. Budgets measured on this data: nothing learns in
     # its first ~5k examples (batch 64) or ~30 steps (batch 1024), and without clipping only base lr ≤ 0.025
     # learns at batch 1024, within ~90 steps; so a scan sees ≥ 20k examples and ≥ 96 steps, from lr 0.025.
     # 6 epochs give batch 1024 96 steps, where its best run reaches > 0.3 top-1 (2 epochs, 32 steps: 0.17).
