@@ -107,7 +107,12 @@ class _Flock:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:  # held (by us or by another process): the text is the holder's
-            return _parse(os.pread(fd, 65536, 0))
+            for _ in range(20):  # a new holder truncates, then writes: an empty read is that instant, not an answer
+                held = _parse(os.pread(fd, 65536, 0))
+                if held is not None:
+                    return held
+                time.sleep(0.005)
+            return None
         else:
             fcntl.flock(fd, fcntl.LOCK_UN)
             return None

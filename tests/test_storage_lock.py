@@ -303,3 +303,29 @@ def test_a_discarded_lock_leaves_no_file_and_never_two_holders(tmp_path, monkeyp
         with pytest.raises(StorageError, match="in use by second"):
             acquire_lock(str(tmp_path), "third")
     acquire_lock(str(tmp_path), "third").release()
+
+
+def test_a_fence_read_while_a_new_holder_writes_its_name_names_the_new_holder(tmp_path):
+    """A new holder truncates the lock file, then writes itself in: the old holder's fence read that falls between
+    must wait for the name instead of reporting "another process" (seen in CI as a flaky lost-lock message)."""
+    import json
+
+    held = acquire_lock(tmp_path / "study", "study one", heartbeat=False)
+    fence = held.fence()
+    path = tmp_path / "study" / ".lock"
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.ftruncate(fd, 0)  # the instant between the new holder's truncate and its write
+
+        def write_later():
+            time.sleep(0.03)
+            os.pwrite(fd, json.dumps({"owner": "study two", "token": "theirs", "generation": 2}).encode(), 0)
+
+        t = threading.Thread(target=write_later)
+        t.start()
+        with pytest.raises(lock.LeaseLost, match="in use by study two"):
+            lock.check_fence(fence)
+        t.join()
+    finally:
+        os.close(fd)
+        held.release()
