@@ -179,19 +179,35 @@ def test_crop_position_reaches_the_image_edges():
 def test_small_image_rule_sets_the_smallest_crop():
     from nfnet.augment import default_min_crop_area
 
-    sizes = [8, 12, 16, 24, 32, 48, 64, 96, 128, 224, 512]
+    sizes = [8, 12, 16, 24, 32, 48, 64, 80, 96, 128, 160, 224, 512]
     areas = [default_min_crop_area(s) for s in sizes]
     assert all(0.0 < a <= 1.0 for a in areas)
     assert areas == sorted(areas, reverse=True)  # the smaller the image, the larger the smallest crop
-    assert default_min_crop_area(16) == default_min_crop_area(32) == 1.0  # only translation, aspect and flips
-    assert default_min_crop_area(64) == pytest.approx(0.25)
-    assert default_min_crop_area(224) == 0.08 and default_min_crop_area(512) == 0.08  # Inception's at full size
-    for size in sizes:  # the smallest crop never holds fewer input pixels than a 32 px eval view
+    assert all(default_min_crop_area(s) == 1.0 for s in (8, 16, 32, 64))  # translation, aspect and flips only
+    assert default_min_crop_area(224) == pytest.approx(0.08) and default_min_crop_area(512) == 0.08  # Inception's
+    for size in (80, 96, 128, 160, 192):  # between: the smallest crop keeps ~ a whole 64 px eval view (56 px)
         aug = Augment(0.0, num_classes=10, image_size=size)
         smallest_side = math.sqrt(aug.min_crop_area) * aug.eval_window(size, size)[2]
-        assert smallest_side >= min(0.87 * 32, aug.eval_window(size, size)[2]) or aug.min_crop_area == 0.08
-    assert Augment(0.0, num_classes=10, image_size=16).min_crop_area == default_min_crop_area(16)
+        assert 54 < smallest_side < 58, (size, smallest_side)
+    assert Augment(0.0, num_classes=10, image_size=16).min_crop_area == 1.0
     assert Augment(0.0, num_classes=10, image_size=16, min_crop_area=0.3).min_crop_area == 0.3
+
+
+def test_small_image_crops_keep_the_eval_scale():
+    # At 16 px every training crop (strength 0) is the eval view up to a shift, the aspect jitter and a flip:
+    # never a 4 px patch blown up 4x. A smooth ramp's value range across a row tells the crop's width.
+    size = 16
+    ramp = (torch.arange(size) * 16).to(torch.uint8).expand(64, 3, size, size).contiguous()
+    aug = Augment(0.0, num_classes=10, image_size=size)
+    x, _ = aug(ramp, torch.zeros(64, dtype=torch.long), generator=torch.Generator().manual_seed(0))
+    row = unnormalize(aug, x)[:, 0, size // 2]
+    span = (row.amax(1) - row.amin(1)).float() / 16  # input columns the crop covers, about its width - 1
+    eval_span = aug.eval_window(size, size)[3] * (size - 1) / size
+    assert span.min() > eval_span * math.sqrt(3 / 4) - 0.5  # at most the narrowest aspect at full area
+    small = Augment(0.0, num_classes=10, image_size=size, min_crop_area=0.08)  # Inception's range, for contrast
+    xs, _ = small(ramp, torch.zeros(64, dtype=torch.long), generator=torch.Generator().manual_seed(0))
+    rows = unnormalize(small, xs)[:, 0, size // 2]
+    assert ((rows.amax(1) - rows.amin(1)).float() / 16).min() < 6  # patches of a few pixels
 
 
 @pytest.mark.parametrize("size", [16, 32, 224])
