@@ -350,6 +350,8 @@ def end_of_epoch(tr: Training, epoch: int, step: int, tally: EpochTally) -> floa
         "step_time_ms": 1000 * dt / max(1, epoch_steps), "gns": tr.gns.value,
         **{k: float(v) for k, v in tally.last.items()},
     }
+    if monitor.diverged and not math.isfinite(m["train_loss"]):
+        m["train_loss"] = diverging_epoch_loss(monitor.losses[step - epoch_steps:])
     final = monitor.diverged or step >= tr.total
     if tr.val is not None and not monitor.diverged and ((epoch + 1) % cfg.eval_every_epochs == 0 or final):
         vl, va = evaluate(tr.net, tr.val(), tr.augment, ctx, max(256, cfg.local_batch_size), cfg.channels_last,
@@ -372,6 +374,14 @@ def end_of_epoch(tr: Training, epoch: int, step: int, tally: EpochTally) -> floa
         ckpt_dir = save_checkpoint(tr)
     ctx.report(m, ckpt_dir)
     return dt
+
+
+def diverging_epoch_loss(losses: list[float]) -> float:
+    """The loss of the epoch a run diverged in: the mean of its step losses up to the divergence that are finite.
+    The epoch's own sum also holds the steps after it until the check (often inf or NaN), which left the epoch out
+    of `loss/train`: its chart fell to the end and hid the spike that `loss/train_step` shows."""
+    seen = [v for v in losses if math.isfinite(v)]
+    return sum(seen) / len(seen) if seen else math.nan
 
 
 def progress_line(m: dict[str, Any], n_epochs: int) -> str:
