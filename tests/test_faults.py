@@ -289,3 +289,91 @@ def test_results_disk_full_mid_study_stops_it_in_one_line_then_resume_completes(
     assert parent.info.status == "KILLED" and parent.data.tags["status"] == "interrupted"
     resume(tmp_path, "full", data_root)  # space freed (no injection): the rest of the study runs
     check_whole(tmp_path, "full", reference)
+
+
+def run_study(tmp_path, argv, env_extra=None, timeout=400):
+    """The study as its own process; -> (exit code, what it printed, seconds)."""
+    cmd = [sys.executable, str(ROOT / "studies" / "agc_lambda.py"), *argv]
+    t0 = time.time()
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})},
+                          capture_output=True, text=True, timeout=timeout)
+    return done.returncode, done.stdout + done.stderr, time.time() - t0
+
+
+def test_a_shard_read_that_never_returns_ends_the_run_and_is_recorded_hung(tmp_path):
+    """The train shard is a named pipe nobody writes (a read that never returns, like a stuck network filesystem;
+    issue 31, items 1, 2 and 5): each try of the run ends within the stall limit, the driver says what it waits
+    for meanwhile, and once the retries are spent the run has a `failed` row saying where it hung; no MLflow run is
+    left RUNNING and the study ends."""
+    from mlflow.tracking import MlflowClient
+
+    import storage
+
+    uri = storage.prepare_dataset("synthetic", str(tmp_path / "data"), seed=0, n_train=512, n_val=128,
+                                  image_size=16).uri
+    (shard,) = storage.open_dataset(uri).shard_paths("train")
+    os.remove(shard)
+    os.mkfifo(shard)
+    argv = ["--smoke-test", "--output", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+            "--name", "pipe", "--dataset", uri, "--dataset-params", "{}", "--batch-sizes", "32", "--lambdas", "0.04",
+            "--lrs", "0.4", "--max-concurrent", "1", "--stall-timeout", "3"]
+    code, text, took = run_study(tmp_path, argv, {"NFNET_LAB_QUIET_S": "2"})
+    assert code == 0, text[-3000:]
+    print(f"a hung shard read: study ended after {took:.0f} s (3 tries × 3 s stall limit)")
+    waits = [ln for ln in text.splitlines() if ln.startswith("waiting ")]
+    print("\n".join(waits[:2]))
+    assert any("b32 λ0.04 lr0.4 scan s0" in ln for ln in waits), text
+    (row,) = table(tmp_path, "pipe").read().to_pylist()
+    assert row["status"] == "failed" and row["error"].startswith(
+        "hung: no step for 3 s at step 0 (scan, set-up and data read; stall limit 3 s); ended 3 time(s)"), row
+    assert "failed (hung, retries spent): b32 λ0.04 lr0.4 scan s0: hung: no step" in text
+    c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = c.search_runs([c.get_experiment_by_name("pipe").experiment_id], max_results=100)
+    assert all(r.info.status != "RUNNING" for r in runs)
+    (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert child.info.status == "FAILED" and child.data.tags["error"].startswith("hung: no step for 3 s")
+    assert took < 240
+
+
+# Loaded by every Python process of the study (through PYTHONPATH): the first backward pass after the fourth of
+# the process that trains first never returns (once in the whole study: a marker file), as a step stuck in a
+# kernel, a driver call or a page-in.
+SLEEPY_STEP = '''
+import os, time
+import torch
+
+_backward, _calls = torch.Tensor.backward, [0]
+
+
+def _sleepy_backward(self, *a, **kw):
+    _calls[0] += 1
+    marker = os.environ["NFNET_TEST_STUCK_MARKER"]
+    if _calls[0] == 5 and not os.path.exists(marker):
+        open(marker, "w").write(str(os.getpid()))
+        time.sleep(3600)
+    return _backward(self, *a, **kw)
+
+
+torch.Tensor.backward = _sleepy_backward
+'''
+
+
+def test_a_step_that_never_returns_is_ended_and_retried_to_the_uninterrupted_numbers(tmp_path, data_root, reference):
+    """One training step of the study hangs (issue 31, items 1 and 5): its run is ended after the stall limit,
+    Tune retries the trial, and the study ends with the rows and MLflow runs of an uninterrupted one."""
+    from studies.training.watchdog import read_stalls
+
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(SLEEPY_STEP)
+    marker = tmp_path / "stuck"
+    env = {"NFNET_TEST_STUCK_MARKER": str(marker),
+           "PYTHONPATH": os.pathsep.join([str(inject), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    code, text, took = run_study(tmp_path, flags(tmp_path, "stuck", data_root, "--stall-timeout", "10"), env)
+    assert code == 0, text[-3000:]
+    assert marker.exists()  # it really hung once
+    stalls = [s for d in (tmp_path / "out" / "stuck" / "incidents").iterdir() for s in read_stalls(str(d))]
+    assert len(stalls) == 1 and stalls[0]["where"] == "step" and stalls[0]["limit_s"] == 10
+    assert stalls[0]["idle_s"] < 10 + 5  # noticed within the limit and the watchdog's poll
+    print(f"a hung step: ended after {stalls[0]['idle_s']:.1f} s, study {took:.0f} s")
+    check_whole(tmp_path, "stuck", reference)

@@ -1,5 +1,6 @@
 """The runner: in-process vs TorchTrainer (same numbers), DDP, streaming, failures sorted."""
 import math
+import time
 
 import pytest
 import torch
@@ -246,3 +247,25 @@ def test_train_py_prints_only_what_a_user_needs(tmp_path):
     # Also there: Ray's token-auth warning, the dataset's two preparation lines, MLflow's two lines creating a
     # new store.
     assert len(out.strip().splitlines()) <= 14, out
+
+
+@pytest.mark.ray
+def test_one_rank_stuck_before_the_all_reduce_ends_the_whole_group_which_resumes(ray_cluster, tmp_path, tiny_data):
+    """Rank 1 of a two-worker run stops at step 13 (its step never returns) while rank 0 waits in the gradient
+    all-reduce (issue 31, item 5): both watchdogs end their processes within the stall limit, the group restarts
+    from the last checkpoint and the run ends whole; the stalls are kept with the rank and where each was."""
+    from studies.training.watchdog import Watch, read_stalls
+
+    cfg = tiny_cfg(seed=3, num_workers=2, max_steps=24, checkpoint_every_epochs=1, max_failures=1, stall_timeout=8)
+    t0 = time.time()
+    out = runner.run_torch_trainer(cfg, tiny_data, name="stuck", storage_path=str(tmp_path / "ray"),
+                                   test_crash=(13, str(tmp_path / "stuck"), 1),
+                                   watch=Watch(incidents=str(tmp_path / "incidents")))
+    took = time.time() - t0
+    assert (tmp_path / "stuck").exists()  # rank 1 really stopped once
+    assert out.status == "completed" and out.steps == 24
+    stalls = read_stalls(str(tmp_path / "incidents"))
+    assert stalls and all(s["step"] == 13 and s["limit_s"] == 8 for s in stalls)
+    assert {s["where"] for s in stalls} <= {"step or its gradient all-reduce"}
+    print(f"a two-worker run with a stuck rank: {len(stalls)} stall(s) kept, whole run {took:.0f} s")
+    assert took < 150

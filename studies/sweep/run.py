@@ -46,6 +46,7 @@ def _recorded(study: Study) -> bool:
 
 def _run_locked(study: Study, study_id: str | None, lock: storage.lock.Lock) -> dict[str, Any]:
     # Ray Tune is imported only here, once the checks have passed: `--help` and a refused flag answer at once.
+    from studies.sweep import watch
     from studies.sweep.tpe import run_tpe
     from studies.sweep.tune import Phases, TrialEnv
 
@@ -65,20 +66,24 @@ def _run_locked(study: Study, study_id: str | None, lock: storage.lock.Lock) -> 
         record.write_record(study, study_id)
     parent = study_run(study, study_id, concurrency)
     table = study.table()
+    board = watch.BeatBoard.remote()
     env = TrialEnv(study.name, study_id, study.experiment, dataset_uri, study.tracking_uri, parent.run_id,
                    table.uri, storage.uri.join(study.study_dir, "train"), lock.fence(),
-                   source=source_tags(study.script))
-    guard = WriteGuard(lock, table)
+                   source=source_tags(study.script), incidents_uri=storage.uri.join(study.study_dir, "incidents"),
+                   board=board)
+    guard, watcher = WriteGuard(lock, table), watch.StudyWatch(env, table, board)
     t0 = time.time()
     try:
         if study.preset.tpe is not None:
-            complete = run_tpe(study, env, concurrency, guard)
+            complete = run_tpe(study, env, concurrency, guard, watcher)
         else:
-            complete = Phases(study, env, table, concurrency, n_train, guard).fit()
+            complete = Phases(study, env, table, concurrency, n_train, guard, watcher).fit()
     except Exception as e:  # Tune's own state files under the output fail on a full disk too
         if guard.unwritable(now=True) is None:
             raise
         raise stopped(study, parent, guard.fault) from e
+    if watcher.waits.stuck is not None:
+        raise stopped(study, parent, watch.StudyStuck(watcher.waits.stuck))
     try:
         lock.check()
     except storage.lock.LeaseLost as e:  # another driver may hold the study now: write nothing more

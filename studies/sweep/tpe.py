@@ -29,7 +29,7 @@ def tpe_rows(table) -> list[dict]:
     return [r for r in table.read().to_pylist() if r["phase"] == "tpe"]
 
 
-def run_tpe(study: Study, env: TrialEnv, concurrency: int, lock=None) -> bool:
+def run_tpe(study: Study, env: TrialEnv, concurrency: int, lock=None, watcher=None) -> bool:
     """True once the study has all its TPE trials."""
     import optuna
     from ray.tune.search import ConcurrencyLimiter
@@ -52,5 +52,5 @@ def run_tpe(study: Study, env: TrialEnv, concurrency: int, lock=None) -> bool:
     printer.expect("tpe", remaining)
     fit(study, trainable(tpe_trial, base, env=env, base=base, cell=cell_label(cell), short=short_label(cell)),
         tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency),
-                        num_samples=remaining, reuse_actors=True), "tpe", lock, printer)
+                        num_samples=remaining, reuse_actors=True), "tpe", lock, printer, watcher)
     return len(tpe_rows(table)) >= study.preset.trials

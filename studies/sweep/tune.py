@@ -17,11 +17,12 @@ from ray import tune
 from ray.tune.search import Searcher
 
 import storage
-from studies.sweep import frontier, tables
+from studies.sweep import frontier, tables, watch
 from studies.sweep.design import Spec, Study, full_specs, group_specs, refine_specs, replicate_specs, scan_specs
 from studies.training import runner
 from studies.training.summary import OBJECTIVE, RunSummary
 from studies.training.tracking import git_commit, hardware, marked_name
+from studies.training.watchdog import Watch
 
 SCAN_RUNS_PER_TRIAL = 4
 
@@ -40,6 +41,8 @@ class TrialEnv:
     storage_path: str  # Ray Train's storage for multi-worker runs' checkpoints
     fence: storage.lock.Fence | None = None  # the study's lock: checked before a run starts and before its row
     source: dict[str, str] | None = None  # MLflow's source tags, from the driver (mlflow_ui.source_tags)
+    incidents_uri: str | None = None  # hung runs' stalls, a folder per run (watch.record_hung reads them)
+    board: Any = None  # watch.BeatBoard: every run's last beat, for the driver's waiting lines
 
     def table(self) -> storage.ResultsTable:
         return tables.open_table(self.results_uri, self.fence)
@@ -75,7 +78,8 @@ def train_spec(spec: Spec, env: TrialEnv, table: storage.ResultsTable) -> RunSum
         tags={"study": env.study, "cell": spec.cell, "phase": spec.phase, "trial_key": spec.key,
               "lambda": cfg.lambda_label, "seed": str(cfg.seed)},
         in_tune=True, dataset_uri=env.dataset_uri, quiet=True, source=env.source,
-        system_metrics=spec.phase not in frontier.SCAN_PHASES)  # scans last seconds: no monitor thread for them
+        system_metrics=spec.phase not in frontier.SCAN_PHASES,  # scans last seconds: no monitor thread for them
+        watch=Watch(watch.incidents_of(env.incidents_uri, spec), watch.publisher(env.board, spec.label)))
     table.append_epochs(tables.epoch_rows(spec.key, summary.history))
     # The row last: once it exists the run is done, and --resume skips it.
     table.append([tables.results_row({"study": env.study, "trial_key": spec.key, "phase": spec.phase,
@@ -157,12 +161,14 @@ class ProgressPrinter(tune.Callback):
             self._line(trial, result["label"], result.get("status", "?"), result)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        # No row: a trial that failed on infrastructure (after its retries) is rerun by --resume. A bad config or
-        # bad data never gets here: the trial records it as a `failed` row itself.
+        # No row: a trial that failed on infrastructure (after its retries) is rerun by --resume; a run of it that
+        # hung gets its `failed` row from watch.StudyWatch. A bad config or bad data never gets here: the trial
+        # records it as a `failed` row itself.
         where = getattr(trial, "error_file", "") or "the Tune logs"
         runs = trial.config.get("specs") or [None]
         self._line(trial, f"a trial of {len(runs)} run(s)", "failed",
-                   {"error": f"after {trial.num_failures} attempt(s), see {where}; --resume reruns it"})
+                   {"error": f"after {trial.num_failures} attempt(s), see {where}; --resume reruns its runs that "
+                             "have no row"})
 
     def _line(self, trial, label: str, status: str, r: dict[str, Any]) -> None:
         self.done += 1
@@ -193,26 +199,29 @@ def sigterm_as_ctrl_c():
 
 
 class LeaseStopper(tune.Stopper):
-    """Ends the Tune experiment once the driver has lost the study's lock: no new trial starts, running ones stop
-    (their row writes would be refused by the fence anyway)."""
+    """Ends the Tune experiment once the driver has lost the study's lock (no new trial starts, running ones stop:
+    their row writes would be refused by the fence anyway), or once the study can make no more progress
+    (watch.StudyWatch found it stuck)."""
 
-    def __init__(self, lock):
-        self.lock = lock
+    def __init__(self, lock, watcher: watch.StudyWatch | None = None):
+        self.lock, self.watcher = lock, watcher
 
     def __getstate__(self):  # Tune saves its run config; the lock (a thread, a client) stays with the driver
-        return {"lock": None}
+        return {"lock": None, "watcher": None}
 
     def __call__(self, trial_id, result) -> bool:
         return False
 
     def stop_all(self) -> bool:
-        return self.lock is not None and self.lock.lost()
+        stuck = self.watcher is not None and self.watcher.waits.stuck is not None
+        return stuck or (self.lock is not None and self.lock.lost())
 
 
 def fit(study: Study, trainable_, tune_config: tune.TuneConfig, name: str, lock=None,
-        printer: ProgressPrinter | None = None) -> None:
-    """Fit one Tune experiment of the study (its own JSON and CSV trial loggers, progress lines, retries); it
-    stops once `lock` (storage.lock.Lock) is lost."""
+        printer: ProgressPrinter | None = None, watcher: watch.StudyWatch | None = None) -> None:
+    """Fit one Tune experiment of the study (its own JSON and CSV trial loggers, progress lines, retries, the
+    watcher's waiting lines and hung runs' rows); it stops once `lock` (storage.lock.Lock) is lost or the watcher
+    finds the study stuck."""
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     # Tune's own JSON and CSV trial loggers (its end-of-fit analysis reads them), not its TensorBoard one: the
@@ -222,8 +231,9 @@ def fit(study: Study, trainable_, tune_config: tune.TuneConfig, name: str, lock=
     run_config = tune.RunConfig(
         name=f"{study.name}-{name}-{time.strftime('%Y%m%d-%H%M%S')}",
         **storage.uri.ray_storage(storage.uri.join(study.study_dir, "tune")), verbose=0,
-        callbacks=[printer or ProgressPrinter(), JsonLoggerCallback(), CSVLoggerCallback()],
-        failure_config=tune.FailureConfig(max_failures=study.trial_retries), stop=LeaseStopper(lock))
+        callbacks=[printer or ProgressPrinter(), JsonLoggerCallback(), CSVLoggerCallback(),
+                   *([watcher] if watcher is not None else [])],
+        failure_config=tune.FailureConfig(max_failures=study.trial_retries), stop=LeaseStopper(lock, watcher))
     with sigterm_as_ctrl_c():
         tune.Tuner(trainable_, tune_config=tune_config, run_config=run_config).fit()
 
@@ -232,13 +242,13 @@ class Phases:
     """scan → refine → full, each computed from the rows of the phases before it."""
 
     def __init__(self, study: Study, env: TrialEnv, table: storage.ResultsTable, concurrency: int, n_train: int,
-                 lock=None):
+                 lock=None, watcher: watch.StudyWatch | None = None):
         self.study, self.env, self.table, self.concurrency, self.n_train = study, env, table, concurrency, n_train
-        self.lock, self.printer = lock, ProgressPrinter()
+        self.lock, self.printer, self.watcher = lock, ProgressPrinter(), watcher
         self.tried: set[str] = set()  # replication runs handed out so far
 
     def __getstate__(self):  # Tune pickles the searcher (and so this) into its own state; the lock stays here
-        return {**self.__dict__, "lock": None, "printer": None}
+        return {**self.__dict__, "lock": None, "printer": None, "watcher": None}
 
     def done(self) -> set[str]:
         return set(self.table.read().column("trial_key").to_pylist())
@@ -307,7 +317,7 @@ class Phases:
         # reuse_actors: a finished trial's process runs the next one (no Python + torch start per trial).
         fit(self.study, trainable(phase_trial, self.study.fixed, env=self.env),
             tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=self.concurrency,
-                            reuse_actors=True), "grid", self.lock, self.printer)
+                            reuse_actors=True), "grid", self.lock, self.printer, self.watcher)
         full = self.full()
         done = self.done()
         return full is not None and all(s.key in done for s in full)

@@ -144,6 +144,11 @@ class TrainConfig:
                                                                             "that; 0 = off)", placement=True)
     max_failures: int = setting(0, bound=NON_NEGATIVE, help="worker failures to recover from (restarts from the "
                                                             "last checkpoint)", placement=True)
+    stall_timeout: float | None = setting(None, bound=POSITIVE, placement=True,
+                                          help="seconds without a training step after which a run counts as hung "
+                                               "and is ended (then retried as a lost worker; when its retries are "
+                                               "spent, recorded failed); default: 600 until the run's pace is known, "
+                                               "then the larger of 120 and 50x its median step time")
     divergence_factor: float = setting(5.0, bound=Bound(1, lo_open=True), help="diverged when the loss exceeds "
                                        "this multiple of its starting value, or is not finite")
     gns_every_steps: int = setting(10, bound=NON_NEGATIVE, help="measure the gradient noise scale every N steps "

@@ -44,6 +44,12 @@ class WorkerContext:
     resume_from: str | None = None  # a checkpoint directory
     print: Callable[[str], None] = print
     on_step: Callable[[int], None] | None = None  # test hook: called before each step (fault injection)
+    # Progress for the watchdog (studies/training/watchdog.py): the step and where the run is now.
+    beat: Callable[[int, str], None] = lambda step, where: None
+
+    def step_where(self) -> str:
+        # With DDP a step waits on every rank in its gradient all-reduce: a stuck peer shows up here.
+        return "step" if self.world_size == 1 else "step or its gradient all-reduce"
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float):
@@ -126,12 +132,13 @@ def train_step(net, opt, x, y_soft, cfg: TrainConfig, amp, params, agc_params, *
 
 
 @torch.no_grad()
-def evaluate(model, chunks, augment, ctx: WorkerContext, batch: int, channels_last: bool, amp):
+def evaluate(model, chunks, augment, ctx: WorkerContext, batch: int, channels_last: bool, amp, step: int = 0):
     # `chunks` yields this rank's share of the validation set as (images, labels) on the device, all at once
     # (resident) or a shard at a time (streaming); the sums are all-reduced.
     model.eval()
     totals = torch.zeros(3, device=ctx.device, dtype=torch.float64)
     for xs, ys in chunks:
+        ctx.beat(step, "eval (a validation shard)")
         for i in range(0, len(xs), batch):
             x = augment.eval_transform(xs[i : i + batch])
             if channels_last:
@@ -249,6 +256,7 @@ def setup(cfg: TrainConfig, dataset_uri: str, ctx: WorkerContext):
 
 def train(cfg: TrainConfig, dataset_uri: str, ctx: WorkerContext) -> RunSummary:
     t_start = time.perf_counter()
+    ctx.beat(0, "set-up and data read")
     tr, loader = setup(cfg, dataset_uri, ctx)
     train_time = 0.0
     for epoch in range(tr.state["epoch"], tr.n_epochs):
@@ -270,11 +278,13 @@ def train_epoch(tr: Training, loader, epoch: int) -> float:
     skip = resume_mid_epoch(tr, tally, gen)
     if ctx.device.type == "cuda":
         torch.cuda.synchronize()
+    ctx.beat(step, "data read")
     for i, (xb, yb) in enumerate(loader.epoch(epoch)):
         if i < skip:  # trained before the mid-epoch checkpoint
             continue
         if step >= tr.total:
             break
+        ctx.beat(step, ctx.step_where())
         if ctx.on_step:
             ctx.on_step(step)
         lr = lr_at(step, tr.schedule, tr.warmup, cfg.lr, cfg.lr_schedule)
@@ -298,6 +308,7 @@ def train_epoch(tr: Training, loader, epoch: int) -> float:
             noise = []
             if step < tr.total and checkpoint_due(tr):
                 save_mid_epoch(tr, epoch, i + 1, step, tally, gen)
+        ctx.beat(step, "data read")
     return end_of_epoch(tr, epoch, step, tally)
 
 
@@ -341,6 +352,7 @@ def end_of_epoch(tr: Training, epoch: int, step: int, tally: EpochTally) -> floa
     epoch_steps = tally.seen // max(1, cfg.local_batch_size)
     totals = torch.stack([tally.loss.float(), tally.correct.float(),
                           torch.tensor(float(tally.seen), device=ctx.device)])
+    ctx.beat(step, "epoch metrics" if ctx.world_size == 1 else "collective (epoch metrics' all-reduce)")
     tl, tc, ts = all_reduce_mean(totals, ctx.world_size).tolist()
     m: dict[str, Any] = {
         "epoch": epoch + 1, "step": step,
@@ -355,7 +367,7 @@ def end_of_epoch(tr: Training, epoch: int, step: int, tally: EpochTally) -> floa
     final = monitor.diverged or step >= tr.total
     if tr.val is not None and not monitor.diverged and ((epoch + 1) % cfg.eval_every_epochs == 0 or final):
         vl, va = evaluate(tr.net, tr.val(), tr.augment, ctx, max(256, cfg.local_batch_size), cfg.channels_last,
-                          tr.amp)
+                          tr.amp, step)
         m.update(val_loss=vl, val_acc=va)
         if not va <= state["best_val_acc"]:  # nan-safe max
             state["best_val_acc"] = va
@@ -372,6 +384,7 @@ def end_of_epoch(tr: Training, epoch: int, step: int, tally: EpochTally) -> floa
     ckpt_dir = None
     if cfg.checkpoint_every_epochs and not final and (epoch + 1) % cfg.checkpoint_every_epochs == 0 and ctx.rank == 0:
         ckpt_dir = save_checkpoint(tr)
+    ctx.beat(step, "report" if ctx.world_size == 1 else "collective (the epoch report, a barrier of all ranks)")
     ctx.report(m, ckpt_dir)
     return dt
 

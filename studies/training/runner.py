@@ -2,7 +2,8 @@
 through Ray Train's TorchTrainer (DDP over gloo/NCCL) or, for a single worker (CPU or one GPU, or a share of one)
 inside a Tune trial, in-process (identical numbers; see tests/test_training_runner.py): no worker group to start
 per run, and the Tune actor, reused from trial to trial, keeps the dataset resident on its device all study long.
-Which errors are the machines' (retried) and which the run's own (recorded `failed`): is_infrastructure."""
+Which errors are the machines' (retried) and which the run's own (recorded `failed`): faults.is_infrastructure;
+a run that makes no progress ends its own process (watchdog.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +11,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,11 @@ import torch
 import storage
 from studies.training import loop
 from studies.training.config import PROJECT_DIR, TrainConfig
+from studies.training.faults import is_infrastructure, root_cause
 from studies.training.mlflow_ui import log_curves, log_dataset, source_tags, start_system_metrics
 from studies.training.summary import OBJECTIVE, RunSummary
 from studies.training.tracking import MetricLogger, Tracker, hardware
+from studies.training.watchdog import Watch, Watchdog, end_hung_process
 
 
 def prepare_data(cfg: TrainConfig) -> str:
@@ -91,18 +95,30 @@ def _stop(monitor) -> None:
             pass
 
 
-def _crash_once(test_crash: tuple[int, str] | None):
-    """Test hook (never a config field): kill this worker once at a step; a marker file keeps it to once."""
-    if not test_crash:
+def _fault_once(test_crash: tuple[int, str] | None, rank: int = 0):
+    """Test hook (never a config field): kill this worker once at a step, (step, marker); or, with a third item
+    (step, marker, rank), make that rank's step never return (a rank stuck while its peers wait in the gradient
+    all-reduce). A marker file keeps it to once."""
+    if not test_crash or (len(test_crash) > 2 and test_crash[2] != rank):
         return None
-    at, marker = test_crash
+    at, marker = test_crash[:2]
 
     def on_step(step: int) -> None:
         if step == at and not os.path.exists(marker):
             Path(marker).write_text(str(step))
+            if len(test_crash) > 2:
+                time.sleep(3600)
             os._exit(1)  # a killed worker, as far as Ray can tell
 
     return on_step
+
+
+def watchdog(cfg: TrainConfig, watch: Watch | None, rank: int = 0) -> Watchdog:
+    """The run's progress watchdog in the process that trains: a run with no step for its stall limit ends this
+    process (a lost worker to Ray, retried), its stall kept where `watch` says, rank 0's beats published there."""
+    watch = watch or Watch()
+    return Watchdog(lambda stall: end_hung_process(stall, watch.incidents), cfg.stall_timeout, rank=rank,
+                    publish=watch.publish if rank == 0 else None)
 
 
 def _reporter(log: MetricLogger | None, report_fn, checkpoint_cls):
@@ -145,12 +161,14 @@ def _worker_fn(config: dict[str, Any]) -> dict[str, Any]:
             relay.put(line, timeout=5) if relay is not None else print(line, flush=True)
         except Exception:  # a progress line is never worth a training failure
             print(line, flush=True)
+    dog = watchdog(cfg, config.get("watch"), rank)
     ctx = loop.WorkerContext(rank=rank, world_size=world, device=device,
                              report=_reporter(log, ray.train.report, ray.train.Checkpoint),
                              log_step=log or (lambda m, s: None), resume_from=resume,
-                             print=say, on_step=_crash_once(config.get("test_crash")))
+                             print=say, on_step=_fault_once(config.get("test_crash"), rank), beat=dog.beat)
     try:
-        summary = loop.train(cfg, config["dataset_uri"], ctx)
+        with dog:
+            summary = loop.train(cfg, config["dataset_uri"], ctx)
     finally:
         _stop(monitor)
         if resume:
@@ -186,7 +204,7 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_in_process(cfg: TrainConfig, dataset_uri: str, tracking: dict[str, Any] | None = None,
-                   in_tune: bool = False, quiet: bool = False) -> RunSummary:
+                   in_tune: bool = False, quiet: bool = False, watch: Watch | None = None) -> RunSummary:
     """The same loop as a one-worker TorchTrainer, in this process (no worker group to start)."""
     if cfg.num_workers != 1:
         raise ValueError("in-process runs are for one worker; use TorchTrainer for more")
@@ -202,11 +220,13 @@ def run_in_process(cfg: TrainConfig, dataset_uri: str, tracking: dict[str, Any] 
 
         resume, report_fn, ckpt_cls = _restored(ray.tune.get_checkpoint()), ray.tune.report, ray.tune.Checkpoint
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.use_gpu else torch.device("cpu")
+    dog = watchdog(cfg, watch)
     ctx = loop.WorkerContext(device=device, report=_reporter(log, report_fn, ckpt_cls),
                              log_step=log or (lambda m, s: None), resume_from=resume,
-                             print=(lambda s: None) if quiet else (lambda s: print(s, flush=True)))
+                             print=(lambda s: None) if quiet else (lambda s: print(s, flush=True)), beat=dog.beat)
     try:
-        return loop.train(cfg, dataset_uri, ctx)
+        with dog:
+            return loop.train(cfg, dataset_uri, ctx)
     finally:
         _stop(monitor)
         torch.set_num_threads(threads)
@@ -255,7 +275,8 @@ class ProgressRelay:
 
 def run_torch_trainer(cfg: TrainConfig, dataset_uri: str, *, name: str, storage_path: str,
                       tracking: dict[str, Any] | None = None, in_tune: bool = False,
-                      test_crash: tuple[int, str] | None = None, progress: bool = False) -> RunSummary:
+                      test_crash: tuple | None = None, progress: bool = False,
+                      watch: Watch | None = None) -> RunSummary:
     """Ray Train V2 hands a run the latest checkpoint of an earlier run with the same name and storage path:
     callers name runs by their config's fingerprint, and the loop refuses a checkpoint of another config.
     `progress`: rank 0's epoch lines on this console (train.py; a study prints a line per trial instead)."""
@@ -280,7 +301,7 @@ def run_torch_trainer(cfg: TrainConfig, dataset_uri: str, *, name: str, storage_
     trainer = TorchTrainer(
         _worker_fn,
         train_loop_config={"cfg": cfg, "dataset_uri": dataset_uri, "tracking": tracking,
-                           "test_crash": test_crash, "progress": relay and relay.queue},
+                           "test_crash": test_crash, "progress": relay and relay.queue, "watch": watch},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker=worker_resources(cfg),
@@ -318,11 +339,12 @@ def train_and_track(cfg: TrainConfig, *, tracking_uri: str, experiment: str, run
                     storage_path: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
                     reuse_key: str | None = None, in_process: bool | None = None, in_tune: bool = False,
                     dataset_uri: str | None = None, quiet: bool = False, system_metrics: bool = False,
-                    source: dict[str, str] | None = None) -> RunSummary:
+                    source: dict[str, str] | None = None, watch: Watch | None = None) -> RunSummary:
     """One run end to end: MLflow run opened first, so failures and divergences are recorded too. A bad config or
     bad data is a result (status failed); an infrastructure fault is raised, so Tune retries the trial. The run
     is named `run_name` while it runs and gets its verdict's mark in front when it ends. `source`: MLflow's source
-    tags (mlflow_ui.source_tags) from the driver; `system_metrics`: sample CPU/GPU/memory into the run."""
+    tags (mlflow_ui.source_tags) from the driver; `system_metrics`: sample CPU/GPU/memory into the run;
+    `watch`: where a hung run's stall is kept and its progress published, for the study (watchdog.Watch)."""
     dataset_uri = dataset_uri or prepare_data(cfg)
     tracker = Tracker.create(
         tracking_uri, experiment, run_name,
@@ -336,7 +358,7 @@ def train_and_track(cfg: TrainConfig, *, tracking_uri: str, experiment: str, run
         in_process = runs_in_process(cfg)
     try:
         if in_process:
-            summary = run_in_process(cfg, dataset_uri, tracking, in_tune=in_tune, quiet=quiet)
+            summary = run_in_process(cfg, dataset_uri, tracking, in_tune=in_tune, quiet=quiet, watch=watch)
             if in_tune:
                 import ray
 
@@ -344,7 +366,7 @@ def train_and_track(cfg: TrainConfig, *, tracking_uri: str, experiment: str, run
         else:
             summary = run_torch_trainer(cfg, dataset_uri, name=ray_run_name(run_name, cfg),
                                         storage_path=storage_path, tracking=tracking, in_tune=in_tune,
-                                        progress=not (quiet or in_tune))
+                                        progress=not (quiet or in_tune), watch=watch)
     except Exception as e:
         if is_infrastructure(e, cfg):
             raise  # Tune retries the trial (its last checkpoint, if any); --resume reruns it if retries run out
@@ -360,43 +382,6 @@ def train_and_track(cfg: TrainConfig, *, tracking_uri: str, experiment: str, run
     tracker.set_tags(tags)
     tracker.end(summary.status, summary.verdict, name=run_name)
     return summary
-
-
-def root_cause(e: BaseException) -> BaseException:
-    """The exception under Ray's wrappers: a task's error (RayTaskError.cause, also Ray Data's reads), a worker
-    group's failure (its first worker's cause), an explicit `raise … from`."""
-    seen = set()
-    while id(e) not in seen:
-        seen.add(id(e))
-        failures = getattr(e, "worker_failures", None)
-        nxt = getattr(e, "cause", None) or (next(iter(failures.values()), None) if failures else None)
-        if nxt is None and type(e).__module__.split(".")[0] == "ray":
-            nxt = e.__cause__
-        if not isinstance(nxt, BaseException):
-            return e
-        e = nxt
-    return e
-
-
-def is_infrastructure(e: BaseException, cfg: TrainConfig | None = None) -> bool:
-    """A fault of the machines, not of the config or the data, judged by its cause under Ray's wrappers: a lost
-    worker or node, an unreachable tracking server or object store, out of memory on a GPU this run shares with
-    other trials. Retried; anything else (a bad config, corrupt data naming its shard, a shape error, out of memory
-    on a GPU of its own) would fail the same way again and is recorded as `failed`."""
-    e = root_cause(e)
-    if isinstance(e, storage.StorageUnavailable):
-        return True
-    if isinstance(e, storage.StorageError):  # bad data or a refused location: the message names it
-        return False
-    if isinstance(e, torch.OutOfMemoryError):  # another trial's memory on the same GPU may be gone next time
-        return cfg is not None and cfg.use_gpu and cfg.gpus_per_worker < 1
-    if isinstance(e, (ConnectionError, TimeoutError)):
-        return True
-    if type(e).__module__.split(".")[0] in ("ray", "requests", "urllib3", "botocore", "grpc"):
-        return True  # Ray's own (a dead actor, worker or node) with no user error under it, or a transport's
-    text = str(e)
-    return type(e).__name__ == "MlflowException" and any(
-        s in text for s in ("Max retries exceeded", "Connection refused", "timed out", "502", "503", "504"))
 
 
 def default_storage_path() -> str:
