@@ -71,7 +71,7 @@ def _run_locked(study: Study, study_id: str | None, lock: storage.lock.Lock) -> 
                    table.uri, storage.uri.join(study.study_dir, "train"), lock.fence(),
                    source=source_tags(study.script), incidents_uri=storage.uri.join(study.study_dir, "incidents"),
                    board=board)
-    guard, watcher = WriteGuard(lock, table), watch.StudyWatch(env, table, board)
+    guard, watcher = WriteGuard(lock, table), watch.StudyWatch(env, table, board, autoscaling=cap.autoscaling)
     t0 = time.time()
     try:
         if study.preset.tpe is not None:

@@ -25,6 +25,7 @@ from studies.training.watchdog import Stall, read_stalls
 
 QUIET_S = 300.0  # no trial started or ended for this long: say what the study waits for (then every QUIET_S)
 STUCK_S = 600.0  # nothing running and nothing placed for this long: the study can make no more progress
+AUTOSCALING_STUCK_S = 1800.0  # the same where an autoscaler may still be starting nodes (a GPU node: 10+ minutes)
 
 
 class StudyStuck(RuntimeError):
@@ -142,10 +143,11 @@ class StudyWatch(tune.Callback):
     when nothing can run for stuck_s."""
 
     def __init__(self, env, table: storage.ResultsTable, board=None, quiet_s: float | None = None,
-                 stuck_s: float | None = None):
+                 stuck_s: float | None = None, autoscaling: bool = False):
         self.env, self.table, self.board = env, table, board
         self.quiet_s = quiet_s if quiet_s is not None else float(os.environ.get("NFNET_LAB_QUIET_S", QUIET_S))
-        self.stuck_s = stuck_s if stuck_s is not None else float(os.environ.get("NFNET_LAB_STUCK_S", STUCK_S))
+        default = AUTOSCALING_STUCK_S if autoscaling else STUCK_S
+        self.stuck_s = stuck_s if stuck_s is not None else float(os.environ.get("NFNET_LAB_STUCK_S", default))
         self.waits = Waits(time.monotonic())
         self.current: dict[str, str] = {}  # trial id -> the label of its current run
 
