@@ -7,7 +7,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from studies.training.verdict import tail_stats
+from studies.training.verdict import curve_range, tail_stats
 
 
 def all_reduce_mean(t: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -86,6 +86,10 @@ class DivergenceMonitor:
     def final_train_loss(self) -> tuple[float | None, float | None]:
         """(mean, standard error) of the last tenth of the steps' losses."""
         return tail_stats(self.losses)
+
+    def loss_range(self) -> tuple[float | None, float | None]:
+        """(lowest, highest) mean over any tenth of the steps: whether the curve left its start (a collapse)."""
+        return curve_range(self.losses)
 
     def state_dict(self):
         return {"initial": self.initial, "losses": self.losses}

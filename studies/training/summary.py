@@ -28,7 +28,10 @@ class RunSummary:
     initial_train_loss: float | None = None  # the first step's loss: the loss at initialisation
     final_train_loss: float | None = None  # mean over the last tenth of the steps run
     final_train_loss_se: float | None = None  # its standard error (spread of those steps' losses / √steps)
-    verdict: str | None = None  # trained | stalled | diverged (studies/training/verdict.py); None: failed or stopped
+    lowest_train_loss: float | None = None  # lowest mean over any tenth of the steps: how far the curve fell
+    highest_train_loss: float | None = None  # highest such mean: how far it rose
+    verdict: str | None = None  # trained | stalled | collapsed | diverged (studies/training/verdict.py); None:
+    # failed or stopped
     images_per_sec: float | None = None
     train_time_s: float | None = None
     wall_time_s: float | None = None
@@ -40,7 +43,7 @@ class RunSummary:
     def __post_init__(self):
         if self.verdict is None:
             self.verdict = judge(self.status, self.initial_train_loss, self.final_train_loss,
-                                 self.final_train_loss_se)
+                                 self.final_train_loss_se, self.lowest_train_loss, self.highest_train_loss)
 
     def scalars(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "history"}
