@@ -321,12 +321,14 @@ def summarize(tr: Training, train_time: float, wall_time: float) -> RunSummary:
         return None if v is None or math.isnan(v) else v
 
     final_loss, final_se = monitor.final_train_loss()
+    low, high = monitor.loss_range()
     return RunSummary(
         status="diverged" if monitor.diverged else "completed", steps=state["step"], epochs=state["epoch"],
         diverged_step=monitor.step, diverged_reason=monitor.reason,
         best_val_acc=finite(state["best_val_acc"]), final_val_acc=last_val.get("val_acc"),
         best_val_loss=finite(state["best_val_loss"]), final_val_loss=last_val.get("val_loss"),
         initial_train_loss=monitor.initial, final_train_loss=final_loss, final_train_loss_se=final_se,
+        lowest_train_loss=low, highest_train_loss=high,
         images_per_sec=(sum(h["images_per_sec"] for h in hist) / len(hist)) if hist else None,
         train_time_s=train_time, wall_time_s=wall_time, gns=tr.gns.value if tr.gns.n else None, history=hist)
 
