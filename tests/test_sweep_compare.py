@@ -1,4 +1,6 @@
 """Two maps of one design compared (pure functions over cells tables): √2 steps per cell, same findings."""
+import math
+
 import pyarrow.parquet as pq
 import pytest
 
@@ -91,3 +93,10 @@ def test_a_small_scan_gives_the_same_map_on_two_kernel_paths(tmp_path):
     for other in maps[1:]:
         (pair,) = compare.pair_cells(maps[0], other)
         assert pair.agree, pair
+
+
+def test_one_refined_step_stored_to_four_digits_is_within_one_step():
+    # 0.5657 (0.4·√2 as the refined grid stores it) vs 0.4 is one step, not "apart" by its rounding (seen comparing
+    # the seed-0 and seed-10 laptop maps)
+    assert compare.CellPair("c", "0.5657", "0.4", abs(math.log(0.5657 / 0.4)) / compare.STEP).agree
+    assert not compare.CellPair("c", "0.8", "0.4", 2.0).agree

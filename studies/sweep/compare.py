@@ -29,7 +29,7 @@ class CellPair:
     def agree(self) -> bool:
         """Within one √2 step; two undecided (or two 'none') cells agree; a lower bound '≥x' agrees with any
         frontier at or above one step below x."""
-        return self.steps is not None and self.steps <= 1 + 1e-9
+        return self.steps is not None and self.steps <= 1 + 0.01  # the refined lrs are stored to 4 digits
 
 
 def _steps(a: dict, b: dict) -> float | None:
