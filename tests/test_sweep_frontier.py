@@ -8,17 +8,19 @@ ONE = "; one seed, no spread to weigh it against."  # an effect of an unreplicat
 
 
 START = 2.30
-LOSS = {"t": 1.8, "s": 2.29, "d": None, "f": None}  # trained, stalled, diverged, failed
-STATUS = {"t": "completed", "s": "completed", "d": "diverged", "f": "failed"}
+LOSS = {"t": 1.8, "s": 2.29, "c": 2.30, "d": None, "f": None}  # trained, stalled, collapsed, diverged, failed
+STATUS = {"t": "completed", "s": "completed", "c": "completed", "d": "diverged", "f": "failed"}
+LOW = {"c": 1.9}  # the lowest tenth of a collapsed run's curve: it learned, then fell back to chance
 
 
 def _row(cell, b, lam, lr, v, seed=0, phase="scan", loss=None, acc=None):
-    """A results row; `v` is t(rained), s(talled), d(iverged) or f(ailed). Verdicts are judged from the losses
-    (no `verdict` column), as for rows written before it existed."""
+    """A results row; `v` is t(rained), s(talled), c(ollapsed), d(iverged) or f(ailed). Verdicts are judged from
+    the losses (no `verdict` column), as for rows written before it existed."""
     return {"cell": cell, "batch_size": b, "model": "nf_resnet_cifar", "clipping": "none" if lam == "none" else "agc",
             "lambda": None if lam == "none" else float(lam), "base_lr": lr, "seed": seed,
             "status": STATUS[v], "phase": phase, "initial_train_loss": START,
-            "final_train_loss": LOSS[v] if loss is None else loss, "final_train_loss_se": 0.01, "best_val_acc": acc}
+            "final_train_loss": LOSS[v] if loss is None else loss, "final_train_loss_se": 0.01, "best_val_acc": acc,
+            "lowest_train_loss": LOW.get(v), "highest_train_loss": None}
 
 
 def _cell(rows):
@@ -43,7 +45,10 @@ def test_slow_small_lrs_do_not_cut_the_frontier_and_a_stalled_lr_ends_it():
     assert c["lr_sensitivity"] == pytest.approx((2.29 + 2.0 + 1.5 + 1.9 + 2.29) / 5 - 1.5)
     assert c["frontier_loss"] == pytest.approx(1.9) and c["start_loss"] == pytest.approx(START)
     text = findings.cell_sentence(64, "no clipping", c)
-    assert text == "batch 64, no clipping trains up to lr 0.8 (loss 1.90, start 2.30); lr 1.6 stalls (loss 2.29)"
+    assert text == ("batch 64, no clipping trains up to lr 0.8 (loss 1.90, start 2.30); lr 1.6 stalls (loss 2.29): "
+                    "the edge is a budget limit")
+    assert (c["first_unstable_kind"], c["best_scan_lr_at_low_edge"], c["max_stable_lr_at_low_edge"]) == \
+        ("budget", False, False)
 
 
 def test_a_cell_where_nothing_trains_is_undecided_or_none_never_a_number():
@@ -300,3 +305,51 @@ def test_a_difference_within_the_seeds_spread_is_never_called_a_finding():
     assert "NOT SHOWN: at batch 1024 AGC λ=0.01 trains up to lr 0.8, 8× the 0.1 without clipping in the majority" \
         in within
     assert "(seed 1, 2 broke it)" in within
+
+
+# ---- why the edge fails (issue 32): stalled vs collapsed, the edge's kind, a best lr at the smallest lr tried ----
+
+def test_a_collapse_above_the_frontier_is_an_instability_and_a_stall_a_budget_limit():
+    a, b = "batch_size=256 lambda=none", "batch_size=1024 lambda=none"
+    rows = _lrs(a, 256, "none", "sttcdc") + _lrs(b, 1024, "none", "ttsss")
+    cells = {c["cell"]: c for c in _cell(rows)}
+    ca, cb = cells[a], cells[b]
+    assert (ca["max_stable_lr"], ca["first_unstable_lr"], ca["first_unstable_verdict"]) == (0.4, 0.8, "collapsed")
+    assert ca["first_unstable_kind"] == "instability" and (ca["scan_collapsed"], ca["scan_stalled"]) == (1, 1)
+    assert cb["first_unstable_kind"] == "budget" and cb["scan_collapsed"] == 0
+    assert findings.cell_sentence(256, "no clipping", ca).endswith(
+        "lr 0.8 collapses (loss 2.30): the edge is an instability")
+    text = findings.frontier_summary(frontier.frontier_table(rows))
+    assert ("the first lr that fails above the frontier: an instability in 1 of 2 cells (1 collapsed, 0 diverged), "
+            "a budget limit in 1 (stalled: batch 1024 no clipping)") in text
+    assert "scan runs trained / stalled / collapsed / diverged:" in text and "2/1/1/1" in text
+    # The frontier is the same as if the collapse had been a stall: both fail.
+    (same,) = _cell(_lrs(a, 256, "none", "sttsdc"))
+    assert same["max_stable_lr"] == 0.4 and same["first_unstable_verdict"] == "stalled"
+
+
+def test_seeds_that_fail_differently_take_the_commonest_failure_and_a_tie_the_severer():
+    c = "batch_size=256 lambda=0.04"
+    for pattern, verdict in (("cst", "collapsed"), ("ccs", "collapsed"), ("ssc", "stalled"), ("cdt", "diverged")):
+        rows = _lrs(c, 256, "0.04", "t", lrs=(0.1,)) + [_row(c, 256, "0.04", 0.2, v, seed=s)
+                                                         for s, v in enumerate(pattern)]
+        (cell,) = _cell(rows)
+        assert cell["first_unstable_verdict"] == verdict, pattern
+
+
+def test_a_best_lr_at_the_smallest_lr_tried_is_marked_as_an_upper_bound_on_the_optimum():
+    a = "batch_size=1024 lambda=none"
+    rows = _lrs(a, 1024, "none", "tdd", lrs=(0.025, 0.05, 0.1))
+    rows.append(_row(a, 1024, "none", 0.025, "t", phase="full", acc=0.16))
+    (c,) = _cell(rows)
+    assert (c["best_scan_lr"], c["best_scan_lr_at_low_edge"], c["max_stable_lr_at_low_edge"]) == (0.025, True, True)
+    assert (c["lowest_lr_tried"], c["highest_lr_tried"]) == (0.025, 0.1)
+    # The frontier there is bracketed (0.05 diverged): a number, not a bound; the best lr is the bound.
+    assert findings.frontier_text(c) == "0.025"
+    assert "its best lr is the smallest tried (≤0.025: the optimum may lie below)" in \
+        findings.cell_sentence(1024, "no clipping", c)
+    text = findings.frontier_summary(frontier.frontier_table(rows))
+    assert "0.160 @≤0.025" in text and "0.160 @ ≤0.025" in findings.frontier_markdown(frontier.frontier_table(rows))
+    (inside,) = _cell(_lrs(a, 1024, "none", "sttd", losses=[None, 1.7, 1.9, None], lrs=(0.025, 0.05, 0.1, 0.2)))
+    assert not inside["best_scan_lr_at_low_edge"] and "smallest tried" not in findings.cell_sentence(
+        1024, "no clipping", inside)

@@ -9,17 +9,15 @@ import pyarrow as pa
 
 from studies.sweep.frontier import FOUND, NONE
 from studies.sweep.layout import Grid, grids_of, value_text
+from studies.sweep.support import apart as _apart
+from studies.sweep.support import best_lr_text, frontier_text
+from studies.sweep.support import frontier_lr as _frontier_lr
+from studies.sweep.support import lr_range as _range
+from studies.sweep.support import support as _support
+from studies.sweep.support import support_text as _support_text
 
 NO_CLIP_COL = "no clipping"
-
-
-def frontier_text(c: dict | None) -> str:
-    """A cell's frontier in the map: '0.4', '≥12.8' (trains up to the largest lr tried), 'undecided', 'none'."""
-    if c is None:
-        return "-"
-    if c["frontier"] != FOUND:
-        return c["frontier"]
-    return ("≥" if c["max_stable_lr_at_edge"] else "") + f"{c['max_stable_lr']:g}"
+COUNTED = ("trained", "stalled", "collapsed", "diverged")  # the verdict counts' order in the tables
 
 
 def support_text(c: dict | None) -> str:
@@ -44,19 +42,25 @@ def spread_text(c: dict | None) -> str:
     return (f"{lo:g}" if lo == hi else f"{lo:g}–{hi:g}") + tail
 
 
+FAILS = {"stalled": "stalls", "collapsed": "collapses", "diverged": "diverges"}
+KIND = {"instability": "the edge is an instability", "budget": "the edge is a budget limit"}
+
+
 def _fails(c: dict) -> str:
-    return "stalls" if c["first_unstable_verdict"] == "stalled" else "diverges"
+    return FAILS.get(c["first_unstable_verdict"], "diverges")
 
 
 def cell_sentence(row, col: str, c: dict, row_name: str = "batch", facet: str = "") -> str:
-    """'batch 1024, λ=0.01 trains up to lr 0.4 (loss 2.18, start 2.30); lr 0.8 stalls (loss 2.30)'; a facet (a
-    third axis's value) goes first: 'augment_strength=0.5, batch 1024, λ=0.01 …'."""
+    """'batch 1024, λ=0.01 trains up to lr 0.4 (loss 2.18, start 2.30); lr 0.8 stalls (loss 2.30): the edge is a
+    budget limit' (collapses / diverges: an instability), '…; its best lr is the smallest tried (≤0.025: …)'; a
+    facet (a third axis's value) goes first: 'augment_strength=0.5, batch 1024, λ=0.01 …'."""
     head, start = f"{facet + ', ' if facet else ''}{row_name} {value_text(row)}, {col}", c["start_loss"]
     if c["frontier"] == NONE:
         return f"{head}: no lr trains — every lr tried diverged"
     if c["frontier"] != FOUND:
-        return (f"{head}: undecided — no lr trained in the scan ({c['scan_stalled']} stalled, {c['scan_diverged']} "
-                f"diverged; start loss {_f(start)}): too short for it, raise --scan-steps / --scan-examples")
+        return (f"{head}: undecided — no lr trained in the scan ({c['scan_stalled']} stalled, "
+                f"{c.get('scan_collapsed') or 0} collapsed, {c['scan_diverged']} diverged; start loss {_f(start)}): "
+                "too short for it, raise --scan-steps / --scan-examples")
     s = f"{head} trains up to lr {c['max_stable_lr']:g}{_seeds(c['max_stable_lr_trained'], c['max_stable_lr_decided'])}"
     s += f" (loss {_f(c['frontier_loss'])}, start {_f(start)})"
     if c["first_unstable_lr"] is None:
@@ -64,8 +68,12 @@ def cell_sentence(row, col: str, c: dict, row_name: str = "batch", facet: str = 
     else:
         s += f"; lr {c['first_unstable_lr']:g} {_fails(c)}"
         s += _seeds(c["first_unstable_failed"], c["first_unstable_decided"])
-        if c["first_unstable_verdict"] == "stalled":
+        if c["first_unstable_verdict"] != "diverged":
             s += f" (loss {_f(c['first_unstable_loss'])})"
+        if c.get("first_unstable_kind") in KIND:
+            s += f": {KIND[c['first_unstable_kind']]}"
+    if c.get("best_scan_lr_at_low_edge"):
+        s += f"; its best lr is the smallest tried ({best_lr_text(c['best_scan_lr'], c)}: the optimum may lie below)"
     held = _seeds(c.get("frontier_holds_trained"), c.get("frontier_holds_decided"), "trained")
     if c["frontier_holds"] is False:
         s += f" — NOT held over the full budget (the full run at lr {c['max_stable_lr']:g} did not train{held})"
@@ -93,7 +101,7 @@ def _acc(c: dict | None, sep: str = "@") -> str:
     """Best val top-1: '0.538 ± 0.012 @0.5657' (mean ± sample sd over seeds), '0.538 @0.5657' with one seed."""
     if not c or c["best_val_acc"] is None:
         return "-"
-    return f"{_mean_sd(c)} {sep}{c['best_base_lr']:g}"
+    return f"{_mean_sd(c)} {sep}{best_lr_text(c['best_base_lr'], c)}"
 
 
 def _table(title: str, grids: list[Grid], text) -> list[str]:
@@ -118,8 +126,8 @@ def frontier_summary(cells: pa.Table) -> str:
                    grids, support_text)
     if any(spread_text(c) != "-" for g in grids for c in g.at.values()):
         lines += _table("the seeds' own frontiers (min–max over seeds):", grids, spread_text)
-    lines += _table("scan runs trained / stalled / diverged:", grids, lambda c: "-" if c is None else
-                    f"{c['scan_trained']}/{c['scan_stalled']}/{c['scan_diverged']}")
+    lines += _table("scan runs trained / stalled / collapsed / diverged:", grids, lambda c: "-" if c is None else
+                    "/".join(str(c.get(f"scan_{v}") or 0) for v in COUNTED))
     lines += _table("LR sensitivity (mean over the lr grid of min(loss, start) − best loss; 0 = flat):", grids,
                     lambda c: "-" if c is None or c["lr_sensitivity"] is None else f"{c['lr_sensitivity']:.3f}")
     lines += _table("best val top-1 (mean ± sd over seeds, at base lr):", grids, _acc)
@@ -148,19 +156,11 @@ def frontier_markdown(cells: pa.Table) -> str:
                       "trained there; then the next lr and the seeds that failed at it)", grids, support_text)
     if any(spread_text(c) != "-" for g in grids for c in g.at.values()):
         lines += _md_table("The seeds' own frontiers (min–max over seeds)", grids, spread_text)
-    lines += _md_table("Scan runs trained / stalled / diverged", grids, lambda c: "-" if c is None else
-                       f"{c['scan_trained']} / {c['scan_stalled']} / {c['scan_diverged']}")
+    lines += _md_table("Scan runs trained / stalled / collapsed / diverged", grids, lambda c: "-" if c is None else
+                       " / ".join(str(c.get(f"scan_{v}") or 0) for v in COUNTED))
     lines += _md_table("Best val top-1 of the full runs (mean ± sd over seeds, at base lr)", grids,
                        lambda c: _acc(c, "@ "))
     return "\n".join(lines)
-
-
-def _frontier_lr(c: dict | None) -> float | None:
-    """A cell's frontier as a number for comparisons: 0 when no lr trains (every lr diverged), None when
-    undecided or missing."""
-    if c is None or c["frontier"] not in (FOUND, NONE):
-        return None
-    return c["max_stable_lr"] if c["frontier"] == FOUND else 0.0
 
 
 ACC_MARGIN = 0.02  # top-1 differences below this are within a few seeds' noise on the laptop data: not a finding
@@ -177,46 +177,27 @@ def findings(cells: pa.Table) -> list[str]:
         ok = sum(c["frontier_holds"] for c in held)
         out.append(f"the frontier lr trained over the full budget in {ok} of {len(held)} cells"
                    + ("" if ok == len(held) else " — NOT everywhere: see the cells above"))
-    return out + effect_lines(grids)
+    return out + edge_kinds(grids) + effect_lines(grids)
+
+
+def edge_kinds(grids: list[Grid]) -> list[str]:
+    """Why the cells' edges fail, over the map: the first lr above each frontier collapsed or diverged (an
+    instability: the lr is too large) or stalled (a budget limit: too slow for the scan, or held at chance)."""
+    named = [(f"{(g.facet + ', ') if g.facet else ''}{g.layout.row_name} {value_text(r)} {col}", c)
+             for g in grids for (r, col), c in g.at.items() if c.get("first_unstable_kind")]
+    if not named:
+        return []
+    unstable = [c for _, c in named if c["first_unstable_kind"] == "instability"]
+    budget = [name for name, c in named if c["first_unstable_kind"] == "budget"]
+    kinds = [sum(c["first_unstable_verdict"] == v for c in unstable) for v in ("collapsed", "diverged")]
+    return [f"the first lr that fails above the frontier: an instability in {len(unstable)} of {len(named)} cells "
+            f"({kinds[0]} collapsed, {kinds[1]} diverged), a budget limit in {len(budget)}"
+            + (f" (stalled: {', '.join(budget)})" if budget else "")]
 
 
 def effect_lines(grids: list[Grid]) -> list[str]:
     """The paper's effects read along each map (a facet's heading first), shown or NOT SHOWN."""
     return [f"[{g.facet}] {line}" if g.facet else line for g in grids for line in _effects(g)]
-
-
-def _seed_values(c: dict) -> dict[int, float | None]:
-    """seed -> that seed's own frontier (0: every lr diverged; None: undecided)."""
-    return dict(zip(c.get("seed_list") or [], c.get("max_stable_lr_by_seed") or []))
-
-
-def _support(cells: list[dict], holds) -> tuple[int, int, list[int]]:
-    """(seeds in which `holds(*frontiers)` is true, seeds, the seeds that broke it): each seed's own frontier per
-    cell; a cell that lacks the seed (nothing of it was replicated) reads its majority frontier."""
-    seeds = sorted({s for c in cells for s in c.get("seed_list") or []})
-    broke = []
-    for s in seeds:
-        vals = [_seed_values(c).get(s, _frontier_lr(c)) for c in cells]
-        if any(v is None for v in vals) or not holds(*vals):
-            broke.append(s)
-    return len(seeds) - len(broke), len(seeds), broke
-
-
-def _support_text(k: int, n: int, broke: list[int]) -> str:
-    if n < 2:
-        return "; one seed, no spread to weigh it against"
-    return f"; holds in {k} of {n} seeds" + (f" (seed {', '.join(map(str, broke))} broke it)" if broke else "")
-
-
-def _range(c: dict) -> str:
-    lo, hi = c.get("max_stable_lr_min"), c.get("max_stable_lr_max")
-    return "?" if lo is None else f"{lo:g}" if lo == hi else f"{lo:g}–{hi:g}"
-
-
-def _apart(low: dict, high: dict) -> bool:
-    """The seeds' frontiers of `high` all lie above those of `low`: a difference outside the spread."""
-    a, b = low.get("max_stable_lr_max"), high.get("max_stable_lr_min")
-    return a is not None and b is not None and b > a
 
 
 def _effects(g: Grid) -> list[str]:

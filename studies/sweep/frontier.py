@@ -2,13 +2,18 @@
 no Ray, no plotting.
 
 Per cell (one scientific setting, e.g. batch size × λ) and per tried learning rate, every run has a verdict
-(studies/training/verdict.py: trained, stalled, diverged). An lr *trains* when a strict majority of its decided seeds
-trained (1 of 2 is not a majority; failed and stopped runs decide nothing).
+(studies/training/verdict.py: trained, stalled, collapsed, diverged). An lr *trains* when a strict majority of its
+decided seeds trained (1 of 2 is not a majority; failed and stopped runs decide nothing); else its verdict is its
+seeds' commonest failure (a tie goes to the more severe: diverged, then collapsed, then stalled).
 
   best lr     the lr that trains with the lowest final loss (a run's loss counted as min(final, start), a
               diverged run at its start: Wortsman et al. 2023's reading of an LR-vs-loss curve)
   frontier    the largest lr such that every lr from the best one up to it trains. Lrs below the best that
-              learn too slowly for the scan are not instability and do not cut it.
+              learn too slowly for the scan are not instability and do not cut it. The first lr above it that
+              fails names the edge's kind: an `instability` (it collapsed or diverged) or a `budget` limit (it
+              stalled: too slow for the scan, or held at chance by clipping).
+  edges       `≥` a frontier at the largest lr tried (a lower bound); `≤` a best lr at the smallest (the optimum
+              may lie lower). A frontier at the smallest is still bracketed (the next lr fails): not a bound.
   undecided   no lr of the cell trains, but not every one diverged: the scan was too short to tell (never a
               number). `none`: every tried lr diverged.
   LR sensitivity  mean over the lr grid of min(final loss, start loss) − the best of them (Wortsman et al.
@@ -28,7 +33,7 @@ from typing import Any
 import pyarrow as pa
 
 from studies.sweep.layout import Layout, rows_of
-from studies.training.verdict import DIVERGED, STALLED, TRAINED, VERDICTS, judge
+from studies.training.verdict import DIVERGED, FAILURES, INSTABILITIES, TRAINED, VERDICTS, judge
 
 SCAN_PHASES = ("scan", "refine", "replicate")  # the short runs that decide stability; `full` measures accuracy
 FOUND, UNDECIDED, NONE = "found", "undecided", "none"
@@ -48,7 +53,8 @@ def top_k_mean(values: list[float], k: int | None) -> float:
 def run_verdict(r: dict[str, Any]) -> str | None:
     """A row's verdict: its own column, or (rows written before it existed) judged from its losses."""
     return r.get("verdict") or judge(r["status"], r.get("initial_train_loss"), r.get("final_train_loss"),
-                                     r.get("final_train_loss_se"))
+                                     r.get("final_train_loss_se"), r.get("lowest_train_loss"),
+                                     r.get("highest_train_loss"))
 
 
 def by_cell(rows: list[dict], phases: tuple[str, ...] | None = None) -> dict[str, list[dict]]:
@@ -87,10 +93,10 @@ class LrResult:
 
     @property
     def verdict(self) -> str:
-        """The lr's verdict: trained (a majority), else the commoner failure (diverged wins a tie)."""
+        """The lr's verdict: trained (a majority), else the commonest failure (a tie: the more severe)."""
         if self.trains:
             return TRAINED
-        return STALLED if self.counts[STALLED] > self.counts[DIVERGED] else DIVERGED
+        return max(FAILURES, key=lambda v: (self.counts[v], FAILURES.index(v)))
 
 
 def lr_results(rows: list[dict]) -> list[LrResult]:
@@ -127,6 +133,10 @@ class Frontier:
     @property
     def at_edge(self) -> bool:
         return self.edge is not None and self.first_fail is None
+
+    def at_floor(self, x: LrResult | None) -> bool:
+        """`x` (the best lr, the frontier) is the smallest lr tried: the grid says nothing below it."""
+        return x is not None and bool(self.lrs) and x.lr == self.lrs[0].lr
 
 
 def frontier(rows: list[dict]) -> Frontier:
@@ -274,17 +284,25 @@ def holds_count(full: list[dict], lr: float | None) -> tuple[int, int]:
     return vs.count(TRAINED), len(vs)
 
 
+def edge_kind(verdict: str) -> str:
+    """What the first failure above a frontier says of the edge: `instability` (collapsed or diverged: the lr is
+    too large) or `budget` (stalled: too slow for the scan's budget, or held at chance by clipping)."""
+    return "instability" if verdict in INSTABILITIES else "budget"
+
+
 # ---- cells.parquet: one row per cell ----
 
 CELL_COLUMNS = {
     "cell": pa.string(), "batch_size": pa.int64(), "model": pa.string(), "clipping": pa.string(),
     "lambda": pa.float64(), "augment_strength": pa.float64(), "lrs_tried": pa.int64(),
     "frontier": pa.string(), "max_stable_lr": pa.float64(), "max_stable_lr_at_edge": pa.bool_(),
-    "first_unstable_lr": pa.float64(), "first_unstable_verdict": pa.string(), "best_scan_lr": pa.float64(),
+    "first_unstable_lr": pa.float64(), "first_unstable_verdict": pa.string(), "first_unstable_kind": pa.string(),
+    "max_stable_lr_at_low_edge": pa.bool_(), "best_scan_lr": pa.float64(), "best_scan_lr_at_low_edge": pa.bool_(),
+    "lowest_lr_tried": pa.float64(), "highest_lr_tried": pa.float64(),
     "start_loss": pa.float64(), "best_scan_loss": pa.float64(), "frontier_loss": pa.float64(),
     "first_unstable_loss": pa.float64(), "lr_sensitivity": pa.float64(), "stable_fraction": pa.float64(),
-    "scan_trials": pa.int64(), "scan_trained": pa.int64(), "scan_stalled": pa.int64(), "scan_diverged": pa.int64(),
-    "full_trials": pa.int64(), "full_trained": pa.int64(), "full_stalled": pa.int64(), "full_diverged": pa.int64(),
+    "scan_trials": pa.int64(), **{f"scan_{v}": pa.int64() for v in VERDICTS},
+    "full_trials": pa.int64(), **{f"full_{v}": pa.int64() for v in VERDICTS},
     "failed_trials": pa.int64(), "frontier_holds": pa.bool_(), "best_val_acc": pa.float64(),
     "best_base_lr": pa.float64(),
     # replication: the agreement each number rests on, and its spread over seeds
@@ -324,7 +342,10 @@ def cell_row(cell: str, rows: list[dict], best_k: int | None) -> dict[str, Any]:
         "lambda": first["lambda"], "augment_strength": first.get("augment_strength"), "lrs_tried": len(f.lrs),
         "frontier": f.state, "max_stable_lr": edge and edge.lr, "max_stable_lr_at_edge": f.at_edge,
         "first_unstable_lr": fail and fail.lr, "first_unstable_verdict": fail and fail.verdict,
-        "best_scan_lr": f.best and f.best.lr, "start_loss": _finite_or_none(f.start),
+        "first_unstable_kind": fail and edge_kind(fail.verdict), "max_stable_lr_at_low_edge": f.at_floor(edge),
+        "best_scan_lr": f.best and f.best.lr, "best_scan_lr_at_low_edge": f.at_floor(f.best),
+        "lowest_lr_tried": f.lrs[0].lr if f.lrs else None, "highest_lr_tried": f.lrs[-1].lr if f.lrs else None,
+        "start_loss": _finite_or_none(f.start),
         "best_scan_loss": f.best and _finite_or_none(f.best.loss),
         "frontier_loss": edge and _finite_or_none(edge.loss),
         "first_unstable_loss": fail and _finite_or_none(fail.loss),
