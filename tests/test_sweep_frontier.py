@@ -134,7 +134,7 @@ def test_findings_state_both_effects_with_numbers_and_say_when_not_shown():
     hidden = summary("ttttd", "ttttd")  # no fall, and AGC only 1×
     assert hidden.count("NOT SHOWN") == 2
     undecided = summary("sss", "tttss")  # no-clipping undecided at batch 1024: neither effect can be read
-    assert undecided.count("NOT SHOWN") == 2 and "undecided" in undecided
+    assert undecided.count("NOT SHOWN") == 3 and "undecided" in undecided  # nor its scaling with the batch
     assert ("NOT SHOWN: at batch 1024 the frontier without clipping is undecided (no lr trained in its scan, where "
             "AGC λ=0.01 trained up to lr 0.4 in the same budget; a longer scan may find one), so AGC cannot be "
             "compared.") in undecided

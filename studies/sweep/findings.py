@@ -8,7 +8,9 @@ import math
 import pyarrow as pa
 
 from studies.sweep.frontier import FOUND, NONE
+from studies.sweep.lambdas import lambda_effect
 from studies.sweep.layout import Grid, grids_of, value_text
+from studies.sweep.scaling import scaling_lines, scaling_markdown
 from studies.sweep.support import apart as _apart
 from studies.sweep.support import best_lr_text, frontier_text
 from studies.sweep.support import frontier_lr as _frontier_lr
@@ -160,7 +162,7 @@ def frontier_markdown(cells: pa.Table) -> str:
                        " / ".join(str(c.get(f"scan_{v}") or 0) for v in COUNTED))
     lines += _md_table("Best val top-1 of the full runs (mean ± sd over seeds, at base lr)", grids,
                        lambda c: _acc(c, "@ "))
-    return "\n".join(lines)
+    return "\n".join(lines + [scaling_markdown(cells)])
 
 
 ACC_MARGIN = 0.02  # top-1 differences below this are within a few seeds' noise on the laptop data: not a finding
@@ -177,7 +179,7 @@ def findings(cells: pa.Table) -> list[str]:
         ok = sum(c["frontier_holds"] for c in held)
         out.append(f"the frontier lr trained over the full budget in {ok} of {len(held)} cells"
                    + ("" if ok == len(held) else " — NOT everywhere: see the cells above"))
-    return out + edge_kinds(grids) + effect_lines(grids)
+    return out + edge_kinds(grids) + effect_lines(grids) + scaling_lines(cells, NO_CLIP_COL)
 
 
 def edge_kinds(grids: list[Grid]) -> list[str]:
@@ -197,7 +199,8 @@ def edge_kinds(grids: list[Grid]) -> list[str]:
 
 def effect_lines(grids: list[Grid]) -> list[str]:
     """The paper's effects read along each map (a facet's heading first), shown or NOT SHOWN."""
-    return [f"[{g.facet}] {line}" if g.facet else line for g in grids for line in _effects(g)]
+    return [f"[{g.facet}] {line}" if g.facet else line for g in grids
+            for line in _effects(g) + lambda_effect(g)]
 
 
 def _effects(g: Grid) -> list[str]:

@@ -1,0 +1,205 @@
+"""How the frontier scales with the batch: per column of the map (a λ, or no clipping), the exponent α of
+peak lr ∝ B^α, fitted to the cells' frontiers in peak-lr terms (peak lr = base lr × B/256, the lr the run used
+after warmup), by least squares on log peak lr against log batch. α = 1 is the linear-scaling rule (Goyal et al.
+2017); α = 0 a frontier fixed in peak-lr terms: a curvature limit the batch does not move. McCandlish et al.
+(2018) predict ε_opt(B) = ε_max / (1 + B_noise/B): α near 1 below the gradient noise scale B_noise, near 0 above
+it. What a team needs to extrapolate to a batch it has not run.
+
+Only measured frontiers enter the fit. Left out, and marked wherever the points are written: `≥` a frontier at
+the largest lr tried (a lower bound), `<` a cell where every lr diverged (the frontier lies below the smallest lr
+tried: an upper bound), `?` an undecided cell. A frontier AT the smallest lr tried stays in: it trained there and
+failed at the next lr, so it is bracketed like any other (only its best lr, not the frontier, may lie lower).
+The uncertainty, where the deciding lrs were replicated: α fitted to each seed's own frontiers (a cell that lacks
+the seed reads its majority), given as the range over seeds. Pure functions of cells.parquet; the figure is
+curves.py's."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from studies.sweep.frontier import FOUND, NONE
+from studies.sweep.layout import grids_of
+
+REFERENCE_BATCH = 256  # base lrs are per 256 examples
+MEASURED, LOWER, BELOW, UNKNOWN = "", "≥", "<", "?"
+
+
+@dataclass(frozen=True)
+class Point:
+    batch: int
+    peak: float | None  # the frontier's peak lr (for `<`: the smallest lr tried; None: undecided)
+    mark: str = MEASURED  # MEASURED, LOWER, BELOW or UNKNOWN
+
+    @property
+    def text(self) -> str:
+        return UNKNOWN if self.peak is None else f"{self.mark}{self.peak:.4g}"
+
+
+@dataclass(frozen=True)
+class Law:
+    """One column's scaling: its points (one per batch size, in the map's order), α over the measured ones, and
+    per seed the α of that seed's own frontiers (None: fewer than two measured batch sizes for that seed)."""
+    facet: str
+    column: str
+    points: list[Point]
+    alpha: float | None
+    seed_alphas: dict[int, float | None] = field(default_factory=dict)
+
+    @property
+    def used(self) -> list[Point]:
+        return [p for p in self.points if p.mark == MEASURED]
+
+    @property
+    def left_out(self) -> list[Point]:
+        return [p for p in self.points if p.mark != MEASURED]
+
+    @property
+    def alpha_range(self) -> tuple[float, float] | None:
+        vals = [a for a in self.seed_alphas.values() if a is not None]
+        return (min(vals), max(vals)) if len(self.seed_alphas) > 1 and vals else None
+
+
+def peak_lr(base_lr: float, batch: int) -> float:
+    return base_lr * batch / REFERENCE_BATCH
+
+
+def fit_alpha(points: list[Point]) -> tuple[float, float] | None:
+    """(α, ln c) of peak = c · B^α, least squares in log-log over the measured points; None under two distinct
+    batch sizes."""
+    pts = [(math.log(p.batch), math.log(p.peak)) for p in points if p.mark == MEASURED and p.peak and p.peak > 0]
+    xs = {x for x, _ in pts}
+    if len(xs) < 2:
+        return None
+    mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+    return slope, my - slope * mx
+
+
+def _mark(value: float | None, c: dict) -> str:
+    """How a frontier value of cell `c` enters the fit: measured, or which bound it is."""
+    if value is None:
+        return UNKNOWN
+    if value == 0:
+        return BELOW
+    return LOWER if value == c.get("highest_lr_tried") else MEASURED
+
+
+def cell_point(c: dict, value: float | None = None, own: bool = False) -> Point:
+    """A cell's frontier as a point: its majority frontier, or (own) a seed's `value` (0: every lr diverged)."""
+    b = int(c["batch_size"])
+    if not own:
+        value = c["max_stable_lr"] if c["frontier"] == FOUND else 0.0 if c["frontier"] == NONE else None
+    mark = _mark(value, c)
+    if mark == BELOW:
+        low = c.get("lowest_lr_tried")
+        return Point(b, peak_lr(low, b) if low else None, BELOW)
+    return Point(b, None if value is None else peak_lr(value, b), mark)
+
+
+def _seed_alphas(cells: list[dict]) -> dict[int, float | None]:
+    seeds = sorted({s for c in cells for s in c.get("seed_list") or []})
+    out = {}
+    for s in seeds:
+        pts = []
+        for c in cells:
+            own = dict(zip(c.get("seed_list") or [], c.get("max_stable_lr_by_seed") or []))
+            pts.append(cell_point(c, own[s], own=True) if s in own else cell_point(c))
+        f = fit_alpha(pts)
+        out[s] = f and f[0]
+    return out
+
+
+def laws(cells: pa.Table | list[dict]) -> list[Law]:
+    """Per map (facet) whose rows are batch sizes, per column: the frontier's points and α. Empty when the rows
+    are not batch sizes or there is only one."""
+    out = []
+    for g in grids_of(cells):
+        if g.layout.row_axis != "batch_size" or len(g.rows) < 2:
+            continue
+        for col in g.cols:
+            mine = [g.at[r, col] for r in g.rows if (r, col) in g.at]
+            pts = [cell_point(c) for c in mine]
+            f = fit_alpha(pts)
+            out.append(Law(g.facet, col, pts, f and f[0], _seed_alphas(mine)))
+    return out
+
+
+def alpha_text(law: Law) -> str:
+    """'α = 0.50 (seeds 0.41–0.62)', 'α = 0.50 (one seed)', 'α: too few measured frontiers'."""
+    if law.alpha is None:
+        return "α: fewer than two measured frontiers"
+    rng = law.alpha_range
+    n = len(law.seed_alphas)
+    spread = f" (seeds {num2(rng[0])} to {num2(rng[1])}, {n} seeds)" if rng else " (one seed)" if n < 2 else ""
+    return f"α = {num2(law.alpha)}{spread}"
+
+
+def num2(x: float) -> str:
+    """Two decimals, never '-0.00'."""
+    return f"{round(x, 2) + 0.0:.2f}"
+
+
+def _left_out_text(law: Law) -> str:
+    out = [f"batch {p.batch} {p.text}" for p in law.left_out]
+    return f"; left out of the fit: {', '.join(out)}" if out else ""
+
+
+def scaling_markdown(cells: pa.Table | list[dict]) -> str:
+    """frontier.md's scaling table: per column, the frontier's peak lr at each batch size (bounds marked), α and
+    its range over seeds."""
+    ls = laws(cells)
+    if not ls:
+        return ""
+    batches = sorted({p.batch for law in ls for p in law.points})
+    lines = ["**How the frontier scales with the batch** (peak lr = base lr × B/256 ∝ B^α, least squares in "
+             "log-log over the measured frontiers; α = 1: linear scaling; ≥ a lower bound (the largest lr tried), "
+             "< no lr trains (below the smallest lr tried): marked and left out of the fit; α's range: fitted to "
+             "each seed's own frontiers)", "",
+             "| column | " + " | ".join(f"B={b}" for b in batches) + " | α | α over seeds |",
+             "|---|" + "---:|" * (len(batches) + 2)]
+    for law in ls:
+        at = {p.batch: p.text for p in law.points}
+        rng = law.alpha_range
+        name = f"{law.facet} {law.column}".strip()
+        lines.append(f"| {name} | " + " | ".join(at.get(b, "-") for b in batches)
+                     + f" | {'-' if law.alpha is None else num2(law.alpha)} | "
+                     + (f"{num2(rng[0])} to {num2(rng[1])}" if rng else "-") + " |")
+    return "\n".join(lines + [""])
+
+
+def _resolution(law: Law) -> float:
+    """How far α moves when one end's frontier moves by one factor-2 step of the lr grid."""
+    bs = [p.batch for p in law.used]
+    return math.log(2) / math.log(max(bs) / min(bs))
+
+
+def scaling_lines(cells: pa.Table | list[dict], no_clip: str = "no clipping") -> list[str]:
+    """The finding: 'without clipping the frontier's peak lr does not grow with the batch (α = …); with AGC
+    λ=0.01 α = …', each with its range over seeds and what was left out of the fit."""
+    out = []
+    for law in laws(cells):
+        head = f"[{law.facet}] " if law.facet else ""
+        who = ("without clipping" if law.column == no_clip else f"with AGC {law.column}"
+               if law.column.startswith("λ=") else f"for {law.column}")
+        if law.alpha is None:
+            out.append(f"{head}NOT SHOWN: {who} the frontier's scaling with the batch cannot be fitted (fewer than "
+                       f"two measured frontiers: {', '.join(f'batch {p.batch} {p.text}' for p in law.points)}).")
+            continue
+        res, rng = _resolution(law), law.alpha_range
+        lo, hi = min([law.alpha, *(rng or ())]), max([law.alpha, *(rng or ())])  # the majority's α and the seeds'
+        if lo > res:
+            verb = "grows with the batch"
+        elif hi < -res:
+            verb = "falls as the batch grows"
+        elif max(abs(lo), abs(hi)) < res:
+            verb = "does not grow with the batch"
+        else:  # about one lr step either way, or seeds on both sides: too little, or too split, to call
+            verb = "moves with the batch differently in different seeds" if hi - lo >= res else \
+                "moves with the batch by about one lr step of the grid, too little to call"
+            head += "NOT SHOWN: "
+        used = ", ".join(f"{p.batch}" for p in law.used)
+        out.append(f"{head}{who} the frontier's peak lr {verb} ({alpha_text(law)}; a factor-2 lr step at one end "
+                   f"moves α by about {res:.2f}; fitted to batch {used}{_left_out_text(law)}).")
+    return out
