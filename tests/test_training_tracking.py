@@ -107,3 +107,13 @@ def test_an_ended_run_is_never_appended_to(tmp_path):
     parent.end("completed")
     back = Tracker.create(uri, "e", "study", reuse_tag=("study_id", "it's"), reopen=True)
     assert back.run_id == parent.run_id and c.get_run(back.run_id).info.status == "RUNNING"
+
+
+def test_the_epoch_a_run_diverged_in_keeps_its_loss():
+    import math
+
+    from studies.training.loop import diverging_epoch_loss
+
+    # the steps after the divergence, up to the check, went non-finite: the epoch's mean is its finite steps'
+    assert diverging_epoch_loss([2.3, 2.2, 181.0]) == (2.3 + 2.2 + 181.0) / 3
+    assert diverging_epoch_loss([2.3, math.inf, math.nan]) == 2.3 and math.isnan(diverging_epoch_loss([]))

@@ -364,7 +364,7 @@ def end_of_epoch(tr: Training, epoch: int, step: int, tally: EpochTally) -> floa
         "step_time_ms": 1000 * dt / max(1, epoch_steps), "gns": tr.gns.value,
         **{k: float(v) for k, v in tally.last.items()},
     }
-    if monitor.diverged and not math.isfinite(m["train_loss"]):
+    if monitor.diverged:  # the epoch's sum also holds the steps after the divergence, up to the check
         m["train_loss"] = diverging_epoch_loss(monitor.losses[step - epoch_steps:])
     final = monitor.diverged or step >= tr.total
     if tr.val is not None and not monitor.diverged and ((epoch + 1) % cfg.eval_every_epochs == 0 or final):
@@ -392,9 +392,10 @@ def end_of_epoch(tr: Training, epoch: int, step: int, tally: EpochTally) -> floa
 
 
 def diverging_epoch_loss(losses: list[float]) -> float:
-    """The loss of the epoch a run diverged in: the mean of its step losses up to the divergence that are finite.
-    The epoch's own sum also holds the steps after it until the check (often inf or NaN), which left the epoch out
-    of `loss/train`: its chart fell to the end and hid the spike that `loss/train_step` shows."""
+    """The loss of the epoch a run diverged in: the mean of its finite step losses up to the divergence. The
+    epoch's own sum also holds the steps after it until the check: inf or NaN (the epoch was left out of
+    `loss/train`, whose chart then fell to the end and hid the spike `loss/train_step` shows), or finite but
+    absurd (3e18 after a divergence at 164, which flattened the chart)."""
     seen = [v for v in losses if math.isfinite(v)]
     return sum(seen) / len(seen) if seen else math.nan
 
