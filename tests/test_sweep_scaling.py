@@ -108,6 +108,7 @@ def test_the_smaller_lambda_gaining_on_the_larger_as_the_batch_grows_is_the_pape
     # bound and a growth of the ratio cannot be read.
     (bound,) = _claim({(64, "0.01"): "top", (64, "0.04"): 0.8, (1024, "0.01"): 0.4, (1024, "0.04"): 0.1})
     assert bound.startswith("NOT SHOWN:") and "λ=0.01 at batch 64 trains up to the largest lr tried" in bound
+    assert "≥1.6 vs 0.8 at batch 64 (≥2×)" in bound  # the ratio there is a lower bound too
     (none,) = _claim({(64, "0.01"): 0.4, (64, "0.04"): 0.4, (1024, "0.01"): 0.1, (1024, "0.04"): None})
     assert "(where λ=0.04 trains at no lr)" in none and not none.startswith("NOT SHOWN")
     assert _claim({(64, "0.01"): 0.4, (1024, "0.01"): 0.1}) == []  # one λ: nothing to compare

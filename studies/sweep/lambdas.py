@@ -35,10 +35,16 @@ def grows(first: float | None, last: float | None) -> bool:
     return first is not None and last is not None and last > first
 
 
-def _ratio_text(r: float | None, large: str) -> str:
+def _ratio_text(r: float | None, large: str, mark: str = "") -> str:
     if r is None:
         return "?"
-    return f"where {large} trains at no lr" if math.isinf(r) else f"{r:.3g}×"
+    return f"where {large} trains at no lr" if math.isinf(r) else f"{mark}{r:.3g}×"
+
+
+def _bound(s: dict, g: dict) -> str:
+    """A ratio's mark: ≥ where the smaller λ's frontier is a lower bound, ≤ where the larger's is, ? where both."""
+    lo, up = bool(s["max_stable_lr_at_edge"]), bool(g["max_stable_lr_at_edge"])
+    return "?" if lo and up else "≥" if lo else "≤" if up else ""
 
 
 def _seed_ratios(cs: dict, small: str, large: str, row) -> tuple[float | None, float | None]:
@@ -62,7 +68,8 @@ def lambda_effect(g: Grid) -> list[str]:
         return []
     r_first, r_last = (ratio(frontier_lr(cs[r, small]), frontier_lr(cs[r, large])) for r in (lo, hi))
     nums = "; ".join(f"{frontier_text(cs[r, small])} vs {frontier_text(cs[r, large])} at {rn} {value_text(r)}"
-                     f" ({_ratio_text(q, large)})" for r, q in ((lo, r_first), (hi, r_last)))
+                     f" ({_ratio_text(q, large, _bound(cs[r, small], cs[r, large]))})"
+                     for r, q in ((lo, r_first), (hi, r_last)))
     claim = f"{small}'s frontier gains on {large}'s {g.layout.grows}"
     if r_first is None or r_last is None:
         return [f"NOT SHOWN: {claim}: a frontier cannot be compared ({nums})."]

@@ -130,10 +130,16 @@ def alpha_text(law: Law) -> str:
     """'α = 0.50 (seeds 0.41–0.62)', 'α = 0.50 (one seed)', 'α: too few measured frontiers'."""
     if law.alpha is None:
         return "α: fewer than two measured frontiers"
-    rng = law.alpha_range
-    n = len(law.seed_alphas)
-    spread = f" (seeds {num2(rng[0])} to {num2(rng[1])}, {n} seeds)" if rng else " (one seed)" if n < 2 else ""
-    return f"α = {num2(law.alpha)}{spread}"
+    return f"α = {num2(law.alpha)}{seeds_text(law)}"
+
+
+def seeds_text(law: Law) -> str:
+    """' (seeds 0.41 to 0.62, 3 seeds)', ' (3 seeds agree)', ' (one seed)'."""
+    rng, n = law.alpha_range, len(law.seed_alphas)
+    if rng is None:
+        return " (one seed)" if n < 2 else ""
+    lo, hi = num2(rng[0]), num2(rng[1])
+    return f" ({n} seeds agree)" if lo == hi else f" (seeds {lo} to {hi}, {n} seeds)"
 
 
 def num2(x: float) -> str:
@@ -189,11 +195,12 @@ def scaling_lines(cells: pa.Table | list[dict], no_clip: str = "no clipping") ->
             continue
         res, rng = _resolution(law), law.alpha_range
         lo, hi = min([law.alpha, *(rng or ())]), max([law.alpha, *(rng or ())])  # the majority's α and the seeds'
-        if lo > res:
+        res_in, res_out = res * (1 - 1e-6), res * (1 + 1e-6)  # α exactly one lr step: neither side
+        if lo > res_out:
             verb = "grows with the batch"
-        elif hi < -res:
+        elif hi < -res_out:
             verb = "falls as the batch grows"
-        elif max(abs(lo), abs(hi)) < res:
+        elif max(abs(lo), abs(hi)) < res_in:
             verb = "does not grow with the batch"
         else:  # about one lr step either way, or seeds on both sides: too little, or too split, to call
             verb = "moves with the batch differently in different seeds" if hi - lo >= res else \
