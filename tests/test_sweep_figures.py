@@ -1,10 +1,13 @@
 """The study's figures as pure functions of its tables: a third grid axis gets its own row of panels (or heatmap),
 augmentation as the map's rows reads as such."""
+import math
+
 import pyarrow as pa
 import pytest
 
 from studies.sweep import figures, frontier
 from tests.test_sweep_frontier import _lrs, _row, _three_axis_rows
+from tests.test_sweep_scaling import KNOWN, _study
 
 
 def _visible(fig):
@@ -137,8 +140,8 @@ def test_the_map_writes_the_agreement_the_spread_and_the_accuracy_with_its_sd():
     heat = figures.plot_stability_map(cells, "t")
     (ax,) = [ax for ax in heat.axes if ax.images]
     texts = [t.get_text() for t in ax.texts]
-    assert texts == ["lr 0.4 (2/3)\n0.8 fails 3/3\nseeds 0.2–0.4\nacc 0.600 ± 0.100",  # A: map order, batch 64 first
-                     "lr 0.1 (2/3)\n0.2 fails 3/3\nseeds none–0.1",  # C: seed 2 trains at no lr
+    assert texts == ["lr 0.4 (2/3)\n0.8 stalls 3/3\nseeds 0.2–0.4\nacc 0.600 ± 0.100",  # A: map order, batch 64 first
+                     "lr 0.1 (2/3)\n0.2 diverges 3/3\nseeds none–0.1",  # C: seed 2 trains at no lr
                      "lr 0.2\nacc 0.400"]  # B: one seed, as before
     figures.close(heat)
 
@@ -163,8 +166,8 @@ def test_the_curves_draw_each_seed_around_the_mean_and_the_accuracys_range():
     (points,) = _tagged(axes["batch 64"], figures.SEED_GID)
     assert sorted(points.get_ydata()) == [0.5, 0.6, 0.7]
     assert not _tagged(axes["batch 1024"], figures.ACC_SPREAD_GID)
-    assert [t.get_text() for t in axes["batch 1024"].get_legend().get_texts()] == ["λ=0.01", "one seed",
-                                                                                    "range over seeds"]
+    assert [t.get_text() for t in axes["batch 1024"].get_legend().get_texts()] == ["λ=0.01", "chance (1/10)",
+                                                                                    "one seed", "range over seeds"]
     figures.close(acc)
 
 
@@ -184,3 +187,108 @@ def test_an_unreplicated_study_draws_nothing_of_seeds():
     assert "seeds" not in heat._suptitle.get_text()
     assert [t.get_text() for t in next(ax for ax in heat.axes if ax.images).texts] == ["lr 0.4", "lr 0.2\nacc 0.400"]
     figures.close(heat)
+
+
+# ---- figures a reader takes in at 830 px (issue 32) ----
+
+def _why_rows():
+    """batch 64 and 1024 × λ=0.01 and no clipping: at batch 1024 no clipping the lr above the frontier collapses
+    and the frontier (0.1) did not hold over the full budget; λ=0.01 trains up to the largest lr tried at batch 64
+    (best there too); batch 1024 no clipping's best lr is the smallest tried."""
+    rows = _lrs("batch_size=64 lambda=0.01", 64, "0.01", "ttttt", losses=[2.0, 1.9, 1.7, 1.6, 1.5])
+    rows += _lrs("batch_size=64 lambda=none", 64, "none", "sttds")
+    rows += _lrs("batch_size=1024 lambda=0.01", 1024, "0.01", "tttdd", losses=[2.0, 1.7, 1.9, None, None])
+    rows += _lrs("batch_size=1024 lambda=none", 1024, "none", "tcddd")
+    rows += [_row("batch_size=1024 lambda=none", 1024, "none", 0.1, "s", phase="full", acc=0.15),
+             _row("batch_size=64 lambda=none", 64, "none", 0.2, "t", phase="full", acc=0.6),
+             _row("batch_size=64 lambda=0.01", 64, "0.01", 0.8, "t", phase="full", acc=0.62)]
+    return rows
+
+
+def _texts(ax, gid):
+    return [t.get_text() for t in ax.texts if t.get_gid() == gid]
+
+
+def test_the_stable_region_marks_why_each_lr_failed_its_edges_and_a_frontier_that_did_not_hold():
+    rows = _why_rows()
+    cells = frontier.frontier_table(rows)
+    fig = figures.plot_stable_region(rows, cells, "t")
+    lam, nc = _visible(fig)
+    # The smallest batch on top, as in the stability map: the y axis runs downwards.
+    assert lam.get_ylim()[0] > lam.get_ylim()[1] and [t.get_text() for t in lam.get_yticklabels()] == ["64", "1024"]
+    assert lam.get_xlabel() == "base lr per 256 examples (log)" and "batch size" in lam.get_ylabel()
+    verdicts = {(_verdict_of(ln), ln.get_xdata()[0], ln.get_ydata()[0]) for ln in nc.get_lines()
+                if ln.get_gid() is None and ln.get_linestyle() == "None" and ln.get_marker() in "osvx"}
+    assert ("collapsed", 0.2, 1) in verdicts and ("stalled", 1.6, 0) in verdicts  # batch 1024 is row 1
+    (ring,) = _tagged(nc, figures.NOT_HELD_GID)
+    assert (ring.get_xdata()[0], ring.get_ydata()[0]) == (0.1, 1)
+    assert _texts(lam, figures.EDGE_GID) == ["≥"] and _texts(nc, figures.EDGE_GID) == ["≤"]  # 1024 none: best 0.1
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "collapsed (left its start, stayed finite)" in labels and "frontier NOT held over the full budget" in labels
+    figures.close(fig)
+
+
+def test_the_map_frames_a_frontier_that_did_not_hold_and_labels_its_axes_and_scale():
+    cells = frontier.frontier_table(_why_rows())
+    heat = figures.plot_stability_map(cells, "t")
+    (ax,) = [ax for ax in heat.axes if ax.images]
+    (frame,) = [p for p in ax.patches if p.get_gid() == figures.NOT_HELD_GID]
+    assert frame.get_xy() == (pytest.approx(1 - 0.46), pytest.approx(1 - 0.46))  # column 1 (no clipping), row 1
+    assert "NOT held (full run)" in ax.texts[3].get_text()
+    assert ax.get_xlabel() == "AGC clipping threshold λ" and "batch size" in ax.get_ylabel()
+    (bar,) = [a for a in heat.axes if a.get_label() == "<colorbar>"]
+    assert [t.get_text() for t in bar.get_yticklabels()] == ["0.1", "0.4", "1.6"]
+    assert "per 256 examples" in bar.get_ylabel()
+    figures.close(heat)
+
+
+def test_the_loss_curves_draw_the_start_the_trained_threshold_and_every_lines_divergences():
+    rows = _why_rows()
+    fig = figures.plot_lr_loss(rows)
+    axes = {ax.get_title(): ax for ax in _visible(fig)}
+    ax = axes["batch 1024"]
+    (chance,) = _tagged(ax, figures.CHANCE_GID)
+    (threshold,) = _tagged(ax, figures.THRESHOLD_GID)
+    assert chance.get_ydata()[0] == pytest.approx(2.30) and threshold.get_ydata()[0] == pytest.approx(2.30 * 0.95)
+    # Both lines diverge at 0.8 and 1.6: their ✕s sit at the start, each line's a step higher than the last.
+    divs = _tagged(ax, figures.DIVERGED_GID)
+    assert [list(d.get_xdata()) for d in divs] == [[0.8, 1.6], [0.4, 0.8, 1.6]]
+    heights = [d.get_transform().transform((0.8, 2.30))[1] for d in divs]
+    assert heights[1] > heights[0] > ax.transData.transform((0.8, 2.30))[1]
+    assert fig._suptitle.get_text() == "final training loss vs learning rate (scan runs)"
+    assert ax.get_xlabel().startswith("base lr per 256 examples") and "nats" in axes["batch 64"].get_ylabel()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[-3:] == ["start ≈ chance (ln 10)", "trained below (start − 5 %)", "diverged (at the start)"]
+    figures.close(fig)
+
+
+def test_the_accuracy_curves_draw_chance_and_no_line_through_one_or_two_lrs():
+    acc = figures.plot_lr_accuracy(_why_rows())
+    for ax in _visible(acc):
+        (chance,) = _tagged(ax, figures.CHANCE_GID)
+        assert chance.get_ydata()[0] == pytest.approx(0.1)
+        assert all(ln.get_linestyle() == "None" for ln in ax.get_lines() if not ln.get_label().startswith("_"))
+    assert acc._suptitle.get_text().startswith("validation accuracy vs learning rate")
+    figures.close(acc)
+
+
+def test_frontier_scaling_draws_a_fitted_line_per_lambda_the_bounds_and_linear_scaling():
+    cells = _study(KNOWN)
+    fig = figures.plot_frontier_scaling(cells)
+    (ax,) = fig.axes
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[:3] == ["λ=0.01: α = 0.50 (one seed)", "λ=0.04: α = 1.00 (one seed)",
+                          "no clipping: α = 0.00 (one seed)"]
+    assert "linear scaling (α = 1)" in labels and "≥: trains at the largest lr tried (left out)" in labels
+    fits = _tagged(ax, figures.FIT_GID)
+    slopes = [math.log(f.get_ydata()[-1] / f.get_ydata()[0]) / math.log(f.get_xdata()[-1] / f.get_xdata()[0])
+              for f in fits]
+    assert slopes == [pytest.approx(0.5), pytest.approx(1.0), pytest.approx(0.0, abs=1e-9)]
+    assert [list(f.get_xdata()) for f in fits] == [[64, 256, 1024], [256, 1024], [64, 256, 1024]]  # fitted range
+    (bound,) = _tagged(ax, figures.EDGE_GID)
+    assert (bound.get_xdata()[0], bound.get_ydata()[0], bound.get_marker()) == (64, pytest.approx(0.4), "^")
+    (linear,) = _tagged(ax, figures.LINEAR_GID)
+    assert linear.get_ydata()[-1] / linear.get_ydata()[0] == pytest.approx(1024 / 64)
+    assert ax.get_xscale() == ax.get_yscale() == "log" and "examples per step" in ax.get_xlabel()
+    assert "base lr × B/256" in ax.get_ylabel() and ax.get_title()
+    figures.close(fig)
