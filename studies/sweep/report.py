@@ -33,11 +33,14 @@ FIGURES = {
                    "diverged lrs drawn at the start loss; each seed a small point at a replicated lr",
     "lr_accuracy.png": "val top-1 of the full runs vs lr, a panel per row of the map, a line per λ (mean over "
                        "seeds, each seed a point, their range a bar)",
+    "frontier_scaling.png": "the frontier's peak lr (base × B/256) vs batch size, log-log, a line per λ with its "
+                            "fitted slope α (peak lr ∝ B^α; bounds drawn open, left out of the fit) and the "
+                            "linear-scaling line (α = 1)",
 }
 
 
 def frontier_analysis(study: Study, results: pa.Table, epochs: pa.Table) -> Analysis:
-    """Default analysis: the stable region (frontier per cell), its words and its four figures."""
+    """Default analysis: the stable region (frontier per cell), its words and its five figures."""
     cells = frontier.frontier_table(results, best_k=study.preset.best_k)
     if not cells.num_rows:
         return Analysis(cells)
@@ -46,7 +49,8 @@ def frontier_analysis(study: Study, results: pa.Table, epochs: pa.Table) -> Anal
     figs = {"stable_region.png": figures.plot_stable_region(results, cells, title),
             "stability_map.png": figures.plot_stability_map(cells, title),
             "lr_loss.png": figures.plot_lr_loss(results),
-            "lr_accuracy.png": figures.plot_lr_accuracy(results, best_k=study.preset.best_k)}
+            "lr_accuracy.png": figures.plot_lr_accuracy(results, best_k=study.preset.best_k),
+            "frontier_scaling.png": figures.plot_frontier_scaling(cells)}
     return Analysis(cells, findings.frontier_summary(cells), figs)
 
 
@@ -141,8 +145,9 @@ def experiment_description(study: Study) -> str:
 
 
 PREVIEW = ("cell", "batch_size", "lambda", "augment_strength", "frontier", "agreement", "max_stable_lr",
-           "max_stable_lr_min", "max_stable_lr_max", "first_unstable_lr", "first_unstable_verdict", "scan_trained",
-           "scan_stalled", "scan_diverged", "frontier_holds", "best_val_acc", "best_val_acc_sd", "best_base_lr")
+           "max_stable_lr_min", "max_stable_lr_max", "first_unstable_lr", "first_unstable_verdict",
+           "first_unstable_kind", "scan_trained", "scan_stalled", "scan_collapsed", "scan_diverged", "frontier_holds",
+           "best_val_acc", "best_val_acc_sd", "best_base_lr")
 
 
 def cells_preview(cells: pa.Table) -> pa.Table:
