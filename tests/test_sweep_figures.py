@@ -292,3 +292,19 @@ def test_frontier_scaling_draws_a_fitted_line_per_lambda_the_bounds_and_linear_s
     assert ax.get_xscale() == ax.get_yscale() == "log" and "examples per step" in ax.get_xlabel()
     assert "base lr × B/256" in ax.get_ylabel() and ax.get_title()
     figures.close(fig)
+
+
+def test_frontier_scaling_draws_mccandlishs_curve_where_the_noise_scale_was_measured():
+    cells = _study(KNOWN)
+    plain = figures.plot_frontier_scaling(cells, [{"gns": None}])
+    assert not _tagged(plain.axes[0], figures.MCCANDLISH_GID)  # not measured (the laptop preset): not drawn
+    figures.close(plain)
+    fig = figures.plot_frontier_scaling(cells, [{"gns": 256.0}, {"gns": 256.0}])
+    (ax,) = fig.axes
+    curves = _tagged(ax, figures.MCCANDLISH_GID)
+    assert len(curves) == 3  # one per column with a measured frontier
+    xs, ys = curves[0].get_xdata(), curves[0].get_ydata()
+    assert (xs[0], xs[-1]) == (pytest.approx(64), pytest.approx(1024))
+    assert ys[-1] / ys[0] == pytest.approx((1 + 256 / 64) / (1 + 256 / 1024))  # linear below B_noise, flat above
+    assert "McCandlish: ε_max / (1 + B_noise/B), B_noise ≈ 256" in [t.get_text() for t in ax.get_legend().get_texts()]
+    figures.close(fig)

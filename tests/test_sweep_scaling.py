@@ -123,3 +123,13 @@ def test_the_third_claim_is_called_only_outside_the_seeds_spread():
     (within,) = _claim(fronts, seeds=3, per_seed={(1024, "0.04"): [0.1, 0.1, 0.4], (64, "0.01"): [0.4, 0.4, 1.6]})
     assert within.startswith("NOT SHOWN:") and "within the seeds' spread; holds in 2 of 3 seeds (seed 2 broke it)." \
         in within
+
+
+def test_mccandlishs_curve_takes_the_measured_noise_scale_and_fits_its_maximum():
+    assert scaling.noise_scale([{"gns": 300.0}, {"gns": None}, {"gns": float("nan")}, {"gns": 100.0},
+                                {"gns": 200.0}]) == 200.0
+    assert scaling.noise_scale([{"gns": None}]) is None and scaling.noise_scale(None) is None
+    # Frontiers that follow ε_max / (1 + B_noise/B) exactly give back ε_max; a bound is left out.
+    pts = [scaling.Point(b, 0.8 / (1 + 256 / b)) for b in (64, 256, 1024)] + [scaling.Point(4096, 9.0, scaling.LOWER)]
+    assert scaling.mccandlish_eps_max(pts, 256) == pytest.approx(0.8)
+    assert scaling.mccandlish_eps_max(pts[3:], 256) is None

@@ -19,6 +19,7 @@ from studies.sweep.figstyle import (
     FIT_GID,
     LINEAR_GID,
     LR_LABEL,
+    MCCANDLISH_GID,
     SEED_GID,
     SEED_HANDLE,
     THRESHOLD_GID,
@@ -40,7 +41,7 @@ from studies.sweep.frontier import (
     top_k_mean,
 )
 from studies.sweep.layout import Layout, sort_key, value_text
-from studies.sweep.scaling import LOWER, fit_alpha, laws, num2, seeds_text
+from studies.sweep.scaling import LOWER, fit_alpha, laws, mccandlish_eps_max, noise_scale, num2, seeds_text
 
 DIVERGED_STEP = 6.0  # points between two lines' diverged ✕s above the start loss, so each λ's show
 
@@ -233,12 +234,14 @@ def plot_batch_scaling(curves: dict[str, list[dict]], target: float, gns: float 
     return fig
 
 
-def plot_frontier_scaling(cells: pa.Table | list[dict], title: str = ""):
+def plot_frontier_scaling(cells: pa.Table | list[dict], results: pa.Table | list[dict] | None = None,
+                          title: str = ""):
     """`frontier_scaling.png`: the frontier's peak lr (base × B/256) vs batch size, log-log, a line per column
     (λ, no clipping) through its measured frontiers, the fitted slope α in the legend (with its range over seeds);
     lower bounds (≥, ▲: the largest lr tried) and cells where every lr diverged (<, ▼ at the smallest lr tried)
     drawn open and left out of the fit; the linear-scaling rule (α = 1) dashed through the measured frontiers at
-    the smallest batch."""
+    the smallest batch; where the runs measured the gradient noise scale (`gns` in `results`), McCandlish et al.'s
+    ε_max / (1 + B_noise/B) dotted per column, ε_max fitted to its measured frontiers."""
     from matplotlib.ticker import FuncFormatter
 
     ls = laws(cells)
@@ -250,13 +253,14 @@ def plot_frontier_scaling(cells: pa.Table | list[dict], title: str = ""):
         ax.set_axis_off()
         return fig
     batches = sorted({p.batch for law in ls for p in law.points})
-    marks = set()
+    marks, colors = set(), {}
     for law in ls:
         f = fit_alpha(law.points)
         name = f"{law.facet} {law.column}".strip()
         label = f"{name}: too few measured frontiers to fit" if f is None else \
             f"{name}: α = {num2(f[0])}{seeds_text(law)}"
         line, = ax.plot([p.batch for p in law.used], [p.peak for p in law.used], "o", ms=8, label=label)
+        colors[id(law)] = line.get_color()
         if f is not None:  # over the batch sizes it was fitted to
             xs = [b for b in batches if min(p.batch for p in law.used) <= b <= max(p.batch for p in law.used)]
             ax.plot(xs, [math.exp(f[1]) * b ** f[0] for b in xs], "-", lw=2, color=line.get_color(), gid=FIT_GID,
@@ -267,6 +271,7 @@ def plot_frontier_scaling(cells: pa.Table | list[dict], title: str = ""):
                         color=line.get_color(), gid=EDGE_GID, label="_bound")
                 marks.add(p.mark)
     _linear_reference(ax, ls, batches)
+    _mccandlish(ax, ls, batches, noise_scale(results), colors)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xticks(batches, [str(b) for b in batches])
@@ -283,6 +288,24 @@ def plot_frontier_scaling(cells: pa.Table | list[dict], title: str = ""):
     ax.legend(handles=handles, fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.tight_layout()
     return fig
+
+
+def _mccandlish(ax, ls, batches: list[int], b_noise: float | None, colors: dict) -> None:
+    """McCandlish et al. (2018)'s ε_opt(B) = ε_max / (1 + B_noise/B) per column, dotted, with the measured B_noise:
+    near linear scaling below it, flat above it."""
+    if not b_noise:
+        return
+    xs = [batches[0] * (batches[-1] / batches[0]) ** (i / 40) for i in range(41)]
+    drawn = False
+    for law in ls:
+        eps = mccandlish_eps_max(law.points, b_noise)
+        if eps is not None:
+            ax.plot(xs, [eps / (1 + b_noise / b) for b in xs], ":", lw=1.8, color=colors[id(law)],
+                    gid=MCCANDLISH_GID, label="_mccandlish")
+            drawn = True
+    if drawn:
+        ax.plot([], [], ":", color="#555555", lw=1.8,
+                label=f"McCandlish: ε_max / (1 + B_noise/B), B_noise ≈ {b_noise:.0f}")
 
 
 def _linear_reference(ax, ls, batches: list[int]) -> None:

@@ -32,6 +32,7 @@ VERDICT_WORDS = {"trained": "trained", "stalled": "stalled (never left its start
 SEED_GID, SPREAD_GID, ACC_SPREAD_GID = "seed", "frontier spread", "accuracy spread"
 NOT_HELD_GID, EDGE_GID, DIVERGED_GID = "frontier not held", "edge mark", "diverged"
 CHANCE_GID, THRESHOLD_GID, FIT_GID, LINEAR_GID = "chance", "trained threshold", "fit", "linear scaling"
+MCCANDLISH_GID = "mccandlish"
 SEED_TOP, SEED_STEP = 9.0, 4.8  # points beneath the lr's marker of the first seed, and between two seeds
 SPREAD_STYLE = {"color": "#3b6fb6", "alpha": 0.35, "lw": 8, "solid_capstyle": "butt"}
 SEED_HANDLE = {"marker": "o", "ls": "", "color": "#555555", "ms": 3.5, "alpha": 0.5, "label": "one seed"}

@@ -23,6 +23,7 @@ from studies.sweep.figstyle import (  # noqa: F401  (MARKERS and the gids: the t
     LINEAR_GID,
     LR_LABEL,
     MARKERS,
+    MCCANDLISH_GID,
     NOT_HELD_GID,
     NOT_HELD_STYLE,
     SEED_GID,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from studies.sweep.frontier import FOUND, NONE
-from studies.sweep.layout import grids_of
+from studies.sweep.layout import grids_of, rows_of
 
 REFERENCE_BATCH = 256  # base lrs are per 256 examples
 MEASURED, LOWER, BELOW, UNKNOWN = "", "≥", "<", "?"
@@ -75,6 +75,26 @@ def fit_alpha(points: list[Point]) -> tuple[float, float] | None:
     mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
     slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
     return slope, my - slope * mx
+
+
+def noise_scale(results: pa.Table | list[dict] | None) -> float | None:
+    """The gradient noise scale B_noise the study measured (the median of its runs' `gns`, B_simple), or None
+    where no run measured it (the laptop preset does not: gns_every_steps=0)."""
+    vals = sorted(v for r in (rows_of(results) if results is not None else [])
+                  if (v := r.get("gns")) is not None and math.isfinite(v) and v > 0)
+    if not vals:
+        return None
+    mid = len(vals) // 2
+    return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
+
+
+def mccandlish_eps_max(points: list[Point], b_noise: float) -> float | None:
+    """ε_max of McCandlish et al. (2018)'s ε_opt(B) = ε_max / (1 + B_noise/B), fitted to the measured frontiers
+    (least squares in log: the geometric mean of peak × (1 + B_noise/B)); None without a measured frontier."""
+    pts = [p for p in points if p.mark == MEASURED and p.peak and p.peak > 0]
+    if not pts:
+        return None
+    return math.exp(sum(math.log(p.peak * (1 + b_noise / p.batch)) for p in pts) / len(pts))
 
 
 def _mark(value: float | None, c: dict) -> str:
