@@ -50,7 +50,7 @@ def frontier_analysis(study: Study, results: pa.Table, epochs: pa.Table) -> Anal
             "stability_map.png": figures.plot_stability_map(cells, title),
             "lr_loss.png": figures.plot_lr_loss(results),
             "lr_accuracy.png": figures.plot_lr_accuracy(results, best_k=study.preset.best_k),
-            "frontier_scaling.png": figures.plot_frontier_scaling(cells)}
+            "frontier_scaling.png": figures.plot_frontier_scaling(cells, results)}
     return Analysis(cells, findings.frontier_summary(cells), figs)
 
 
