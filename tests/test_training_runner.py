@@ -60,7 +60,8 @@ def test_ddp_two_workers_match_one_and_land_in_mlflow(ray_cluster, tmp_path, tin
               "stability/grad_noise_scale", "stability/agc_clipped_frac/stem"):
         assert m in run.data.metrics, m
     assert not {"step", "epoch", "train_loss"} & set(run.data.metrics)  # the x axis is not a metric
-    assert run.data.tags["status"] == "completed" and run.info.status == "FINISHED"
+    assert run.data.tags["verdict"] == ddp.verdict and "status" not in run.data.tags  # one status: the verdict
+    assert run.info.status == "FINISHED" and ddp.verdict in run.data.tags["mlflow.note.content"].split("\n")[0]
     arts = {a.path for a in Tracker(uri, ddp.mlflow_run_id).client.list_artifacts(ddp.mlflow_run_id)}
     assert {"config.json", "final_metrics.json", "curves.png"} <= arts
 

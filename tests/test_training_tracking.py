@@ -109,6 +109,22 @@ def test_an_ended_run_is_never_appended_to(tmp_path):
     assert back.run_id == parent.run_id and c.get_run(back.run_id).info.status == "RUNNING"
 
 
+def test_one_status_a_reader_can_trust_and_no_mlflow_info_lines(tmp_path, capfd):
+    # a judged run carries its verdict only (its `status` would repeat it less precisely); a run without one its
+    # status; creating the store prints none of MLflow's INFO lines
+    uri = f"sqlite:///{tmp_path}/m.db"
+    t = Tracker.create(uri, "e", "r")
+    t.end("diverged", "diverged", name="b64 λ0.01 lr25.6 scan s0")
+    run = t.client.get_run(t.run_id)
+    assert run.data.tags["verdict"] == "diverged" and "status" not in run.data.tags
+    assert run.info.run_name == "✗ b64 λ0.01 lr25.6 scan s0" and run.info.status == "FINISHED"
+    failed = Tracker.create(uri, "e", "f")
+    failed.end("failed")
+    assert failed.client.get_run(failed.run_id).data.tags["status"] == "failed"
+    out = capfd.readouterr()
+    assert "Creating initial MLflow database tables" not in out.out + out.err
+
+
 def test_the_epoch_a_run_diverged_in_keeps_its_loss():
     import math
 
