@@ -44,3 +44,69 @@ def test_a_dataset_that_cannot_be_linked_after_its_retries_is_raised(tmp_path, t
         assert Refuses.calls == 2
     else:
         raise AssertionError("a store that keeps refusing must be raised (the trial is retried as infrastructure)")
+
+
+# ---- every trial explains itself (studies/training/run_note.py) ----
+
+def _cfg(**kw):
+    from studies.training.config import TrainConfig
+
+    return TrainConfig(**{"model": "nf_resnet_cifar", "batch_size": 1024, "base_lr": 0.1, "clip_threshold": 0.01,
+                          "max_steps": 96, "warmup_steps": 0, "lr_schedule": "constant", **kw})
+
+
+def test_a_trials_description_opens_with_its_verdict_and_the_numbers_that_decided_it():
+    from studies.training import run_note
+    from studies.training.summary import RunSummary
+
+    trained = RunSummary(status="completed", steps=96, epochs=6, initial_train_loss=2.303, final_train_loss=2.181,
+                         final_train_loss_se=0.004)
+    first = run_note.note(_cfg(), trained, {"phase": "scan", "cell": "batch_size=1024 lambda=0.01"}).splitlines()[0]
+    assert first.startswith("**✓ trained**: training loss 2.303 at the start") and "→ 2.181 ± 0.004" in first
+    assert "it fell 0.122, more than the 0.1152 that counts as learning (5% of the start)" in first
+    assert run_note.reason(trained) == "2.303→2.181 fell 0.122 > 0.1152"
+
+    stalled = RunSummary(status="completed", steps=96, initial_train_loss=2.303, final_train_loss=2.295,
+                         final_train_loss_se=0.05)  # a noisy tail: 3 standard errors (0.15) set the bar
+    first = run_note.note(_cfg(), stalled).splitlines()[0]
+    assert first.startswith("**≈ stalled**") and "it fell only 0.008, not more than the 0.15" in first
+    assert "3 standard errors of the final loss, larger than 5% of the start (0.1152)" in first
+
+    diverged = RunSummary(status="diverged", steps=40, diverged_step=37, diverged_reason="loss 181 > 5.0x initial "
+                          "2.3", initial_train_loss=2.3)
+    note = run_note.note(_cfg(), diverged, {"phase": "scan"})
+    assert note.startswith("**✗ diverged** at step 37 of 96: loss 181 > 5.0x initial 2.3")
+    assert "MLflow shows the run Finished" in note and run_note.reason(diverged) == "step 37: loss 181 > 5.0x " \
+        "initial 2.3"
+    # the peak lr and the base lr named as such; the phase said in words
+    assert "**base lr 0.1** per 256 examples" in note and "**peak lr 0.4** (param `peak_lr`)" in note
+    assert "Phase `scan`: a short run at a constant lr" in note
+    failed = RunSummary(status="failed", error="ConfigError: bad")
+    assert run_note.note(_cfg(), failed).startswith("**! failed**: ConfigError: bad")
+
+
+def test_params_are_the_settings_that_took_effect():
+    from studies.training import run_note
+
+    p = run_note.effective_params(_cfg())
+    assert p["warmup_steps"] == "0" and "warmup_epochs" not in p  # warmup_steps overrides it
+    assert p["max_steps"] == "96" and "epochs" not in p and "gpus_per_worker" not in p
+    assert p["base_lr"] == "0.1" and p["peak_lr"] == "0.4"
+    p = run_note.effective_params(_cfg(max_steps=None, warmup_steps=None))
+    assert p["warmup_epochs"] == "1.0" and p["epochs"] == "5.0"
+
+
+def test_the_order_tag_sorts_a_studys_runs_cell_by_cell_each_in_lr_order():
+    from studies.training import run_note
+
+    runs = [(b, lam, lr, phase) for b in (1024, 64, 256) for lam in ("0.04", "none", "0.01")
+            for lr, phase in ((3.2, "scan"), (0.4, "full"), (12.8, "scan"), (0.4, "scan"), (0.5657, "refine"))]
+    keys = {r: run_note.order_key(f"batch_size={r[0]} lambda={r[1]}", _cfg(base_lr=r[2]), r[3]) for r in runs}
+    ordered = sorted(runs, key=keys.get)
+    assert ordered[:6] == [(64, "0.01", 0.4, "scan"), (64, "0.01", 0.4, "full"), (64, "0.01", 0.5657, "refine"),
+                           (64, "0.01", 3.2, "scan"), (64, "0.01", 12.8, "scan"), (64, "0.04", 0.4, "scan")]
+    assert [r[:2] for r in ordered[::5]] == [(b, lam) for b in (64, 256, 1024) for lam in ("0.01", "0.04", "none")]
+    assert all(run_note.STUDY_ORDER < k for k in keys.values())  # the study run first
+    # a value with a space in it (a JSON axis) stays one value
+    spaced = run_note.order_key('batch_size=64 model_overrides={"width": 8} lambda=none', _cfg(), "scan")
+    assert spaced.startswith(keys[64, "none", 0.4, "scan"].split(" ")[0] + ' ~{"width": 8} ~none ')

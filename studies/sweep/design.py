@@ -235,8 +235,9 @@ class Spec:
     @property
     def label(self) -> str:
         """The run's name, what differs first: 'b1024 λ0.16 lr3.2 scan s0' (MLflow's run column is narrow; the
-        verdict's mark goes in front once the run ends, runner.train_and_track)."""
-        return f"{self.short or self.cell} lr{self.config.base_lr:.3g} {self.phase} s{self.config.seed}"
+        verdict's mark goes in front once the run ends, runner.train_and_track). The lr with the 4 digits the
+        tables and findings write (lr0.5657, not lr0.566): a name is found by the number a table gives."""
+        return f"{self.short or self.cell} lr{self.config.base_lr:.4g} {self.phase} s{self.config.seed}"
 
 
 def steps_per_epoch(cfg: TrainConfig, n_train: int) -> int:

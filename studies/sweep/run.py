@@ -11,6 +11,7 @@ from studies.sweep import cluster, record, report
 from studies.sweep.design import Study, budget_notes, design_params
 from studies.training import runner
 from studies.training.mlflow_ui import describe_experiment, save_view, source_tags
+from studies.training.run_note import STUDY_ORDER
 from studies.training.tracking import Tracker, check_tracking_uri, hardware
 
 PROBE_S = {True: 2.0, False: 30.0}  # how often the driver probes the results folder: local, object store
@@ -145,7 +146,8 @@ def stopped(study: Study, parent: Tracker, fault: Exception) -> Exception:
 def study_run(study: Study, study_id: str, concurrency: int) -> Tracker:
     """The study's own MLflow run (the parent of its trials' runs); a resumed study continues the same one."""
     parent = Tracker.create(study.tracking_uri, study.experiment, study.name,
-                            tags={"role": "study", **source_tags(study.script), "hardware": hardware()},
+                            tags={"role": "study", "order": STUDY_ORDER, **source_tags(study.script),
+                                  "hardware": hardware()},
                             reuse_tag=("study_id", study_id), reopen=True)
     describe_experiment(parent.client, parent.experiment_id(), report.experiment_description(study))
     save_view(parent.client, parent.experiment_id(), report.VIEW, report.study_view(study))

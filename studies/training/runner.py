@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 import storage
-from studies.training import loop
+from studies.training import loop, run_note
 from studies.training.config import PROJECT_DIR, TrainConfig
 from studies.training.faults import is_infrastructure, root_cause
 from studies.training.mlflow_ui import log_curves, log_dataset, source_tags, start_system_metrics
@@ -348,10 +348,11 @@ def train_and_track(cfg: TrainConfig, *, tracking_uri: str, experiment: str, run
     dataset_uri = dataset_uri or prepare_data(cfg)
     tracker = Tracker.create(
         tracking_uri, experiment, run_name,
-        tags={**(source or source_tags()), "hardware": hardware(), "model": cfg.model, **(tags or {})},
+        tags={**(source or source_tags()), "hardware": hardware(), "model": cfg.model, **(tags or {}),
+              **run_note.trial_tags(cfg, tags)},
         parent_run_id=parent_run_id, reuse_tag=("run_key", reuse_key) if reuse_key else None,
     )
-    tracker.log_params(cfg.flat())
+    tracker.log_params(run_note.effective_params(cfg))
     log_dataset(tracker.client, tracker.run_id, dataset_uri)
     tracking = {"uri": tracking_uri, "run_id": tracker.run_id, "system_metrics": system_metrics}
     if in_process is None:
@@ -376,6 +377,7 @@ def train_and_track(cfg: TrainConfig, *, tracking_uri: str, experiment: str, run
     tracker.log_dict(cfg.to_dict(), "config.json")
     tracker.log_dict(summary.scalars(), "final_metrics.json")
     log_curves(tracker, summary.history, title=run_name)
+    run_note.describe(tracker, cfg, summary, tags)  # before `tags` below: the run's own, given by its caller
     tags = {"diverged_step": summary.diverged_step} if summary.status == "diverged" else {}
     if summary.error:
         tags["error"] = summary.error[:500]
