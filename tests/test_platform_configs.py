@@ -203,8 +203,8 @@ def test_mlflow_compose_and_start_script():
             assert value.startswith("${"), f"{key} must come from the environment, got {value}"
     assert any("127.0.0.1:" in str(p) for p in services["mlflow"]["ports"]), "publish on loopback by default"
     script = (PLATFORM / "mlflow/start.sh").read_text()
-    for must in ("--app-name basic-auth", "--workers 1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false",
-                 '"${MLFLOW_HOST:-127.0.0.1}"', "--artifacts-destination"):
+    for must in ('--app-name "$app"', "MLFLOW_APP_NAME:-nfnet-lab-auth", "--workers 1",
+                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false", '"${MLFLOW_HOST:-127.0.0.1}"', "--artifacts-destination"):
         assert must in script, f"platform/mlflow/start.sh lacks {must}"
 
 

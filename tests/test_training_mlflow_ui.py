@@ -110,3 +110,33 @@ def test_the_order_tag_sorts_a_studys_runs_cell_by_cell_each_in_lr_order():
     # a value with a space in it (a JSON axis) stays one value
     spaced = run_note.order_key('batch_size=64 model_overrides={"width": 8} lambda=none', _cfg(), "scan")
     assert spaced.startswith(keys[64, "none", 0.4, "scan"].split(" ")[0] + ' ~{"width": 8} ~none ')
+
+
+# ---- the training view, whatever link a user follows (studies/training/mlflow_app.py) ----
+
+def test_the_server_app_stores_the_training_view_before_mlflows_ui_starts():
+    from studies.training import mlflow_app
+
+    page = '<!doctype html><html><head><meta charset="utf-8"/><script defer="defer" src="main.js"></script></head>'
+    out = mlflow_app.with_training_view(page)
+    assert out.index("localStorage.setItem") < out.index("main.js")
+    assert 'getItem("mlflow.workflowType_v1")===null' in out  # a choice the user made is kept
+    assert 'setItem("mlflow.workflowType_v1","\\"machine_learning\\"")' in out  # stored as JSON, as MLflow does
+
+
+def test_an_experiment_naming_a_default_view_opens_in_it_and_no_tag_can_close_the_script():
+    import json
+    from types import SimpleNamespace
+
+    from studies.training import mlflow_app
+
+    state = {"orderByKey": "tags.`order`", "selectedColumns": ["tags.`verdict`"]}
+    view = json.dumps({"name": "study", "state": json.dumps(state)})
+    exps = [SimpleNamespace(experiment_id="7", tags={"nfnet_lab.default_view": "study",
+                                                    "mlflow.sharedViewState.study": view}),
+            SimpleNamespace(experiment_id="8", tags={"nfnet_lab.default_view": "gone"}),  # no such view: none
+            SimpleNamespace(experiment_id="9", tags={})]
+    views = mlflow_app.default_views(exps)
+    assert views == {'MLflowLocalStorage-1.1-ExperimentPage-["7"]-ReactComponentState': state}
+    script = mlflow_app._preset_script({"k": "</script><script>alert(1)</script>"})
+    assert script.count("</script>") == 1 and script.endswith("</script>") and "\\u003c/script>" in script

@@ -42,7 +42,28 @@ INI
 # One uvicorn worker and no job-execution workers (huey consumers): a handful of processes, not dozens.
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
 
-args=(--app-name basic-auth --host "$host" --port "$port" --workers 1
+# The server app: MLflow's basic auth with every page in the training view (nfnet-lab-auth, from
+# studies/training/mlflow_app.py; MLflow's UI otherwise opens a fresh browser's first click in its GenAI view).
+# Where the project is not installed (MLflow's own image), NFNET_LAB_MLFLOW_APP names that one file: it is
+# installed on its own (MLflow and Flask are all it needs). MLFLOW_APP_NAME=basic-auth serves MLflow's UI as it is.
+if [ -n "${NFNET_LAB_MLFLOW_APP:-}" ]; then
+    pkg="$(mktemp -d -t nfnet-lab-mlflow-app.XXXXXX)"
+    cp "$NFNET_LAB_MLFLOW_APP" "$pkg/nfnet_lab_mlflow_app.py"
+    cat > "$pkg/pyproject.toml" <<TOML
+[project]
+name = "nfnet-lab-mlflow-app"
+version = "0"
+[project.entry-points."mlflow.app"]
+nfnet-lab = "nfnet_lab_mlflow_app:create_app"
+nfnet-lab-auth = "nfnet_lab_mlflow_app:create_auth_app"
+[tool.setuptools]
+py-modules = ["nfnet_lab_mlflow_app"]
+TOML
+    "${MLFLOW_PIP:-pip}" install --no-cache-dir -q --no-deps "$pkg"
+fi
+app="${MLFLOW_APP_NAME:-nfnet-lab-auth}"
+
+args=(--app-name "$app" --host "$host" --port "$port" --workers 1
       --backend-store-uri "$MLFLOW_BACKEND_STORE_URI"
       --serve-artifacts --artifacts-destination "$MLFLOW_ARTIFACTS_DESTINATION")
 if [ -n "${MLFLOW_ALLOWED_HOSTS:-}" ]; then
