@@ -61,3 +61,27 @@ def test_a_run_that_hung_on_every_try_gets_a_failed_row_and_its_mlflow_run_ends_
     assert run.info.status == "FAILED" and run.data.tags["error"].startswith("hung: no step for 30 s")
     assert watch.record_hung([hung], env, table) == []  # it has its row now: never a second
     assert len(table.read().to_pylist()) == 1
+
+
+class _Trial:
+    def __init__(self, trial_id, status, bundles):
+        self.trial_id, self.status = trial_id, status
+        self.placement_group_factory = type("PGF", (), {"bundles": bundles})()
+        self.config = {}
+
+
+def test_the_watch_ends_tune_when_nothing_can_run_and_says_what_it_waits_for(monkeypatch, capsys):
+    """Nothing running and a trial asking for a GPU the cluster lacks: the study's stopper ends Tune and the
+    driver has its one line; while something runs, only the waiting line is said."""
+    from studies.sweep.tune import LeaseStopper
+
+    monkeypatch.setattr(watch, "_cluster", lambda: {"CPU": 2.0})
+    w = watch.StudyWatch(env=None, table=None, quiet_s=0.0, stuck_s=0.0)
+    stopper = LeaseStopper(None, w)
+    w.on_step_end(0, [_Trial("a", "RUNNING", [{"CPU": 1.0}]), _Trial("b", "PENDING", [{"CPU": 1.0, "GPU": 1.0}])])
+    assert w.waits.stuck is None and not stopper.stop_all()
+    assert capsys.readouterr().out.startswith("waiting ")
+    w.waits.last_said = 0.0
+    w.on_step_end(1, [_Trial("b", "PENDING", [{"CPU": 1.0, "GPU": 1.0}])])
+    assert stopper.stop_all()
+    assert "1 trial(s) wait, each asks for 1 CPU, 1 GPU and the cluster has 0 GPU" in w.waits.stuck
