@@ -104,13 +104,13 @@ def ui_link(uri: str, experiment_id: str, view: str | None = None) -> str:
     return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning{share}"
 
 
-def save_view(client, experiment_id: str, key: str, state: dict[str, Any]) -> None:
-    """A saved view of the experiment's runs table (columns, sort), as MLflow 3.17's UI stores one: the experiment
-    tag `mlflow.sharedViewState.<key>` holding {name, createdAt, updatedAt, state (JSON)}; it is listed under
-    "Views" and opened by ui_link(…, view=key)."""
+def save_view(client, experiment_id: str, key: str, state: dict[str, Any], name: str | None = None) -> None:
+    """A saved view of the experiment's runs table (columns, sort, a search filter), as MLflow 3.17's UI stores
+    one: the experiment tag `mlflow.sharedViewState.<key>` holding {name, createdAt, updatedAt, state (JSON)}; it
+    is listed under "Views" by its name (default: the key) and opened by ui_link(…, view=key)."""
     now = int(time.time() * 1000)
     client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{key}", json.dumps(
-        {"name": key, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}))
+        {"name": name or key, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}))
 
 
 def describe_experiment(client, experiment_id: str, description: str) -> None:
