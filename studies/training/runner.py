@@ -45,6 +45,9 @@ def ray_logs() -> bool:
     return os.environ.get("NFNET_LAB_RAY_LOGS") == "1"
 
 
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Local Ray, or the cluster at RAY_ADDRESS. Workers' output reaches this console only with NFNET_LAB_RAY_LOGS=1
     (ray_logs): a study prints a line per finished trial, train.py relays rank 0's progress lines itself."""
@@ -61,6 +64,8 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=shown, logging_level=level)
     else:
+        # A new local cluster gets Ray's default (token auth) without Ray's WARNING saying so on every start
+        logging.getLogger(TOKEN_AUTH_LOGGER).setLevel(logging.ERROR)
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=shown, logging_level=level)
 
 
