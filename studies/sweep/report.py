@@ -187,7 +187,8 @@ def experiment_description(study: Study) -> str:
         "clipping), base lr per 256 examples, phase (`scan`: a short run at a constant lr; `refine`: one more lr at "
         "the frontier; `replicate`: a deciding lr at another seed; `full`: the whole budget; `tpe`), seed. "
         "Verdicts: ✓ trained (its loss fell clearly below its start), ≈ stalled (finite but did not learn: heavy "
-        "clipping can do that), ✗ diverged, ! failed; the `verdict` column says it in words, `reason` in numbers, "
+        "clipping can do that), ↯ collapsed (did not train, and its loss left its start: an instability that "
+        "stayed finite), ✗ diverged, ! failed; the `verdict` column says it in words, `reason` in numbers, "
         "and a trial's description explains it.",
         "- **A trial's charts**: `loss/*` first (train per epoch and per step, val), then `opt/lr` (the peak lr "
         "= base lr × batch / 256, after warmup), `stability/*` (AGC's clipped fraction per stage, gradient norms, "
@@ -260,7 +261,8 @@ def study_note(study: Study, summary: str, table_md: str, analysis_text: str, fi
              "accuracy" if rest_md else "more") + "; previewed), `cells.csv` (previewed), `cells.parquet`, "
              "`results.parquet` (one row per trial), `summary.txt`. Trials are the runs below this one in the "
              "study's view, each cell's together in lr order, named `<verdict> <cell> lr<base lr> <phase> s<seed>`: "
-             "✓ trained, ≈ stalled (finite but did not learn), ✗ diverged, ! failed; each explains its verdict in "
+             "✓ trained, ≈ stalled (finite but did not learn), ↯ collapsed (left its start, stayed finite), "
+             "✗ diverged, ! failed; each explains its verdict in "
              "its description."]
 
     def compose(lines: list[str]) -> str:
