@@ -92,7 +92,9 @@ def test_three_phase_study_end_to_end_and_independent_of_concurrency(tmp_path, r
     assert pm["max_stable_lr/b32/lambda_0.04"] == cells[32, 0.04]["max_stable_lr"]
     # The study run: described (the frontier table in it), its params the design and what is really fixed.
     params, tags = parents[0].data.params, parents[0].data.tags
-    assert "| batch |" in tags["mlflow.note.content"] and "### Findings" in tags["mlflow.note.content"]
+    note = tags["mlflow.note.content"]  # the frontier table first (cells padded for MLflow's renderer), findings
+    assert note.startswith("**Largest base lr that trains**") and "| &emsp;batch&emsp; |" in note
+    assert "**Findings**" in note and tags["order"] == "!"  # the study run first in the study's view
     assert params["grid.batch_size"] == "32, 64" and params["grid.lambda"] == "0.04, none"
     assert params["design.base_lrs"] == "0.4, 1.6, 25.6" and params["fixed.max_steps"] == "320"
     assert not {"fixed.batch_size", "fixed.lambda", "fixed.clipping", "fixed.base_lr", "fixed.peak_lr",
@@ -103,13 +105,13 @@ def test_three_phase_study_end_to_end_and_independent_of_concurrency(tmp_path, r
     assert "How to read this experiment" in exp.tags["mlflow.note.content"]
     assert "mlflow.sharedViewState.study" in exp.tags
     assert f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" in one["summary"]
-    marks = {"trained": "✓", "stalled": "≈", "diverged": "✗"}
+    from studies.training.tracking import MARKS as marks  # ↯ collapsed too
     by_id, digests = {ch.info.run_id: ch for ch in children}, set()
     for r in rows:
         ch = by_id[r["mlflow_run_id"]]
         # named what differs first, behind the verdict's mark; the verdict a tag too; the dataset an MLflow input
         assert ch.info.run_name.startswith(f"{marks[r['verdict']]} b{r['batch_size']} λ") and \
-            f" lr{r['base_lr']:.3g} {r['phase']} s{r['seed']}" in ch.info.run_name, ch.info.run_name
+            f" lr{r['base_lr']:.4g} {r['phase']} s{r['seed']}" in ch.info.run_name, ch.info.run_name  # as tables
         assert ch.data.tags["verdict"] == r["verdict"] and ch.data.tags["mlflow.source.name"] == "studies/agc_lambda.py"
         (ds,) = [d.dataset for d in ch.inputs.dataset_inputs]
         assert ds.name.startswith("synthetic-") and ds.name in ds.source and len(ds.digest) == 16
