@@ -321,8 +321,9 @@ def test_a_shard_read_that_never_returns_ends_the_run_and_is_recorded_hung(tmp_p
     assert code == 0, text[-3000:]
     print(f"a hung shard read: study ended after {took:.0f} s (3 tries × 3 s stall limit)")
     waits = [ln for ln in text.splitlines() if ln.startswith("waiting ")]
-    print("\n".join(waits[:2]))
-    assert any("b32 λ0.04 lr0.4 scan s0" in ln for ln in waits), text
+    named = [ln for ln in waits if "b32 λ0.04 lr0.4 scan s0" in ln]
+    print("\n".join(named[:2]))
+    assert named, text
     (row,) = table(tmp_path, "pipe").read().to_pylist()
     assert row["status"] == "failed" and row["error"].startswith(
         "hung: no step for 3 s at step 0 (scan, set-up and data read; stall limit 3 s); ended 3 time(s)"), row
