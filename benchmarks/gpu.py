@@ -72,7 +72,7 @@ F0_TINY = dict(ours=dict(depths=(1, 1, 1, 1), widths=(64, 128, 128, 128), group_
                timm=dict(depths=(1, 1, 1, 1), channels=(64, 128, 128, 128), group_size=32, stem_chs=64,
                          num_features=256))
 SMOKE = dict(f0=F0_TINY, size=32, batches=(4, 2), oom_above=2, warmup=1, reps=2, inner=1, agc_reps=3,
-             compile_backend="eager", caps=dict(compile=90, bf16=60, pack=60), bf16_batch=64, bf16_steps=4,
+             compile_backend="eager", caps=dict(compile=90, bf16=60, pack=150), bf16_batch=64, bf16_steps=4,
              verdict_steps=3, cells=FRONTIER[:1], laptop_data=dict(n_train=1024, n_val=128, image_size=16),
              pack=dict(trials=2, steps=3, batch=64, model={"width": 8, "depth": 1},
                        data=dict(n_train=512, n_val=64, image_size=16)))

@@ -47,7 +47,7 @@ def test_train_command_line(tmp_path, tiny_data, capsys):
                      "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--experiment", "cli"])
     out = capsys.readouterr().out
     assert rc == 0 and "status: completed" in out and "epoch 1/1" in out
-    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/m.db" in out
+    assert f"ui --app-name nfnet-lab --workers 1 --backend-store-uri sqlite:///{tmp_path}/m.db" in out
 
 
 FLOAT_FIELDS = [f.name for f in dataclasses.fields(TrainConfig)  # float and float | None
