@@ -42,7 +42,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import storage
 from nfnet import adaptive_grad_clip_, agc_parameters, create_model
 from studies.training.config import TrainConfig
-from studies.training.loop import WorkerContext, train
+from studies.training.loop import train
+from studies.training.state import WorkerContext
 
 LAMBDA = 0.01  # AGC threshold of the NFNet recipe
 

@@ -6,13 +6,11 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-if TYPE_CHECKING:
-    from studies.training.loop import EpochTally, Training
+from studies.training.state import EpochTally, Training
 
 CHECKPOINT_FILE = "state.pt"
 

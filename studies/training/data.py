@@ -3,16 +3,13 @@ Ray Data stream of this rank's rows, and the validation split in this rank's sha
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
 
 import torch
 
 import storage
 from studies.training.config import TrainConfig
 from studies.training.schedule import run_length
-
-if TYPE_CHECKING:
-    from studies.training.loop import WorkerContext
+from studies.training.state import WorkerContext
 
 # The decoded splits this process holds, on their device: a Tune trial actor is reused for trial after trial
 # (reuse_actors), so a CIFAR-size study copies its data to the GPU once per actor, not once per run.
