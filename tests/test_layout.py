@@ -1,5 +1,6 @@
 """The layout's rules, checked on the source: imports run one way (scripts → sweep → training → nfnet/storage)
-with no circle, nfnet/ stays pure PyTorch, and files and functions stay short enough to read."""
+with no circle (not even a type-only one, under `if TYPE_CHECKING:`), nfnet/ stays pure PyTorch, and files and
+functions stay short enough to read."""
 import ast
 from pathlib import Path
 
@@ -19,13 +20,14 @@ def modules() -> dict[str, Path]:
     return out
 
 
-def imports(path: Path, name: str, known: set[str]) -> set[str]:
-    """Every project module `name` imports, at the top or inside a function (a hidden import is still one)."""
+def imports(path: Path, name: str, known: set[str], typing_too: bool = False) -> set[str]:
+    """Every project module `name` imports, at the top or inside a function (a hidden import is still one);
+    with `typing_too`, also those under `if TYPE_CHECKING:` (never run, but still a dependency to read)."""
     pkg = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     found = set()
     tree = ast.parse(path.read_text())
     typing_only = {id(n) for b in ast.walk(tree) if isinstance(b, ast.If) and "TYPE_CHECKING" in ast.unparse(b.test)
-                   for n in ast.walk(b)}  # type-only imports never run
+                   for n in ast.walk(b)} if not typing_too else set()  # type-only imports never run
     for node in ast.walk(tree):
         if id(node) in typing_only:
             continue
@@ -47,9 +49,26 @@ def imports(path: Path, name: str, known: set[str]) -> set[str]:
     return found
 
 
-def graph() -> dict[str, set[str]]:
+def graph(typing_too: bool = False) -> dict[str, set[str]]:
     mods = modules()
-    return {m: imports(p, m, set(mods)) for m, p in mods.items()}
+    return {m: imports(p, m, set(mods), typing_too) for m, p in mods.items()}
+
+
+def assert_no_circle(g: dict[str, set[str]], kind: str = "import circle") -> None:
+    """A depth-first walk never meets a module still on its path."""
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(g[m]):
+            assert state.get(d) != 1, f"{kind}: {' → '.join((path + [m])[(path + [m]).index(d):] + [d])}"
+            if d not in state:
+                visit(d, path + [m])
+        state[m] = 2
+
+    for m in sorted(g):
+        if m not in state:
+            visit(m, [])
 
 
 def test_imports_run_one_way_without_a_circle():
@@ -64,20 +83,14 @@ def test_imports_run_one_way_without_a_circle():
     wrong = [(a, b) for a, deps in g.items() for b in deps
              if level(b) > level(a) or (level(a) == 0 and a.split(".")[0] != b.split(".")[0] and b != "nfnet")]
     assert not wrong, f"imports against the layer order: {wrong}"
-    # No circle: a depth-first walk never meets a module still on its path.
-    state: dict[str, int] = {}
+    assert_no_circle(g)
 
-    def visit(m: str, path: list[str]) -> None:
-        state[m] = 1
-        for d in sorted(g[m]):
-            assert state.get(d) != 1, f"import circle: {' → '.join(path + [m, d])}"
-            if d not in state:
-                visit(d, path + [m])
-        state[m] = 2
 
-    for m in sorted(g):
-        if m not in state:
-            visit(m, [])
+def test_no_type_only_circle():
+    """Type-only imports count too: a module that names another's types only under `if TYPE_CHECKING:` still
+    depends on it, so a pair that imports each other that way is a circle to read (state types belong in a
+    module of their own, as studies/training/state.py holds the training loop's)."""
+    assert_no_circle(graph(typing_too=True), "type-only import circle")
 
 
 def test_nfnet_is_pure_pytorch_and_training_never_needs_the_sweep():

@@ -18,13 +18,12 @@ from ray.tune.search import Searcher
 
 import storage
 from studies.sweep import frontier, tables, watch
-from studies.sweep.design import Spec, Study, full_specs, group_specs, refine_specs, replicate_specs, scan_specs
+from studies.sweep.design import Spec, Study, group_specs
+from studies.sweep.phases import Blocked, Plan, Step, complete
 from studies.training import runner
 from studies.training.summary import OBJECTIVE, RunSummary
 from studies.training.tracking import git_commit, hardware, marked_name
 from studies.training.watchdog import Watch
-
-SCAN_RUNS_PER_TRIAL = 4
 
 
 @dataclass
@@ -92,33 +91,33 @@ def trainable(fn: Callable, cfg, **params):
     return tune.with_resources(tune.with_parameters(fn, **params), runner.trial_resources(cfg))
 
 
-@dataclass(frozen=True)
-class Phase:
-    """One phase of the searcher: `trials()` computes its trials (groups of specs) from the rows so far. A
-    repeated phase (replication) is asked again once its round has ended, until it has nothing left to run."""
-
-    trials: Callable[[], list[list[Spec]]]
-    repeat: bool = False
-
-
 class PhaseSearcher(Searcher):
-    """Hands out the trials of one phase after another: a phase's trials are computed (by its function) only once
-    every trial of the previous phase has ended, so the full phase sees the whole scan. Deterministic: no
-    suggestion depends on the order in which trials finish."""
+    """Hands out the study's phases one after another (phases.Plan): at each boundary, once every trial handed out
+    has ended, it reads the results table once and asks the plan for the next phase's runs, so the full phase sees
+    the whole scan. Deterministic: no suggestion depends on the order in which trials finish."""
 
-    def __init__(self, phases: list[Phase]):
+    def __init__(self, plan: Plan, read_rows: Callable[[], list[dict]], announce: Callable[[Step], None] = print,
+                 blocked: Callable[[Blocked], None] = print):
         super().__init__(metric=OBJECTIVE, mode="max")
-        self.phases, self.queue, self.running = list(phases), [], set()
+        self.plan, self.read_rows, self.announce, self.blocked = plan, read_rows, announce, blocked
+        self.queue: list[list[Spec]] = []
+        self.running: set[str] = set()
+        self.ended = False
 
     def suggest(self, trial_id: str):
-        while not self.queue:
+        if not self.queue:
             if self.running:
                 return None  # the phase is still running: wait
-            if not self.phases:
+            if self.ended:
                 return Searcher.FINISHED
-            self.queue = self.phases[0].trials()
-            if not (self.phases[0].repeat and self.queue):
-                self.phases.pop(0)
+            step = self.plan.next(self.read_rows())
+            if not isinstance(step, Step):
+                self.ended = True
+                if isinstance(step, Blocked):
+                    self.blocked(step)
+                return Searcher.FINISHED
+            self.announce(step)
+            self.queue = group_specs(step.todo, step.phase.runs_per_trial)
         self.running.add(trial_id)
         return {"specs": self.queue.pop(0)}
 
@@ -239,85 +238,34 @@ def fit(study: Study, trainable_, tune_config: tune.TuneConfig, name: str, lock=
 
 
 class Phases:
-    """scan → refine → full, each computed from the rows of the phases before it."""
+    """A grid study's phases through one Tune experiment (phases.PHASES, each computed from the rows before it)."""
 
     def __init__(self, study: Study, env: TrialEnv, table: storage.ResultsTable, concurrency: int, n_train: int,
                  lock=None, watcher: watch.StudyWatch | None = None):
         self.study, self.env, self.table, self.concurrency, self.n_train = study, env, table, concurrency, n_train
         self.lock, self.printer, self.watcher = lock, ProgressPrinter(), watcher
-        self.tried: set[str] = set()  # replication runs handed out so far
 
     def __getstate__(self):  # Tune pickles the searcher (and so this) into its own state; the lock stays here
         return {**self.__dict__, "lock": None, "printer": None, "watcher": None}
 
-    def done(self) -> set[str]:
-        return set(self.table.read().column("trial_key").to_pylist())
-
-    def scan(self) -> list[Spec]:
-        return scan_specs(self.study, self.n_train)
-
-    def _after(self, before: list[Spec] | None) -> list[dict] | None:
-        """The results table once every run of the phase before has its row; None while one lacks it."""
-        done = self.done()
-        if before is None or any(s.key not in done for s in before):
-            return None
+    def rows(self) -> list[dict]:
         return self.table.read().to_pylist()
 
-    def refine(self) -> list[Spec] | None:
-        """The refinement runs; None while any scan run lacks its row (the frontier is not known yet)."""
-        if not self.study.preset.scan_steps:
-            return []
-        rows = self._after(self.scan())
-        return None if rows is None else refine_specs(self.study, rows, self.n_train)
+    def announce(self, step: Step) -> None:
+        n = len(step.todo)
+        print(f"{step.phase.name}: {n} run(s)" + (f" ({step.done} already done)" if step.done else ""), flush=True)
+        if self.printer is not None:
+            self.printer.expect(step.phase.name, n)
 
-    def replicate(self) -> list[Spec] | None:
-        """The next replication round (design.replicate_specs: only runs without a row); [] once every deciding lr
-        has its seeds; None while any scan or refinement run lacks its row."""
-        refine = self.refine()
-        rows = self._after(None if refine is None else self.scan() + refine)
-        return None if rows is None else replicate_specs(self.study, rows, self.n_train)
-
-    def replicate_round(self) -> list[list[Spec]]:
-        """A round of replication for the searcher; nothing when the round would only repeat runs the round before
-        already tried and left without a row (lost to infrastructure after their retries: --resume reruns them),
-        so a run that keeps failing cannot loop the study."""
-        specs = self.replicate() or []
-        keys = {s.key for s in specs}
-        if keys and keys <= self.tried:
-            return []
-        self.tried |= keys
-        return self.pending("replicate", specs)
-
-    def full(self) -> list[Spec] | None:
-        """The full phase's runs; None while a scan, refinement or replication run lacks its row, or the
-        replication has not reached its fixed point."""
-        rep = self.replicate()
-        if rep is None or rep:
-            return None
-        return full_specs(self.study, self.table.read().to_pylist())
-
-    def pending(self, phase: str, specs: list[Spec] | None) -> list[list[Spec]]:
-        if not specs:
-            return []
-        done = self.done()
-        todo = [s for s in specs if s.key not in done]
-        if todo:
-            print(f"{phase}: {len(todo)} run(s)" + (f" ({len(specs) - len(todo)} already done)"
-                                                    if len(todo) < len(specs) else ""), flush=True)
-            if self.printer is not None:
-                self.printer.expect(phase, len(todo))
-        return group_specs(todo, SCAN_RUNS_PER_TRIAL if phase in frontier.SCAN_PHASES else 1)
+    def blocked(self, b: Blocked) -> None:
+        print(f"{b.phase}: {len(b.missing)} run(s) have no row after their retries (lost to infrastructure), and the "
+              "phases after it depend on them: the study stops here; --resume reruns them", flush=True)
 
     def fit(self) -> bool:
         """True when every run of every phase has its row (False: interrupted, or lost to infrastructure)."""
-        searcher = PhaseSearcher([Phase(lambda: self.pending("scan", self.scan())),
-                                  Phase(lambda: self.pending("refine", self.refine())),
-                                  Phase(self.replicate_round, repeat=True),
-                                  Phase(lambda: self.pending("full", self.full()))])
+        searcher = PhaseSearcher(Plan(self.study, self.n_train), self.rows, self.announce, self.blocked)
         # reuse_actors: a finished trial's process runs the next one (no Python + torch start per trial).
         fit(self.study, trainable(phase_trial, self.study.fixed, env=self.env),
             tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=self.concurrency,
                             reuse_actors=True), "grid", self.lock, self.printer, self.watcher)
-        full = self.full()
-        done = self.done()
-        return full is not None and all(s.key in done for s in full)
+        return complete(self.study, self.rows(), self.n_train)
