@@ -2,50 +2,52 @@
 TrainConfig its Spec carries (built once, on the driver), and a retried trial skips the runs that have a row."""
 from ray.tune.search import Searcher
 
-from studies.sweep import design, tables, tune
+from studies.sweep import design, phases, tables, tune
 from studies.training import runner
 from studies.training.config import TrainConfig
 from studies.training.summary import RunSummary
 
 
-def test_a_phase_is_handed_out_only_once_the_one_before_has_ended():
-    handed = []
+class ScriptedPlan:
+    """A plan that answers from a script, counting the boundaries at which it was asked."""
 
-    def phase(name, n):
-        def make():
-            handed.append(name)
-            return [[f"{name}{i}"] for i in range(n)]
-        return make
+    def __init__(self, answers):
+        self.answers, self.asked = list(answers), 0
 
-    s = tune.PhaseSearcher([tune.Phase(phase("scan", 2)), tune.Phase(phase("full", 1))])
-    assert s.suggest("a") == {"specs": ["scan0"]} and s.suggest("b") == {"specs": ["scan1"]}
-    assert s.suggest("c") is None and handed == ["scan"]  # the scan still runs: the full phase is not computed
+    def next(self, rows):
+        self.asked += 1
+        return self.answers.pop(0)
+
+
+def spec(name):
+    return design.Spec(name, "batch_size=256", TrainConfig(max_steps=4, seed=len(name)))
+
+
+def test_a_phase_is_handed_out_only_once_the_one_before_has_ended_from_one_read():
+    scan, full = phases.Phase("scan", None, runs_per_trial=1), phases.Phase("full", None)
+    plan = ScriptedPlan([phases.Step(scan, [spec("a"), spec("bb")]), phases.Step(full, [spec("ccc")]),
+                         phases.FINISHED])
+    reads, announced = [], []
+    s = tune.PhaseSearcher(plan, lambda: reads.append(1) or [], announced.append)
+    assert s.suggest("a") == {"specs": [spec("a")]} and s.suggest("b") == {"specs": [spec("bb")]}
+    assert s.suggest("c") is None and plan.asked == 1  # the scan still runs: the full phase is not computed
     s.on_trial_complete("a")
     assert s.suggest("c") is None
     s.on_trial_complete("b")
-    assert s.suggest("c") == {"specs": ["full0"]} and handed == ["scan", "full"]
+    assert s.suggest("c") == {"specs": [spec("ccc")]} and plan.asked == 2 and len(reads) == 2  # a read a boundary
+    assert [a.phase.name for a in announced] == ["scan", "full"]
     s.on_trial_complete("c")
-    assert s.suggest("d") == Searcher.FINISHED
+    assert s.suggest("d") == Searcher.FINISHED and s.suggest("e") == Searcher.FINISHED and plan.asked == 3
 
 
-def test_a_repeated_phase_is_asked_again_after_each_round_until_it_has_nothing():
-    rounds = [[["rep0"], ["rep1"]], [["rep2"]], []]
-    asked = []
-
-    def replicate():
-        asked.append("replicate")
-        return rounds.pop(0)
-
-    s = tune.PhaseSearcher([tune.Phase(replicate, repeat=True), tune.Phase(lambda: [["full0"]])])
-    assert s.suggest("a") == {"specs": ["rep0"]} and s.suggest("b") == {"specs": ["rep1"]}
-    assert s.suggest("c") is None  # the round runs: the next one is not computed yet
-    s.on_trial_complete("a")
-    s.on_trial_complete("b")
-    assert s.suggest("c") == {"specs": ["rep2"]} and asked == ["replicate"] * 2
-    s.on_trial_complete("c")
-    assert s.suggest("d") == {"specs": ["full0"]} and asked == ["replicate"] * 3  # the empty round ended it
-    s.on_trial_complete("d")
-    assert s.suggest("e") == Searcher.FINISHED
+def test_runs_lost_before_a_boundary_end_the_search_and_say_so():
+    scan = phases.Phase("scan", None)
+    blocked = phases.Blocked("scan", [spec("a")])
+    said = []
+    s = tune.PhaseSearcher(ScriptedPlan([phases.Step(scan, [spec("a")]), blocked]), list, print, said.append)
+    assert s.suggest("a") == {"specs": [spec("a")]}
+    s.on_trial_complete("a", error=True)
+    assert s.suggest("b") == Searcher.FINISHED and said == [blocked]
 
 
 def test_a_trial_runs_the_config_its_spec_carries_and_skips_runs_with_a_row(tmp_path, monkeypatch):
