@@ -22,6 +22,7 @@ from typing import Any
 
 import storage
 from studies.sweep import frontier, tables
+from studies.sweep.layout import SHORT
 from studies.training.config import TrainConfig, lambda_label, public_name
 from studies.training.flags import grid_flag
 from studies.training.schedule import run_length
@@ -197,9 +198,6 @@ def cell_label(cell: dict[str, Any]) -> str:
         return f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}"
 
     return " ".join(text(k, v) for k, v in cell.items())
-
-
-SHORT = {"batch_size": "b", "augment_strength": "aug", "base_lr": "lr", "seed": "s"}
 
 
 def short_label(cell: dict[str, Any]) -> str:

@@ -22,7 +22,11 @@ def rows_of(table: pa.Table | list[dict]) -> list[dict[str, Any]]:
 _AXIS = re.compile(r" (?=[A-Za-z_][A-Za-z0-9_]*=)")  # a label's "axis=value" parts (a JSON value may hold spaces)
 ROW_WORDS = {"batch_size": ("batch", "as the batch grows"),
              "augment_strength": ("augmentation", "as augmentation grows")}
-SHORT = {"batch_size": "b", "augment_strength": "aug"}  # metric-name prefixes: 'b1024', 'aug0.5'
+# Short axis names, the one spelling for run names ('b1024 λ0.16', design.short_label) and metric-name prefixes
+# ('b1024', 'aug0.5').
+SHORT = {"batch_size": "b", "augment_strength": "aug", "base_lr": "lr", "seed": "s"}
+NO_LAMBDA = lambda_label(None)  # 'none': λ's label without clipping, as cell labels and tables store it
+NO_CLIPPING = "no clipping"  # that column as the maps, tables and words name it
 
 
 def cell_axes(label: str) -> dict[str, str]:
@@ -34,7 +38,7 @@ def cell_axes(label: str) -> dict[str, str]:
 def _value(text: str):
     """A label's value as a number where it is one (sorting 0.5 before 1.0), else as text; 'none' (no clipping)
     sorts last."""
-    if text.lower() == "none":
+    if text.lower() == NO_LAMBDA:
         return math.inf
     try:
         return int(text)
@@ -55,7 +59,7 @@ def sort_key(v) -> tuple:
 
 
 def lambda_column(text: str) -> str:
-    return "no clipping" if text.lower() == "none" else f"λ={text}"
+    return NO_CLIPPING if text.lower() == NO_LAMBDA else f"λ={text}"
 
 
 @dataclass(frozen=True)
@@ -157,7 +161,7 @@ CELL_METRICS = ("max_stable_lr", "max_stable_lr_min", "max_stable_lr_max", "stab
 
 def _slug(text: str) -> str:
     """A name part MLflow takes (letters, digits and _ - . /): 'λ=0.01' -> 'lambda_0.01'."""
-    text = text.replace("λ=", "lambda_").replace("no clipping", "lambda_none").replace("=", "_")
+    text = text.replace("λ=", "lambda_").replace(NO_CLIPPING, f"lambda_{NO_LAMBDA}").replace("=", "_")
     return "".join(ch if ch.isalnum() and ch.isascii() or ch in "_-." else "_" for ch in text)
 
 

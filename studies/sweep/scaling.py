@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from studies.sweep.frontier import FOUND, NONE
-from studies.sweep.layout import grids_of, rows_of
+from studies.sweep.layout import NO_CLIPPING, grids_of, rows_of
 
 REFERENCE_BATCH = 256  # base lrs are per 256 examples
 MEASURED, LOWER, BELOW, UNKNOWN = "", "≥", "<", "?"
@@ -201,7 +201,7 @@ def _resolution(law: Law) -> float:
     return math.log(2) / math.log(max(bs) / min(bs))
 
 
-def scaling_lines(cells: pa.Table | list[dict], no_clip: str = "no clipping") -> list[str]:
+def scaling_lines(cells: pa.Table | list[dict], no_clip: str = NO_CLIPPING) -> list[str]:
     """The finding: 'without clipping the frontier's peak lr does not grow with the batch (α = …); with AGC
     λ=0.01 α = …', each with its range over seeds and what was left out of the fit."""
     out = []
