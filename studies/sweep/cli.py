@@ -59,6 +59,9 @@ def add_study_args(p: argparse.ArgumentParser, preset_names, grid_flags: dict[st
     g.add_argument("--trials", type=int, default=None, help="TPE trials (hpo)")
     g.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: fits the cluster)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted study (same flags)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print every phase's runs (count, or the most there can be; steps and examples each) and the "
+                        "time they would take here, then stop: nothing is written")
     g.add_argument("--allow-code-change", action="store_true",
                    help="with --resume: continue under other code than the study started with (refused otherwise; "
                         "each row records its code_version)")
@@ -185,6 +188,14 @@ def run_study_cli(name: str, presets: dict, argv: list[str] | None, doc: str,
         if pr.scan_steps else f"{pr.trials} TPE trials" if pr.tpe else f"{len(study.lrs())} lr(s) in full"
     print(f"study {study.name}: {len(study.cells())} cells; {phases}; {pr.seeds} seed(s); output {study.study_dir};"
           f" MLflow {redact(study.tracking_uri)}", flush=True)
+    if args.dry_run:
+        from studies.sweep.dry_run import dry_run
+
+        try:
+            print(dry_run(study), flush=True)
+        except (ValueError, storage.StorageError, RuntimeError) as e:
+            p.error(str(e))
+        return {"complete": True, "dry_run": True}
     try:
         out = run_study(study)
     except (ValueError, ConnectionError, PermissionError, FileNotFoundError, RuntimeError) as e:
