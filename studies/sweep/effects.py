@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from studies.sweep.lambdas import lambda_gain
-from studies.sweep.layout import Grid
+from studies.sweep.layout import NO_CLIPPING, Grid
 from studies.sweep.support import (
     Bound,
     CellRow,
@@ -25,7 +25,7 @@ from studies.sweep.support import (
     support,
 )
 
-NO_CLIP_COL = "no clipping"
+NO_CLIP_COL = NO_CLIPPING  # the map's no-clipping column
 ACC_MARGIN = 0.02  # top-1 differences below this are within a few seeds' noise on the laptop data: not a finding
 
 

@@ -14,13 +14,15 @@ the seed reads its majority), given as the range over seeds. Pure functions of c
 curves.py's."""
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from studies.sweep.frontier import FOUND, NONE
+from studies.sweep.frontier import NONE
 from studies.sweep.layout import NO_CLIPPING, grids_of, rows_of
+from studies.sweep.support import CellRow, Effect, Why, as_row, seed_values
 
 REFERENCE_BATCH = 256  # base lrs are per 256 examples
 MEASURED, LOWER, BELOW, UNKNOWN = "", "≥", "<", "?"
@@ -97,34 +99,35 @@ def mccandlish_eps_max(points: list[Point], b_noise: float) -> float | None:
     return math.exp(sum(math.log(p.peak * (1 + b_noise / p.batch)) for p in pts) / len(pts))
 
 
-def _mark(value: float | None, c: dict) -> str:
+def _mark(value: float | None, c: CellRow) -> str:
     """How a frontier value of cell `c` enters the fit: measured, or which bound it is."""
     if value is None:
         return UNKNOWN
     if value == 0:
         return BELOW
-    return LOWER if value == c.get("highest_lr_tried") else MEASURED
+    return LOWER if value == c.highest_lr_tried else MEASURED
 
 
-def cell_point(c: dict, value: float | None = None, own: bool = False) -> Point:
+def cell_point(c: CellRow | dict, value: float | None = None, own: bool = False) -> Point:
     """A cell's frontier as a point: its majority frontier, or (own) a seed's `value` (0: every lr diverged)."""
-    b = int(c["batch_size"])
+    c = as_row(c)
+    b = int(c.batch_size)
     if not own:
-        value = c["max_stable_lr"] if c["frontier"] == FOUND else 0.0 if c["frontier"] == NONE else None
+        value = c.max_stable_lr if c.found else 0.0 if c.frontier == NONE else None
     mark = _mark(value, c)
     if mark == BELOW:
-        low = c.get("lowest_lr_tried")
+        low = c.lowest_lr_tried
         return Point(b, peak_lr(low, b) if low else None, BELOW)
     return Point(b, None if value is None else peak_lr(value, b), mark)
 
 
-def _seed_alphas(cells: list[dict]) -> dict[int, float | None]:
-    seeds = sorted({s for c in cells for s in c.get("seed_list") or []})
+def _seed_alphas(cells: list[CellRow]) -> dict[int, float | None]:
+    seeds = sorted({s for c in cells for s in c.seed_list})
     out = {}
     for s in seeds:
         pts = []
         for c in cells:
-            own = dict(zip(c.get("seed_list") or [], c.get("max_stable_lr_by_seed") or []))
+            own = seed_values(c)
             pts.append(cell_point(c, own[s], own=True) if s in own else cell_point(c))
         f = fit_alpha(pts)
         out[s] = f and f[0]
@@ -139,7 +142,7 @@ def laws(cells: pa.Table | list[dict]) -> list[Law]:
         if g.layout.row_axis != "batch_size" or len(g.rows) < 2:
             continue
         for col in g.cols:
-            mine = [g.at[r, col] for r in g.rows if (r, col) in g.at]
+            mine = [as_row(g.at[r, col]) for r in g.rows if (r, col) in g.at]
             pts = [cell_point(c) for c in mine]
             f = fit_alpha(pts)
             out.append(Law(g.facet, col, pts, f and f[0], _seed_alphas(mine)))
@@ -201,32 +204,62 @@ def _resolution(law: Law) -> float:
     return math.log(2) / math.log(max(bs) / min(bs))
 
 
+class Trend(enum.Enum):
+    """Where the frontier's peak lr goes as the batch grows, called beyond one lr step of the grid (or, FLAT,
+    within it) in the majority's α and every seed's."""
+
+    GROWS = enum.auto()
+    FALLS = enum.auto()
+    FLAT = enum.auto()
+
+
+@dataclass(frozen=True)
+class ScalingCall(Effect):
+    """One column's scaling as decided: its trend where shown; NOT SHOWN with TOO_FEW_FRONTIERS (no fit),
+    WITHIN_SPREAD (the seeds' α lie on both sides, a lr step apart or more) or WITHIN_STEP (about one lr step)."""
+
+    law: Law
+    trend: Trend | None = None
+    resolution: float | None = None  # how far α moves when one end's frontier moves one factor-2 lr step
+
+
+def scaling_call(law: Law) -> ScalingCall:
+    if law.alpha is None:
+        return ScalingCall(Why.TOO_FEW_FRONTIERS, law)
+    res, rng = _resolution(law), law.alpha_range
+    lo, hi = min([law.alpha, *(rng or ())]), max([law.alpha, *(rng or ())])  # the majority's α and the seeds'
+    res_in, res_out = res * (1 - 1e-6), res * (1 + 1e-6)  # α exactly one lr step: neither side
+    if lo > res_out:
+        return ScalingCall(None, law, Trend.GROWS, res)
+    if hi < -res_out:
+        return ScalingCall(None, law, Trend.FALLS, res)
+    if max(abs(lo), abs(hi)) < res_in:
+        return ScalingCall(None, law, Trend.FLAT, res)
+    # about one lr step either way, or seeds on both sides: too little, or too split, to call
+    return ScalingCall(Why.WITHIN_SPREAD if hi - lo >= res else Why.WITHIN_STEP, law, None, res)
+
+
+VERBS = {Trend.GROWS: "grows with the batch", Trend.FALLS: "falls as the batch grows",
+         Trend.FLAT: "does not grow with the batch",
+         Why.WITHIN_SPREAD: "moves with the batch differently in different seeds",
+         Why.WITHIN_STEP: "moves with the batch by about one lr step of the grid, too little to call"}
+
+
+def scaling_text(call: ScalingCall, no_clip: str = NO_CLIPPING) -> str:
+    law = call.law
+    head = f"[{law.facet}] " if law.facet else ""
+    who = ("without clipping" if law.column == no_clip else f"with AGC {law.column}"
+           if law.column.startswith("λ=") else f"for {law.column}")
+    if call.why is Why.TOO_FEW_FRONTIERS:
+        return (f"{head}NOT SHOWN: {who} the frontier's scaling with the batch cannot be fitted (fewer than "
+                f"two measured frontiers: {', '.join(f'batch {p.batch} {p.text}' for p in law.points)}).")
+    head += "" if call.shown else "NOT SHOWN: "
+    used = ", ".join(f"{p.batch}" for p in law.used)
+    return (f"{head}{who} the frontier's peak lr {VERBS[call.trend or call.why]} ({alpha_text(law)}; a factor-2 lr "
+            f"step at one end moves α by about {call.resolution:.2f}; fitted to batch {used}{_left_out_text(law)}).")
+
+
 def scaling_lines(cells: pa.Table | list[dict], no_clip: str = NO_CLIPPING) -> list[str]:
     """The finding: 'without clipping the frontier's peak lr does not grow with the batch (α = …); with AGC
     λ=0.01 α = …', each with its range over seeds and what was left out of the fit."""
-    out = []
-    for law in laws(cells):
-        head = f"[{law.facet}] " if law.facet else ""
-        who = ("without clipping" if law.column == no_clip else f"with AGC {law.column}"
-               if law.column.startswith("λ=") else f"for {law.column}")
-        if law.alpha is None:
-            out.append(f"{head}NOT SHOWN: {who} the frontier's scaling with the batch cannot be fitted (fewer than "
-                       f"two measured frontiers: {', '.join(f'batch {p.batch} {p.text}' for p in law.points)}).")
-            continue
-        res, rng = _resolution(law), law.alpha_range
-        lo, hi = min([law.alpha, *(rng or ())]), max([law.alpha, *(rng or ())])  # the majority's α and the seeds'
-        res_in, res_out = res * (1 - 1e-6), res * (1 + 1e-6)  # α exactly one lr step: neither side
-        if lo > res_out:
-            verb = "grows with the batch"
-        elif hi < -res_out:
-            verb = "falls as the batch grows"
-        elif max(abs(lo), abs(hi)) < res_in:
-            verb = "does not grow with the batch"
-        else:  # about one lr step either way, or seeds on both sides: too little, or too split, to call
-            verb = "moves with the batch differently in different seeds" if hi - lo >= res else \
-                "moves with the batch by about one lr step of the grid, too little to call"
-            head += "NOT SHOWN: "
-        used = ", ".join(f"{p.batch}" for p in law.used)
-        out.append(f"{head}{who} the frontier's peak lr {verb} ({alpha_text(law)}; a factor-2 lr step at one end "
-                   f"moves α by about {res:.2f}; fitted to batch {used}{_left_out_text(law)}).")
-    return out
+    return [scaling_text(scaling_call(law), no_clip) for law in laws(cells)]
