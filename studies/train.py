@@ -45,11 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         runner.init_ray()
     print(f"training {cfg.model} batch {cfg.batch_size} (lr {cfg.lr:g}) clipping {cfg.clipping} "
           f"on {cfg.num_workers} worker(s); MLflow: {redact(uri)}", flush=True)
-    summary = runner.train_and_track(
-        cfg, tracking_uri=uri, experiment=args.experiment, run_name=name,
-        storage_path=args.storage_path or runner.default_storage_path(),
-        in_process=args.in_process,
-    )
+    summary = runner.train_and_track(cfg, runner.RunRecord(uri, args.experiment, name),
+                                     runner.Launch(storage_path=args.storage_path, in_process=args.in_process))
     print(f"status: {summary.status}" + (f" at step {summary.diverged_step} ({summary.diverged_reason})"
                                          if summary.status == "diverged" else ""))
     if summary.error:

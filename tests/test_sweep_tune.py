@@ -80,8 +80,8 @@ def test_a_trial_runs_the_config_its_spec_carries_and_skips_runs_with_a_row(tmp_
 def test_a_trials_mlflow_run_is_keyed_by_the_study_id(tmp_path, monkeypatch):
     # issue 21, item 3: the same study name in another output (another study.json, another id) gets new runs
     seen = []
-    monkeypatch.setattr(runner, "train_and_track",
-                        lambda cfg, **kw: seen.append(kw["reuse_key"]) or RunSummary(status="completed", steps=1))
+    monkeypatch.setattr(runner, "train_and_track", lambda cfg, **kw: seen.append(kw["record"].reuse_key)
+                        or RunSummary(status="completed", steps=1))
     spec = design.Spec("scan", "batch_size=256", TrainConfig(max_steps=4))
     for study_id in ("id-a", "id-b"):
         env = tune.TrialEnv("s", study_id, "s", "file:///data", "sqlite:////tmp/x.db", "parent",

@@ -18,8 +18,8 @@ def _losses(summary):
 def test_failed_run_is_tracked(tmp_path, tiny_data):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = tiny_cfg(dataset=str(tmp_path / "no-such-shards"))
-    out = runner.train_and_track(cfg, tracking_uri=uri, experiment="t", run_name="broken",
-                                 storage_path=str(tmp_path), in_process=True, dataset_uri=str(tmp_path / "nowhere"))
+    out = runner.train_and_track(cfg, runner.RunRecord(uri, "t", "broken"),
+                                 runner.Launch(str(tmp_path / "nowhere"), str(tmp_path), in_process=True))
     assert out.status == "failed" and out.error
     run = Tracker(uri, out.mlflow_run_id).client.get_run(out.mlflow_run_id)
     assert run.info.status == "FAILED" and run.data.tags["status"] == "failed"
@@ -29,9 +29,10 @@ def test_a_full_run_records_mlflows_system_metrics_dataset_and_its_verdict_in_it
                                                                                      monkeypatch):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # MLflow's own knob; 10 s by default
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    out = runner.train_and_track(tiny_cfg(max_steps=40), tracking_uri=uri, experiment="t", run_name="b64 full",
-                                 storage_path=str(tmp_path), in_process=True, dataset_uri=tiny_data,
-                                 system_metrics=True, source={"mlflow.source.name": "studies/train.py"})
+    out = runner.train_and_track(tiny_cfg(max_steps=40),
+                                 runner.RunRecord(uri, "t", "b64 full", system_metrics=True,
+                                                  source={"mlflow.source.name": "studies/train.py"}),
+                                 runner.Launch(tiny_data, str(tmp_path), in_process=True))
     run = Tracker(uri, out.mlflow_run_id).client.get_run(out.mlflow_run_id)
     assert any(k.startswith("system/cpu") for k in run.data.metrics), sorted(run.data.metrics)
     assert run.info.run_name == {"trained": "✓", "stalled": "≈"}[out.verdict] + " b64 full"
@@ -44,8 +45,8 @@ def test_a_full_run_records_mlflows_system_metrics_dataset_and_its_verdict_in_it
 def test_ddp_two_workers_match_one_and_land_in_mlflow(ray_cluster, tmp_path, tiny_data):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = tiny_cfg(seed=1, max_steps=16, num_workers=2, batch_size=64)
-    ddp = runner.train_and_track(cfg, tracking_uri=uri, experiment="ddp", run_name="ddp2",
-                                 storage_path=str(tmp_path / "ray"), in_process=False, dataset_uri=tiny_data)
+    ddp = runner.train_and_track(cfg, runner.RunRecord(uri, "ddp", "ddp2"),
+                                 runner.Launch(tiny_data, str(tmp_path / "ray"), in_process=False))
     assert ddp.status == "completed", ddp.error
     one = runner.run_in_process(cfg.replace(num_workers=1), tiny_data, quiet=True)
     # Same global batch, same samples per step: 1×64 and 2×32 follow the same curve (float reduction order only).
@@ -102,8 +103,8 @@ def test_bad_config_is_recorded_failed_but_infrastructure_faults_are_raised_for_
         def boom(*a, **k):
             raise exc
         monkeypatch.setattr(runner, "run_in_process", boom)
-        return runner.train_and_track(tiny_cfg(), tracking_uri=uri, experiment="t", run_name="r",
-                                      storage_path=str(tmp_path), in_process=True, dataset_uri=tiny_data)
+        return runner.train_and_track(tiny_cfg(), runner.RunRecord(uri, "t", "r"),
+                                      runner.Launch(tiny_data, str(tmp_path), in_process=True))
 
     out = run(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))  # a bug or a bad config: same again
     assert out.status == "failed" and "shapes" in out.error
@@ -161,9 +162,8 @@ def test_a_storage_outage_while_reading_a_shard_is_retried_a_refusal_is_recorded
     monkeypatch.setattr(storage.datasets, "resolve", resolve)
 
     def run():
-        return runner.train_and_track(tiny_cfg(max_steps=2), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
-                                      experiment="t", run_name="r", storage_path=str(tmp_path), in_process=True,
-                                      dataset_uri=uri)
+        return runner.train_and_track(tiny_cfg(max_steps=2), runner.RunRecord(f"sqlite:///{tmp_path}/m.db", "t", "r"),
+                                      runner.Launch(uri, str(tmp_path), in_process=True))
 
     if retried:
         with pytest.raises(storage.StorageUnavailable, match="NETWORK_CONNECTION|SLOW_DOWN"):
@@ -186,9 +186,9 @@ def test_corrupt_data_under_ray_datas_wrapper_is_failed_naming_the_shard(tmp_pat
     blob = bytearray(open(shard, "rb").read())
     blob[len(blob) // 2] ^= 0xFF
     open(shard, "wb").write(bytes(blob))
-    out = runner.train_and_track(tiny_cfg(max_steps=8, loader="streaming"), tracking_uri=f"sqlite:///{tmp_path}/m.db",
-                                 experiment="t", run_name="r", storage_path=str(tmp_path), in_process=True,
-                                 dataset_uri=m.uri)
+    out = runner.train_and_track(tiny_cfg(max_steps=8, loader="streaming"),
+                                 runner.RunRecord(f"sqlite:///{tmp_path}/m.db", "t", "r"),
+                                 runner.Launch(m.uri, str(tmp_path), in_process=True))
     assert out.status == "failed" and "train-00001.parquet: checksum mismatch" in out.error  # not retried forever
 
 

@@ -71,14 +71,16 @@ def train_spec(spec: Spec, env: TrialEnv, table: storage.ResultsTable) -> RunSum
     cfg = spec.config
     if env.fence is not None:  # a driver that lost the study's lock starts no run (and no MLflow run)
         storage.lock.check_fence(env.fence)
-    summary = runner.train_and_track(
-        cfg, tracking_uri=env.tracking_uri, experiment=env.experiment, run_name=spec.label,
-        storage_path=env.storage_path, parent_run_id=env.parent_run_id, reuse_key=f"{env.study_id}:{spec.key}",
+    record = runner.RunRecord(
+        env.tracking_uri, env.experiment, spec.label, parent_run_id=env.parent_run_id, source=env.source,
+        reuse_key=f"{env.study_id}:{spec.key}",
         tags={"study": env.study, "cell": spec.cell, "phase": spec.phase, "trial_key": spec.key,
               "lambda": cfg.lambda_label, "seed": str(cfg.seed)},
-        in_tune=True, dataset_uri=env.dataset_uri, quiet=True, source=env.source,
-        system_metrics=spec.phase not in frontier.SCAN_PHASES,  # scans last seconds: no monitor thread for them
+        system_metrics=spec.phase not in frontier.SCAN_PHASES)  # scans last seconds: no monitor thread for them
+    launch = runner.Launch(  # this process is the trial's: its reports and checkpoints go to Tune
+        dataset_uri=env.dataset_uri, storage_path=env.storage_path, reports=runner.tune_reports(), quiet=True,
         watch=Watch(watch.incidents_of(env.incidents_uri, spec), watch.publisher(env.board, spec.label)))
+    summary = runner.train_and_track(cfg, record=record, launch=launch)
     table.append_epochs(tables.epoch_rows(spec.key, summary.history))
     # The row last: once it exists the run is done, and --resume skips it.
     table.append([tables.results_row({"study": env.study, "trial_key": spec.key, "phase": spec.phase,

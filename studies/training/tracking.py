@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import time
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -354,6 +355,21 @@ def mlflow_metrics(metrics: dict[str, Any]) -> dict[str, float]:
             name = f"{SECTIONS[head]}/{stage}" if dot and head in SECTIONS else f"other/{k}"
         out[name] = float(v)
     return out
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where a run's metrics go from the process that trains it: its MLflow run (by id) on the tracking store, and
+    whether MLflow's system metrics are sampled into it. Made on the driver once the run exists
+    (runner.train_and_track), carried to the process that trains (in-process, or each Ray Train worker), where
+    rank 0 logs through it (session.Session)."""
+
+    uri: str
+    run_id: str
+    system_metrics: bool = False  # sample CPU/GPU/memory into the run (full runs; scans last seconds)
+
+    def logger(self) -> MetricLogger:
+        return MetricLogger(self.uri, self.run_id)
 
 
 class MetricLogger:
