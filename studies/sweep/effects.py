@@ -2,7 +2,8 @@
 (shown, or NOT SHOWN and why; the ratio, its bound, the seeds that agree and the cells it rests on). Without
 clipping the frontier (and the accuracy) falls as the row grows (batch, augmentation), and AGC holds it up at the
 last row; the third claim (λ) is lambdas.py's. An effect is called only when the majority frontiers show it AND
-the two cells' seed ranges do not overlap. Pure functions of the cells' rows; findings.py words the records."""
+the two cells' seed ranges do not overlap. Pure functions of the cells' rows: effects_of takes any map, the
+deciding functions under it a typed one (typed(g): its cells as CellRows); findings.py words the records."""
 from __future__ import annotations
 
 import dataclasses
@@ -115,6 +116,7 @@ def effects_of(g: Grid) -> list[Effect]:
 
 
 def frontier_fall(g: Grid) -> FrontierFall:
+    """No clipping's frontier from the first row to the last: called where it falls outside the seeds' spread."""
     lo, hi = g.rows[0], g.rows[-1]
     c_lo, c_hi = g.at.get((lo, NO_CLIP_COL)), g.at.get((hi, NO_CLIP_COL))
     small, large = frontier_lr(c_lo), frontier_lr(c_hi)
