@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from studies.sweep.findings import effect_lines, frontier_text
+from studies.sweep.effects import effects_of
+from studies.sweep.findings import frontier_text
 from studies.sweep.frontier import FOUND
 from studies.sweep.layout import grids_of, rows_of
 
@@ -52,7 +53,7 @@ def pair_cells(a: pa.Table | list[dict], b: pa.Table | list[dict]) -> list[CellP
 def verdicts_of_findings(cells: pa.Table | list[dict]) -> list[str]:
     """The findings' effects reduced to what they decide: 'shown' or 'NOT SHOWN' per effect line, in order (the
     numbers in them may differ between two maps that agree)."""
-    return ["NOT SHOWN" if "NOT SHOWN" in line else "shown" for line in effect_lines(grids_of(cells))]
+    return ["shown" if e.shown else "NOT SHOWN" for g in grids_of(cells) for e in effects_of(g)]
 
 
 def comparison_text(a: pa.Table, b: pa.Table, names: tuple[str, str] = ("a", "b")) -> str:
