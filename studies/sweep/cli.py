@@ -1,12 +1,12 @@
 """The study scripts' shared command line: preset → flags → Study → run_study → console summary, and its exit
-codes (2: refused before any trial, with one line naming the fix; the scripts exit 130 when interrupted). Every
-TrainConfig field is a flag too (training/flags.py); one a study sets itself is refused, with why."""
+codes (2: refused before any trial, with one line naming the fix; the scripts exit 130 when interrupted). Each
+design knob's flag comes from its declaration on Preset or Study (knobs.py). Every TrainConfig field is a flag too
+(training/flags.py); one a study sets itself is refused, with why."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import itertools
-import math
 import os
 import re
 import traceback
@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import storage
-from studies.sweep.design import VARIANTS, Preset, Study, cell_changes, log_grid
+from studies.sweep import knobs
+from studies.sweep.design import VARIANTS, Preset, Study, cell_changes
 from studies.sweep.run import run_study
 from studies.training import runner
 from studies.training.config import PROJECT_DIR, ConfigError, TrainConfig, public_name
@@ -41,23 +42,7 @@ def add_study_args(p: argparse.ArgumentParser, preset_names, grid_flags: dict[st
                    help="where results go: local path, s3://, gs:// (default <project>/results)")
     g.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or "
                                                         "sqlite:///<project>/mlflow.db)")
-    g.add_argument("--seed", dest="study_seed", type=int, default=None,
-                   help="seed of the study: trial seeds are seed, seed+1, … (same seed, same numbers)")
-    g.add_argument("--seeds", type=int, default=None, help="seeds per learning rate")
-    g.add_argument("--replicates", type=int, default=None,
-                   help="seeds at the lrs that decide each cell (its frontier, the first lr that fails, its best lr) "
-                        "and in the full phase: reruns until each rests on a majority of this many; 1 = none")
-    g.add_argument("--best-k", type=int, default=None, help="a setting's score = mean of its best k seeds")
-    g.add_argument("--lrs", type=float, nargs="+", default=None, help="the base lrs tried in every cell (per 256)")
-    g.add_argument("--lr-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
-                   help="base lrs on a log grid from LOW to HIGH, a factor 2 apart")
-    g.add_argument("--scan-steps", type=int, default=None,
-                   help="the stability scan's length after its warmup: at least this many optimizer steps")
-    g.add_argument("--scan-examples", type=int, default=None,
-                   help="... and at least this many examples (small batches need data to decide)")
-    g.add_argument("--full-top", type=int, default=None, help="full runs per cell at the best stable scan lrs")
-    g.add_argument("--trials", type=int, default=None, help="TPE trials (hpo)")
-    g.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: fits the cluster)")
+    knobs.add_flags(g, Study, Preset)  # the design's knobs (--seeds, --lrs, --scan-steps …): knobs.py
     g.add_argument("--resume", action="store_true", help="continue an interrupted study (same flags)")
     g.add_argument("--dry-run", action="store_true",
                    help="print every phase's runs (count, or the most there can be; steps and examples each) and the "
@@ -87,21 +72,6 @@ def owned_fields(preset, grid_axes, grid_flags=None) -> dict[str, str]:
         for k in cell_changes({axis: preset.grid[axis][0]}):
             owned[k] = f"a grid axis (use {given})" if k == axis else f"set by {given}"
     return owned
-
-
-def lr_design(args: argparse.Namespace, preset: Preset) -> tuple[float, ...]:
-    """The base lrs tried in every cell: --lrs (checked by Study), else --lr-range's log grid, else the preset's."""
-    if args.lrs or not args.lr_range:
-        return tuple(args.lrs) if args.lrs else preset.lrs
-    low, high = args.lr_range
-    given = f"--lr-range {low:g} {high:g}"
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise ValueError(f"{given}: LOW and HIGH must be finite numbers, e.g. --lr-range 0.05 0.8")
-    if not low > 0:
-        raise ValueError(f"{given}: a log grid cannot start at {low:g}; LOW must be > 0, e.g. --lr-range 0.05 0.8")
-    if low > high:
-        raise ValueError(f"{given}: LOW is above HIGH; use --lr-range {high:g} {low:g}")
-    return log_grid(low, high)
 
 
 def grid_axes(args: argparse.Namespace, preset: Preset, grid_flags) -> dict[str, list[Any]]:
@@ -137,12 +107,7 @@ def build_study(name: str, presets: dict[str, Preset], args: argparse.Namespace,
     if not NAME.fullmatch(study_name):
         raise ValueError(f"--name {study_name!r}: use letters, digits, '_', '-' and '.' only (it names an MLflow "
                          "experiment, a folder and a filter)")
-    changes = {k: v for k, v in (("lrs", lr_design(args, preset)), ("seeds", args.seeds),
-                                 ("replicates", args.replicates), ("best_k", args.best_k),
-                                 ("scan_steps", args.scan_steps), ("scan_examples", args.scan_examples),
-                                 ("full_top", args.full_top),
-                                 ("trials", args.trials)) if v is not None}
-    preset = dataclasses.replace(preset, grid=grid, **changes)
+    preset = dataclasses.replace(preset, grid=grid, **knobs.given(Preset, args))
     output = args.output or runner.default_storage_path()
     storage.resolve(output)  # refuses 's3:/bucket' (one slash), which would otherwise become a local folder 's3:'
     if "://" not in output:
@@ -161,10 +126,8 @@ def build_study(name: str, presets: dict[str, Preset], args: argparse.Namespace,
                 raise ValueError(f"{grid_flag(axis) if axis in grid_flags else '--grid ' + public_name(axis)}: "
                                  f"{e.detail if e.field == axis else flag_message(e)}") from None
     return Study(
-        name=study_name, preset=preset, fixed=fixed,
-        seed=args.study_seed or 0, output=output,
-        tracking_uri=resolve_tracking_uri(args.tracking_uri),
-        max_concurrent=args.max_concurrent, resume=args.resume,
+        name=study_name, preset=preset, fixed=fixed, **knobs.given(Study, args), output=output,
+        tracking_uri=resolve_tracking_uri(args.tracking_uri), resume=args.resume,
         allow_code_change=args.allow_code_change, analyze=analyze, about=about,
         script=str(PROJECT_DIR / "studies" / f"{name}.py"))
 

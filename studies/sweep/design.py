@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import storage
-from studies.sweep import frontier, tables
+from studies.sweep import frontier, knobs, tables
+from studies.sweep.knobs import Also, at_least, knob
 from studies.sweep.layout import SHORT
 from studies.training.config import TrainConfig, lambda_label, public_name
 from studies.training.flags import grid_flag
@@ -36,24 +37,72 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+def log_grid(low: float, high: float, per_octave: float = 1) -> tuple[float, ...]:
+    if not 0 < low <= high < math.inf:  # else a ZeroDivisionError, or () (the lr design silently falls back)
+        raise ValueError(f"a log grid needs finite 0 < low <= high, got {low:g} .. {high:g}")
+    n = round(math.log2(high / low) * per_octave)
+    return tuple(float(f"{low * 2 ** (i / per_octave):.4g}") for i in range(n + 1))
+
+
+def lr_range(low_high: list[float]) -> tuple[float, ...]:
+    """`--lr-range LOW HIGH`: base lrs on a log grid from LOW to HIGH, a factor 2 apart; a bad range is refused in
+    one line naming the fix."""
+    low, high = low_high
+    given = f"--lr-range {low:g} {high:g}"
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{given}: LOW and HIGH must be finite numbers, e.g. --lr-range 0.05 0.8")
+    if not low > 0:
+        raise ValueError(f"{given}: a log grid cannot start at {low:g}; LOW must be > 0, e.g. --lr-range 0.05 0.8")
+    if low > high:
+        raise ValueError(f"{given}: LOW is above HIGH; use --lr-range {high:g} {low:g}")
+    return log_grid(low, high)
+
+
+def _lrs_problem(preset: Preset, lrs: tuple[float, ...]) -> str | None:
+    if any(not 0 < lr < math.inf for lr in lrs):
+        return f"must be finite numbers > 0, got {list(lrs)}"
+    if len(set(lrs)) < len(lrs):  # the same trials twice: one result counted as two
+        return f"lists a value twice ({list(lrs)}); list each once"
+    return None
+
+
+_scans = lambda p: bool(p.scan_steps)  # a knob of the scan's phases: its param is logged when the study scans
+
+
 @dataclass(frozen=True)
 class Preset:
-    """What a study holds fixed, what it varies (grid: scientific) and how it explores the nuisance lr."""
+    """What a study holds fixed, what it varies (grid: scientific) and how it explores the nuisance lr. Each design
+    knob is declared once (knobs.knob): its flag, its check (Study) and its MLflow param (design_params)."""
 
     grid: dict[str, list[Any]]  # axes: TrainConfig fields, "variant" (VARIANTS), clip_threshold None = no clipping
     fixed: dict[str, Any]  # TrainConfig overrides held fixed
-    lrs: tuple[float, ...] = ()  # base lr design (per 256 examples); () = the fixed config's base_lr
+    seeds: int = knob(1, check=at_least(1), param="design.seeds", help="seeds per learning rate")
+    replicates: int = knob(1, check=at_least(1, " (1 = no replication)"), param="design.replicates", logged=_scans,
+                           help="seeds at the lrs that decide each cell (its frontier, the first lr that fails, its "
+                                "best lr) and in the full phase: reruns until each rests on a majority of this many; "
+                                "1 = none")
+    # A setting's score: mean of its best k seeds (the paper: best 4 of 5).
+    best_k: int | None = knob(None, param="design.best_k", help="a setting's score = mean of its best k seeds",
+                              check=lambda p, v: None if v is None or 1 <= v <= p.seeds else
+                              f"must be in [1, seeds={p.seeds}], got {v}")
+    # The base lr design (per 256 examples), every lr in every cell; () = the fixed config's base_lr.
+    lrs: tuple[float, ...] = knob((), help="the base lrs tried in every cell (per 256)", check=_lrs_problem,
+                                  param="design.base_lrs", logged=lambda p: not p.tpe,
+                                  shown=lambda study: ", ".join(f"{lr:g}" for lr in study.lrs()),
+                                  also=Also("--lr-range", lr_range, type=float, nargs=2, metavar=("LOW", "HIGH"),
+                                            help="base lrs on a log grid from LOW to HIGH, a factor 2 apart"))
     # The stability scan's budget after its warmup: at least scan_steps optimizer steps AND scan_examples examples
     # (small batches need data, large ones steps); never cut by the full run's length. None = no scan.
-    scan_steps: int | None = None
-    scan_examples: int = 0
-    full_top: int = 2  # full runs per cell, at the best stable scan lrs
-    seeds: int = 1
-    # Seeds at the lrs that decide a cell (frontier, first failure, best) and in the full phase; 1 = no replication.
-    replicates: int = 1
-    best_k: int | None = None  # a setting's score: mean of its best k seeds (the paper: best 4 of 5)
+    scan_steps: int | None = knob(None, check=at_least(1), param="design.scan_steps",
+                                  help="the stability scan's length after its warmup: at least this many optimizer "
+                                       "steps")
+    scan_examples: int = knob(0, check=at_least(0), param="design.scan_examples", logged=_scans,
+                              help="... and at least this many examples (small batches need data to decide)")
+    full_top: int = knob(2, check=at_least(1), param="design.full_top", logged=_scans,
+                         help="full runs per cell at the best stable scan lrs")
     tpe: dict[str, tuple[float, float, bool]] | None = None  # hpo: name -> (low, high, log), searched with TPE
-    trials: int = 0  # hpo: TPE trials
+    trials: int = knob(0, param="design.trials", logged=lambda p: bool(p.tpe), help="TPE trials (hpo)",
+                       check=lambda p, v: at_least(1)(p, v) if p.tpe is not None else None)
     target_acc: float | None = None  # batch_scaling: the accuracy whose steps-to-reach it counts
 
 
@@ -67,23 +116,19 @@ class Analysis:
     extra: dict[str, Any] = field(default_factory=dict)  # study-specific values returned to the caller
 
 
-def log_grid(low: float, high: float, per_octave: float = 1) -> tuple[float, ...]:
-    if not 0 < low <= high < math.inf:  # else a ZeroDivisionError, or () (the lr design silently falls back)
-        raise ValueError(f"a log grid needs finite 0 < low <= high, got {low:g} .. {high:g}")
-    n = round(math.log2(high / low) * per_octave)
-    return tuple(float(f"{low * 2 ** (i / per_octave):.4g}") for i in range(n + 1))
-
-
 @dataclass
 class Study:
     name: str
     preset: Preset
     fixed: TrainConfig
-    seed: int = 0
+    seed: int = knob(0, param="study.seed", dest="study_seed",  # --seed: the study's, not a TrainConfig's
+                     help="seed of the study: trial seeds are seed, seed+1, … (same seed, same numbers)")
     output: str = "results"
     tracking_uri: str = ""
     experiment: str | None = None
-    max_concurrent: int | None = None  # default: fitted to the cluster
+    # None: fitted to the cluster when the study runs (run.py); its param is the concurrency it ran at
+    max_concurrent: int | None = knob(None, check=at_least(1), param="study.max_concurrent",
+                                      help="trials at once (default: fits the cluster)")
     trial_retries: int = 2  # infrastructure failures (lost worker or node) retried per trial
     resume: bool = False
     allow_code_change: bool = False  # --resume under other numeric code (rows record their code_version)
@@ -100,22 +145,8 @@ class Study:
                 raise ValueError(f"{grid_flag(axis)} lists a value twice ({values}); list each once")
             if axis == "clip_threshold" and any(v is not None and not v > 0 for v in values):
                 raise ValueError(f"study {self.name!r}: λ must be > 0 (use 'none' for no clipping), got {values}")
-        if p.seeds < 1:
-            raise ValueError(f"--seeds must be >= 1, got {p.seeds}")
-        if p.replicates < 1:
-            raise ValueError(f"--replicates must be >= 1 (1 = no replication), got {p.replicates}")
-        if p.best_k is not None and not 1 <= p.best_k <= p.seeds:
-            raise ValueError(f"--best-k must be in [1, seeds={p.seeds}], got {p.best_k}")
-        if p.scan_steps is not None and p.scan_steps < 1 or p.full_top < 1 or p.scan_examples < 0:
-            raise ValueError("--scan-steps and --full-top must be >= 1, --scan-examples >= 0")
-        if any(not 0 < lr < math.inf for lr in p.lrs):
-            raise ValueError(f"--lrs must be finite numbers > 0, got {list(p.lrs)}")
-        if len(set(p.lrs)) < len(p.lrs):  # the same trials twice: one result counted as two
-            raise ValueError(f"--lrs lists a value twice ({list(p.lrs)}); list each once")
-        if p.tpe is not None and p.trials < 1:
-            raise ValueError(f"--trials must be >= 1, got {p.trials}")
-        if self.max_concurrent is not None and self.max_concurrent < 1:
-            raise ValueError(f"--max-concurrent must be >= 1, got {self.max_concurrent}")
+        knobs.refuse_bad(p)
+        knobs.refuse_bad(self)
         if self.trial_retries < 0:
             raise ValueError(f"trial retries must be >= 0, got {self.trial_retries}")
         self.experiment = self.experiment or self.name
@@ -157,18 +188,7 @@ def design_params(study: Study, concurrency: int) -> dict[str, str]:
     if p.tpe:
         out.update({f"tpe.{public_name(k)}": f"{lo:g} .. {hi:g}" + (" (log)" if log else "")
                     for k, (lo, hi, log) in p.tpe.items()})
-        out["design.trials"] = str(p.trials)
-    else:
-        out["design.base_lrs"] = ", ".join(f"{lr:g}" for lr in study.lrs())
-    if p.scan_steps:
-        out.update({"design.scan_steps": str(p.scan_steps), "design.scan_examples": str(p.scan_examples),
-                    "design.full_top": str(p.full_top)})
-    out["design.seeds"] = str(p.seeds)
-    if p.scan_steps:
-        out["design.replicates"] = str(p.replicates)
-    if p.best_k:
-        out["design.best_k"] = str(p.best_k)
-    out.update({"study.seed": str(study.seed), "study.max_concurrent": str(concurrency)})
+    out.update(knobs.params(study, max_concurrent=concurrency))  # the design's knobs, then the study's
     varied = {"seed", "base_lr", *(p.tpe or {})}
     for cell in study.cells()[:1]:
         varied |= set(cell_changes(cell))
