@@ -208,3 +208,59 @@ def test_a_study_refused_after_its_data_is_prepared_leaves_only_the_data(tmp_pat
     assert not (tmp_path / "out").exists()
     (ds,) = (tmp_path / "data").iterdir()
     assert (ds / "manifest.json").exists()
+
+
+# One value and one bad value per design knob, and the MLflow param text the value gives (issue 34, item 5).
+KNOB_CASES = {
+    "seed": (["7"], None, "7"),
+    "max_concurrent": (["3"], (["0"], "--max-concurrent must be >= 1, got 0"), "3"),
+    "seeds": (["2"], (["0"], "--seeds must be >= 1, got 0"), "2"),
+    "replicates": (["3"], (["0"], "--replicates must be >= 1 (1 = no replication), got 0"), "3"),
+    "best_k": (["1"], (["2"], "--best-k must be in [1, seeds=1], got 2"), "1"),
+    "lrs": (["0.2", "0.4"], (["0.2", "0.2"], "--lrs lists a value twice ([0.2, 0.2]); list each once"), "0.2, 0.4"),
+    "scan_steps": (["5"], (["0"], "--scan-steps must be >= 1, got 0"), "5"),
+    "scan_examples": (["640"], (["-1"], "--scan-examples must be >= 0, got -1"), "640"),
+    "full_top": (["3"], (["0"], "--full-top must be >= 1, got 0"), "3"),
+    "trials": (["4"], (["0"], "--trials must be >= 1, got 0"), "4"),
+}
+
+
+def _knob_parser(name):
+    """The study that has the knob (TPE trials: hpo; every other: agc_lambda) and its full command line."""
+    import argparse
+
+    from studies import hpo
+    from studies.sweep.cli import add_study_args
+    from studies.training.flags import add_train_args
+
+    module, grid_flags = (hpo, {"batch_size": (int, "")}) if name == "trials" else (agc_lambda, agc_lambda.GRID_FLAGS)
+    p = argparse.ArgumentParser()
+    add_study_args(p, list(module.PRESETS), grid_flags)
+    add_train_args(p, skip=("seed",))
+    return module, grid_flags, p
+
+
+def test_a_design_knob_declared_once_gives_its_flag_its_check_its_override_and_its_param(tmp_path):
+    # A knob is one field declaration (knobs.knob on Preset or Study): its flag, the value the flag puts in the
+    # study, the one line refusing a bad value, and the study run's MLflow param all come from it.
+    from studies.sweep import knobs
+    from studies.sweep.cli import build_study
+
+    declared = [*knobs.declared(design.Preset), *knobs.declared(design.Study)]
+    assert sorted(name for name, _ in declared) == sorted(KNOB_CASES)
+    for name, k in declared:
+        module, grid_flags, p = _knob_parser(name)
+        option = "--" + name.replace("_", "-")
+        assert p._option_string_actions[option].help == k.help, name
+        good, bad, shown = KNOB_CASES[name]
+        args = p.parse_args(["--smoke-test", *common_flags(tmp_path), option, *good])
+        st = build_study(module.__name__.split(".")[-1], module.PRESETS, args, grid_flags)
+        value = getattr(st.preset if hasattr(st.preset, name) else st, name)
+        assert value == (tuple(map(float, good)) if name == "lrs" else int(good[0])), name
+        assert design.design_params(st, st.max_concurrent or 1)[k.param] == shown, name
+        if bad:
+            args = p.parse_args(["--smoke-test", *common_flags(tmp_path), option, *bad[0]])
+            with pytest.raises(ValueError) as e:
+                build_study(module.__name__.split(".")[-1], module.PRESETS, args, grid_flags)
+            assert str(e.value) == bad[1]
+    assert list(tmp_path.iterdir()) == []  # build_study writes nothing
