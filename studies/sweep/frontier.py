@@ -126,13 +126,14 @@ class Frontier:
     state: str  # found | undecided | none
     lrs: list[LrResult] = field(default_factory=list)
     best: LrResult | None = None  # the best lr that trains
-    edge: LrResult | None = None  # the frontier: the largest lr up to which every lr from `best` trains
-    first_fail: LrResult | None = None  # the next lr above it (None: the frontier is the largest lr tried)
+    # the frontier: the largest lr up to which every lr from `best` trains (the tables' max_stable_lr)
+    max_stable: LrResult | None = None
+    first_unstable: LrResult | None = None  # the next lr above it (first_unstable_lr; None: the largest lr tried)
     start: float = float("nan")
 
     @property
-    def at_edge(self) -> bool:
-        return self.edge is not None and self.first_fail is None
+    def at_grid_top(self) -> bool:
+        return self.max_stable is not None and self.first_unstable is None
 
     def at_floor(self, x: LrResult | None) -> bool:
         """`x` (the best lr, the frontier) is the smallest lr tried: the grid says nothing below it."""
@@ -166,14 +167,14 @@ def refine_lrs(scan: pa.Table | list[dict]) -> dict[str, float]:
     out = {}
     for cell, rows in by_cell(rows_of(scan), ("scan",)).items():
         f = frontier(rows)
-        if f.state == FOUND and f.first_fail is not None:
-            out[cell] = float(f"{math.sqrt(f.edge.lr * f.first_fail.lr):.4g}")
+        if f.state == FOUND and f.first_unstable is not None:
+            out[cell] = float(f"{math.sqrt(f.max_stable.lr * f.first_unstable.lr):.4g}")
     return out
 
 
 def deciding_lrs(f: Frontier) -> list[float]:
     """The lrs a cell's frontier rests on: its best lr, the frontier, the first lr that fails above it."""
-    return sorted({x.lr for x in (f.best, f.edge, f.first_fail) if x is not None})
+    return sorted({x.lr for x in (f.best, f.max_stable, f.first_unstable) if x is not None})
 
 
 def replication_needed(rows: pa.Table | list[dict], replicates: int) -> dict[str, dict[float, set[int]]]:
@@ -212,7 +213,7 @@ def seed_view(rows: list[dict], seed: int) -> list[dict]:
 
 def frontier_value(f: Frontier) -> float | None:
     """A frontier as a number: its lr, 0 when every lr diverged, None when undecided."""
-    return f.edge.lr if f.state == FOUND else 0.0 if f.state == NONE else None
+    return f.max_stable.lr if f.state == FOUND else 0.0 if f.state == NONE else None
 
 
 def seed_frontiers(rows: list[dict]) -> dict[int, float | None]:
@@ -238,8 +239,8 @@ def full_phase_lrs(scan: pa.Table | list[dict], top: int) -> dict[str, list[floa
         if f.state != FOUND:
             out[cell] = []
             continue
-        inside = [x for x in f.lrs if x.trains and x.lr <= f.edge.lr]
-        chosen = {x.lr for x in sorted(inside, key=lambda x: (x.loss, x.lr))[:top]} | {f.edge.lr}
+        inside = [x for x in f.lrs if x.trains and x.lr <= f.max_stable.lr]
+        chosen = {x.lr for x in sorted(inside, key=lambda x: (x.loss, x.lr))[:top]} | {f.max_stable.lr}
         out[cell] = sorted(chosen)
     return out
 
@@ -332,31 +333,31 @@ def cell_row(cell: str, rows: list[dict], best_k: int | None) -> dict[str, Any]:
     first = rows[0]
     count = {(ph, v): sum(run_verdict(r) == v for r in rs) for ph, rs in (("scan", scan), ("full", full))
              for v in VERDICTS}
-    edge, fail = f.edge, f.first_fail
+    stable, fail = f.max_stable, f.first_unstable
     by_seed = seed_frontiers(basis) if f.state != UNDECIDED else {}
     spread = [v for v in by_seed.values() if v is not None]
-    held = holds_count(full, edge.lr) if scan and edge else (0, 0)
+    held = holds_count(full, stable.lr) if scan and stable else (0, 0)
     accs = _accuracies(full).get(acc_lr, {}) if acc_lr is not None else {}
     return {
         "cell": cell, "batch_size": first["batch_size"], "model": first["model"], "clipping": first["clipping"],
         "lambda": first["lambda"], "augment_strength": first.get("augment_strength"), "lrs_tried": len(f.lrs),
-        "frontier": f.state, "max_stable_lr": edge and edge.lr, "max_stable_lr_at_edge": f.at_edge,
+        "frontier": f.state, "max_stable_lr": stable and stable.lr, "max_stable_lr_at_edge": f.at_grid_top,
         "first_unstable_lr": fail and fail.lr, "first_unstable_verdict": fail and fail.verdict,
-        "first_unstable_kind": fail and edge_kind(fail.verdict), "max_stable_lr_at_low_edge": f.at_floor(edge),
+        "first_unstable_kind": fail and edge_kind(fail.verdict), "max_stable_lr_at_low_edge": f.at_floor(stable),
         "best_scan_lr": f.best and f.best.lr, "best_scan_lr_at_low_edge": f.at_floor(f.best),
         "lowest_lr_tried": f.lrs[0].lr if f.lrs else None, "highest_lr_tried": f.lrs[-1].lr if f.lrs else None,
         "start_loss": _finite_or_none(f.start),
         "best_scan_loss": f.best and _finite_or_none(f.best.loss),
-        "frontier_loss": edge and _finite_or_none(edge.loss),
+        "frontier_loss": stable and _finite_or_none(stable.loss),
         "first_unstable_loss": fail and _finite_or_none(fail.loss),
         "lr_sensitivity": lr_sensitivity(grid),
         "stable_fraction": sum(x.trains for x in f.lrs) / len(f.lrs) if f.lrs else None,
         "scan_trials": len(scan), **{f"{ph}_{v}": n for (ph, v), n in count.items()}, "full_trials": len(full),
         "failed_trials": sum(r["status"] == "failed" for r in rows),
-        "frontier_holds": frontier_holds(full, edge.lr) if scan and edge else None,
+        "frontier_holds": frontier_holds(full, stable.lr) if scan and stable else None,
         "best_val_acc": _finite_or_none(acc), "best_base_lr": acc_lr,
-        "seeds": len(seeds_of(basis)), "max_stable_lr_trained": edge and edge.counts[TRAINED],
-        "max_stable_lr_decided": edge and edge.decided,
+        "seeds": len(seeds_of(basis)), "max_stable_lr_trained": stable and stable.counts[TRAINED],
+        "max_stable_lr_decided": stable and stable.decided,
         "first_unstable_failed": fail and fail.decided - fail.counts[TRAINED],
         "first_unstable_decided": fail and fail.decided,
         "max_stable_lr_min": min(spread) if spread else None, "max_stable_lr_max": max(spread) if spread else None,
