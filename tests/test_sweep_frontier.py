@@ -242,7 +242,7 @@ def test_replication_asks_for_the_deciding_lrs_until_each_rests_on_its_seeds():
     # failure; the best lr moves to 0.2 (0.4's mean loss is now higher), which has one run: replicate it.
     moved = [r for r in scan if r["base_lr"] in (0.1, 0.2)] + _seeds(a, 256, "0.01", 0.4, "ttt", loss=2.1) \
         + _seeds(a, 256, "0.01", 0.8, "tss") + _seeds(a, 256, "0.01", 1.6, "sss")
-    f = frontier.frontier(moved)
+    f = frontier.frontier_of(moved)
     assert (f.max_stable.lr, f.first_unstable.lr) == (0.4, 0.8)
     assert frontier.replication_needed(moved, 3) == {a: {0.2: {0}}}
 
@@ -250,7 +250,7 @@ def test_replication_asks_for_the_deciding_lrs_until_each_rests_on_its_seeds():
 def test_a_tie_between_seeds_is_not_a_majority():
     a = "batch_size=64 lambda=none"
     rows = _lrs(a, 64, "none", "tt", lrs=(0.1, 0.2)) + _seeds(a, 64, "none", 0.4, "ts")  # 1 of 2 trained
-    f = frontier.frontier(rows)
+    f = frontier.frontier_of(rows)
     assert (f.max_stable.lr, f.first_unstable.lr, f.first_unstable.verdict) == (0.2, 0.4, "stalled")
 
 

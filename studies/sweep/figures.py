@@ -40,7 +40,7 @@ from studies.sweep.figstyle import (  # noqa: F401  (MARKERS and the gids: the t
     verdict_handles,
 )
 from studies.sweep.findings import FAILS
-from studies.sweep.frontier import FOUND, NONE, frontier, rows_of, run_verdict, stability_rows
+from studies.sweep.frontier import FOUND, NONE, frontier_of, rows_of, run_verdict, stability_rows
 from studies.sweep.layout import grids_of, value_text
 from studies.sweep.support import frontier_text
 
@@ -157,7 +157,7 @@ def _draw_cell(ax, i: int, c: dict, runs: list[dict]) -> set[str]:
     """One cell's row of a stable-region panel: a marker per tried lr (its majority verdict), each seed's verdict
     small beneath a replicated lr, the band of the seeds' own frontiers, the edge marks, and a ring on a frontier
     that did not hold over the full budget. Returns what it drew ('seeds', 'spread', 'edge', 'not held')."""
-    tried = frontier(runs).lrs
+    tried = frontier_of(runs).lrs
     drawn = set()
     for x in tried:
         ax.plot(x.lr, i, **marker_kw(x.verdict, ms=8))

@@ -126,8 +126,7 @@ class Frontier:
     state: str  # found | undecided | none
     lrs: list[LrResult] = field(default_factory=list)
     best: LrResult | None = None  # the best lr that trains
-    # the frontier: the largest lr up to which every lr from `best` trains (the tables' max_stable_lr)
-    max_stable: LrResult | None = None
+    max_stable: LrResult | None = None  # the frontier (max_stable_lr): the largest lr up to which all from `best` train
     first_unstable: LrResult | None = None  # the next lr above it (first_unstable_lr; None: the largest lr tried)
     start: float = float("nan")
 
@@ -140,7 +139,7 @@ class Frontier:
         return x is not None and bool(self.lrs) and x.lr == self.lrs[0].lr
 
 
-def frontier(rows: list[dict]) -> Frontier:
+def frontier_of(rows: list[dict]) -> Frontier:
     lrs = lr_results(rows)
     start = start_loss(rows)
     training = [x for x in lrs if x.trains]
@@ -166,7 +165,7 @@ def refine_lrs(scan: pa.Table | list[dict]) -> dict[str, float]:
     concurrency."""
     out = {}
     for cell, rows in by_cell(rows_of(scan), ("scan",)).items():
-        f = frontier(rows)
+        f = frontier_of(rows)
         if f.state == FOUND and f.first_unstable is not None:
             out[cell] = float(f"{math.sqrt(f.max_stable.lr * f.first_unstable.lr):.4g}")
     return out
@@ -185,7 +184,7 @@ def replication_needed(rows: pa.Table | list[dict], replicates: int) -> dict[str
     if replicates <= 1:
         return out
     for cell, rs in by_cell(rows_of(rows), SCAN_PHASES).items():
-        f = frontier(rs)
+        f = frontier_of(rs)
         seeds: dict[float, set[int]] = {}
         for r in rs:
             seeds.setdefault(float(r["base_lr"]), set()).add(int(r["seed"]))
@@ -218,7 +217,7 @@ def frontier_value(f: Frontier) -> float | None:
 
 def seed_frontiers(rows: list[dict]) -> dict[int, float | None]:
     """Per seed of the cell's stability runs: the frontier that seed's own view gives (frontier_value)."""
-    return {s: frontier_value(frontier(seed_view(rows, s))) for s in seeds_of(rows)}
+    return {s: frontier_value(frontier_of(seed_view(rows, s))) for s in seeds_of(rows)}
 
 
 def agreement(x: LrResult | None, trains: bool) -> str:
@@ -235,7 +234,7 @@ def full_phase_lrs(scan: pa.Table | list[dict], top: int) -> dict[str, list[floa
     Cells without a frontier get no full run."""
     out = {}
     for cell, rows in by_cell(rows_of(scan), SCAN_PHASES).items():
-        f = frontier(rows)
+        f = frontier_of(rows)
         if f.state != FOUND:
             out[cell] = []
             continue
@@ -326,7 +325,7 @@ def cell_row(cell: str, rows: list[dict], best_k: int | None) -> dict[str, Any]:
     scan = [r for r in rows if r.get("phase") in SCAN_PHASES]
     full = [r for r in rows if r.get("phase") not in SCAN_PHASES]
     basis = scan or full
-    f = frontier(basis)
+    f = frontier_of(basis)
     design = {float(r["base_lr"]) for r in basis if r.get("phase") in ("scan", "full")}
     grid = [r for r in basis if float(r["base_lr"]) in design]  # sensitivity over the design's own lr grid
     acc, acc_lr = best_accuracy(full, best_k)
