@@ -127,8 +127,15 @@ class ResultsTable:
             self._write("results", _table(rows, self.schema, [self.key], "results"))
 
     def read(self) -> pa.Table:
+        """Every row (the last per key), in the schema's columns; a column no part has (the folder was written
+        before the column existed) reads as nulls, so an older study stays readable and resumable."""
         t = self._read("results", [self.key])
-        return t.select(self.schema.names) if t is not None else self.schema.empty_table()
+        if t is None:
+            return self.schema.empty_table()
+        for f in self.schema:
+            if f.name not in t.column_names:
+                t = t.append_column(f, pa.nulls(t.num_rows, f.type))
+        return t.select(self.schema.names)
 
     def to_pandas(self):
         return self.read().to_pandas()

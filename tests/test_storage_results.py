@@ -41,6 +41,19 @@ def test_append_dedupes_last_row_per_trial(tmp_path):
     assert len(list((tmp_path / "study" / "results").glob("part-*.parquet"))) == 3
 
 
+def test_a_folder_written_before_a_column_existed_reads_it_as_nulls(tmp_path):
+    old = pa.schema([f for f in SCHEMA if f.name != "clipping"])
+    ResultsTable(str(tmp_path), old, EPOCHS, key="trial_id").append([_row("t1", batch_size=64)])
+    rt = table(str(tmp_path))  # the newer schema, with `clipping`
+    rt.append([_row("t2", clipping="agc")])
+    t = rt.read()
+    assert t.schema == SCHEMA and sorted(zip(t.column("trial_id").to_pylist(), t.column("clipping").to_pylist())) \
+        == [("t1", None), ("t2", "agc")]
+    only_old = table(str(tmp_path / "old"))
+    ResultsTable(only_old.uri, old, EPOCHS, key="trial_id").append([_row("t1")])
+    assert only_old.read().schema == SCHEMA and only_old.read().column("clipping").to_pylist() == [None]
+
+
 def test_epochs_keyed_by_trial_and_epoch(tmp_path):
     rt = table(str(tmp_path))
     rt.append_epochs([{"trial_id": "t1", "epoch": e, "val_acc": 0.1 * e} for e in range(3)])
