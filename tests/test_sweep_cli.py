@@ -165,8 +165,8 @@ def test_any_training_setting_is_a_grid_axis_and_a_cell_is_one_combination(tmp_p
     assert len(cells) == 2 * 1 * 2 * 2
     cfgs = {(c.batch_size, c.augment_strength, c.model_overrides["width"]) for c in map(study.config, cells)}
     assert cfgs == {(b, a, w) for b in (32, 64) for a in (0.0, 0.5) for w in (8, 4)}
-    assert design.cell_label(cells[1]) == 'batch_size=32 lambda=0.04 augment_strength=0.0 model_overrides={"width": 4}'
-    assert design.short_label(cells[2]) == 'b32 λ0.04 aug0.5 model_overrides={"width":8}'
+    assert cells[1].label == 'batch_size=32 lambda=0.04 augment_strength=0.0 model_overrides={"width": 4}'
+    assert cells[2].short == 'b32 λ0.04 aug0.5 model_overrides={"width":8}'
     assert design.design_params(study, 1)["grid.augment_strength"] == "0.0, 0.5"
 
 

@@ -4,6 +4,7 @@ import pytest
 
 from studies import agc_lambda, batch_scaling
 from studies.sweep import design
+from studies.sweep.cells import Cell
 from studies.training import schedule
 from studies.training.config import TrainConfig
 
@@ -21,7 +22,7 @@ def test_specs_scan_then_full_and_paper_protocol():
     assert (by_batch[64].max_steps, by_batch[256].max_steps) == (20, 10)
     assert all((c.lr_schedule, c.eval_every_epochs, c.schedule_steps) == ("constant", 0, None)
                for c in by_batch.values())
-    none = [s.config for s in specs if "lambda=none" in s.cell]
+    none = [s.config for s in specs if "lambda=none" in s.cell.label]
     assert all(c.clipping == "none" and c.clip_threshold is None for c in none)
     paper = design.Study("p", design.Preset(grid={"batch_size": [256], "clip_threshold": [0.01]}, fixed={},
                                             lrs=(0.1,), seeds=5, best_k=4), fixed)
@@ -89,9 +90,9 @@ def test_run_names_put_what_differs_first_and_hpo_names_what_tpe_chose():
                                          lrs=(3.2,), scan_steps=10), fixed)
     assert [s.label for s in design.scan_specs(st, n_train=4096)] == ["b1024 λ0.16 lr3.2 scan s0",
                                                                       "b1024 λnone lr3.2 scan s0"]
-    assert design.short_label({"batch_size": 256, "clip_threshold": 0.02, "augment_strength": 0.5}) == \
+    assert Cell((("batch_size", 256), ("clip_threshold", 0.02), ("augment_strength", 0.5))).short == \
         "b256 λ0.02 aug0.5"
-    assert design.short_label({"variant": "nf_resnet+agc"}) == "nf_resnet+agc"
+    assert Cell((("variant", "nf_resnet+agc"),)).short == "nf_resnet+agc"
 
 
 def test_the_study_runs_params_are_its_design_and_what_it_really_holds_fixed():

@@ -16,7 +16,7 @@ def row(spec, trains):
     """A recorded run: lr 0.2 trains best, lrs above 0.2 stall (so the frontier is 0.2, refined to 0.2828)."""
     c = spec.config
     trained = trains(c.base_lr, c.seed)
-    return {"trial_key": spec.key, "cell": spec.cell, "base_lr": c.base_lr, "seed": c.seed, "phase": spec.phase,
+    return {"trial_key": spec.key, "cell": spec.cell.label, "base_lr": c.base_lr, "seed": c.seed, "phase": spec.phase,
             "status": "completed", "verdict": "trained" if trained else "stalled", "initial_train_loss": 2.3,
             "final_train_loss": (1.8 if c.base_lr == 0.2 else 2.0) if trained else 2.3, "best_val_acc": 0.5}
 

@@ -3,9 +3,12 @@ TrainConfig its Spec carries (built once, on the driver), and a retried trial sk
 from ray.tune.search import Searcher
 
 from studies.sweep import design, phases, tables, tune
+from studies.sweep.cells import Cell
 from studies.training import runner
 from studies.training.config import TrainConfig
 from studies.training.summary import RunSummary
+
+B256, A, B = Cell((("batch_size", 256),)), Cell((("batch_size", 64),)), Cell((("batch_size", 1024),))
 
 
 class ScriptedPlan:
@@ -20,7 +23,7 @@ class ScriptedPlan:
 
 
 def spec(name):
-    return design.Spec(name, "batch_size=256", TrainConfig(max_steps=4, seed=len(name)))
+    return design.Spec(name, B256, TrainConfig(max_steps=4, seed=len(name)))
 
 
 def test_a_phase_is_handed_out_only_once_the_one_before_has_ended_from_one_read():
@@ -52,7 +55,7 @@ def test_runs_lost_before_a_boundary_end_the_search_and_say_so():
 
 def test_a_trial_runs_the_config_its_spec_carries_and_skips_runs_with_a_row(tmp_path, monkeypatch):
     cfgs = [TrainConfig(base_lr=lr, max_steps=4) for lr in (0.1, 0.2, 0.4)]
-    specs = [design.Spec("scan", "batch_size=256", c) for c in cfgs]
+    specs = [design.Spec("scan", B256, c) for c in cfgs]
     env = tune.TrialEnv("s", "id0", "s", "file:///data", "sqlite:////tmp/x.db", "parent", str(tmp_path / "results"),
                         str(tmp_path / "train"))
     ran, reported = [], []
@@ -82,7 +85,7 @@ def test_a_trials_mlflow_run_is_keyed_by_the_study_id(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(runner, "train_and_track", lambda cfg, **kw: seen.append(kw["record"].reuse_key)
                         or RunSummary(status="completed", steps=1))
-    spec = design.Spec("scan", "batch_size=256", TrainConfig(max_steps=4))
+    spec = design.Spec("scan", B256, TrainConfig(max_steps=4))
     for study_id in ("id-a", "id-b"):
         env = tune.TrialEnv("s", study_id, "s", "file:///data", "sqlite:////tmp/x.db", "parent",
                             str(tmp_path / study_id), str(tmp_path / "train"))
@@ -92,7 +95,7 @@ def test_a_trials_mlflow_run_is_keyed_by_the_study_id(tmp_path, monkeypatch):
 
 def test_groups_keep_a_cell_together_costliest_first():
     small, big = TrainConfig(batch_size=64, max_steps=10), TrainConfig(batch_size=1024, max_steps=10)
-    specs = [design.Spec("scan", "a", small.replace(base_lr=lr)) for lr in (0.1, 0.2, 0.4)] + \
-        [design.Spec("scan", "b", big.replace(base_lr=lr)) for lr in (0.1, 0.2)]
+    specs = [design.Spec("scan", A, small.replace(base_lr=lr)) for lr in (0.1, 0.2, 0.4)] + \
+        [design.Spec("scan", B, big.replace(base_lr=lr)) for lr in (0.1, 0.2)]
     groups = design.group_specs(specs, 2)
-    assert [[s.cell for s in g] for g in groups] == [["b", "b"], ["a", "a"], ["a"]]
+    assert [[s.cell for s in g] for g in groups] == [[B, B], [A, A], [A]]

@@ -1,5 +1,6 @@
 """The study's watch (studies/sweep/watch.py): the waiting line, when a study is stuck, and a hung run's row."""
 from studies.sweep import watch
+from studies.sweep.cells import Cell
 from studies.sweep.design import Preset, Spec, Study
 from studies.sweep.tune import TrialEnv
 from studies.training.config import TrainConfig
@@ -46,7 +47,7 @@ def test_a_run_that_hung_on_every_try_gets_a_failed_row_and_its_mlflow_run_ends_
     parent = Tracker.create(uri, "w", "w")
     env = TrialEnv("w", "sid", "w", "unused", uri, parent.run_id, table.uri, str(tmp_path / "train"),
                    incidents_uri=str(tmp_path / "incidents"))
-    hung, lost = (Spec("scan", "batch_size=64", tiny_cfg(base_lr=lr)) for lr in (0.1, 0.2))
+    hung, lost = (Spec("scan", Cell((("batch_size", 64),)), tiny_cfg(base_lr=lr)) for lr in (0.1, 0.2))
     left_running = Tracker.create(uri, "w", hung.label, parent_run_id=parent.run_id,
                                   reuse_tag=("run_key", f"sid:{hung.key}"))
     for idle in (31.0, 30.6, 30.2):

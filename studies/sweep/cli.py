@@ -15,7 +15,8 @@ from typing import Any
 
 import storage
 from studies.sweep import knobs
-from studies.sweep.design import VARIANTS, Preset, Study, cell_changes
+from studies.sweep.cells import VARIANTS, Cell
+from studies.sweep.design import Preset, Study
 from studies.sweep.run import run_study
 from studies.training import runner
 from studies.training.config import PROJECT_DIR, ConfigError, TrainConfig, public_name
@@ -69,7 +70,7 @@ def owned_fields(preset, grid_axes, grid_flags=None) -> dict[str, str]:
         owned["base_lr"] = "the lr design sets it per trial (use --lrs or --lr-range)"
     for axis in grid_axes:  # every field a cell of this axis sets (λ also sets clipping; a variant, the model)
         given = grid_flag(axis) if grid_flags is None or axis in grid_flags else f"--grid {public_name(axis)}=…"
-        for k in cell_changes({axis: preset.grid[axis][0]}):
+        for k in Cell(((axis, preset.grid[axis][0]),)).changes():
             owned[k] = f"a grid axis (use {given})" if k == axis else f"set by {given}"
     return owned
 
@@ -121,7 +122,7 @@ def build_study(name: str, presets: dict[str, Preset], args: argparse.Namespace,
             if axis == "variant" and v not in VARIANTS:
                 raise ValueError(f"--variants: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
             try:
-                fixed.replace(**cell_changes({axis: v}))
+                fixed.replace(**Cell(((axis, v),)).changes())
             except ConfigError as e:
                 raise ValueError(f"{grid_flag(axis) if axis in grid_flags else '--grid ' + public_name(axis)}: "
                                  f"{e.detail if e.field == axis else flag_message(e)}") from None

@@ -13,7 +13,6 @@ grid is the Deep Learning Tuning Playbook's exploration phase: the design never 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import math
 from collections.abc import Callable
@@ -22,19 +21,12 @@ from typing import Any
 
 import storage
 from studies.sweep import frontier, knobs, tables
+from studies.sweep.cells import VARIANTS, Cell  # noqa: F401  (VARIANTS re-exported)
 from studies.sweep.knobs import Also, at_least, knob
-from studies.sweep.layout import SHORT
 from studies.training.config import TrainConfig, lambda_label, public_name
 from studies.training.flags import grid_flag
 from studies.training.schedule import run_length
 from studies.training.tracking import code_version, redact
-
-# Named config variants a study can use as a scientific axis (batch_scaling.py: the paper's Fig. 2a).
-VARIANTS: dict[str, dict[str, Any]] = {
-    "bn_resnet": {"model": "bn_resnet_cifar", "clipping": "none"},
-    "nf_resnet": {"model": "nf_resnet_cifar", "clipping": "none"},
-    "nf_resnet+agc": {"model": "nf_resnet_cifar", "clipping": "agc"},
-}
 
 
 def log_grid(low: float, high: float, per_octave: float = 1) -> tuple[float, ...]:
@@ -151,9 +143,8 @@ class Study:
             raise ValueError(f"trial retries must be >= 0, got {self.trial_retries}")
         self.experiment = self.experiment or self.name
 
-    def cells(self) -> list[dict[str, Any]]:
-        keys = list(self.preset.grid)
-        return [dict(zip(keys, vals)) for vals in itertools.product(*self.preset.grid.values())]
+    def cells(self) -> list[Cell]:
+        return Cell.grid(self.preset.grid)
 
     @property
     def study_dir(self) -> str:
@@ -162,8 +153,8 @@ class Study:
     def lrs(self) -> tuple[float, ...]:
         return self.preset.lrs or (self.fixed.base_lr,)
 
-    def config(self, cell: dict[str, Any], **changes) -> TrainConfig:
-        return self.fixed.replace(**cell_changes(cell), **changes)
+    def config(self, cell: Cell, **changes) -> TrainConfig:
+        return self.fixed.replace(**cell.changes(), **changes)
 
     def table(self) -> storage.ResultsTable:
         return tables.open_table(storage.uri.join(self.study_dir, "results"))
@@ -191,47 +182,12 @@ def design_params(study: Study, concurrency: int) -> dict[str, str]:
     out.update(knobs.params(study, max_concurrent=concurrency))  # the design's knobs, then the study's
     varied = {"seed", "base_lr", *(p.tpe or {})}
     for cell in study.cells()[:1]:
-        varied |= set(cell_changes(cell))
+        varied |= set(cell.changes())
     varied = {public_name(k) for k in varied}
     if varied & {"base_lr", "batch_size"}:
         varied.add("peak_lr")  # base_lr × batch / 256
     out.update({f"fixed.{k}": v for k, v in study.fixed.flat().items() if k.split(".")[0] not in varied})
     return out
-
-
-def cell_changes(cell: dict[str, Any]) -> dict[str, Any]:
-    changes: dict[str, Any] = {}
-    for k, v in cell.items():
-        if k == "clip_threshold":  # λ; None = the no-clipping control
-            changes.update(clipping="none" if v is None else "agc", clip_threshold=v)
-        elif k == "variant":
-            changes.update(VARIANTS[v])
-        else:
-            changes[k] = v
-    return changes
-
-
-def cell_label(cell: dict[str, Any]) -> str:
-    def text(k, v):
-        if k == "clip_threshold":
-            return f"lambda={lambda_label(v)}"
-        return f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}"
-
-    return " ".join(text(k, v) for k, v in cell.items())
-
-
-def short_label(cell: dict[str, Any]) -> str:
-    """A cell as a run name spells it, readable in a narrow column: 'b1024 λ0.16', 'b256 aug0.5', 'nf_resnet+agc'."""
-    def text(k, v):
-        if k == "variant":
-            return str(v)
-        if k == "clip_threshold":
-            return f"λ{lambda_label(v)}"
-        if k in SHORT:
-            return f"{SHORT[k]}{v:.3g}" if isinstance(v, float) else f"{SHORT[k]}{v}"
-        return f"{k}={json.dumps(v, separators=(',', ':')) if isinstance(v, (dict, list)) else v}"
-
-    return " ".join(text(k, v) for k, v in cell.items())
 
 
 # ---- the trials of each phase: plain data, a pure function of the study (and the scan's results) ----
@@ -241,10 +197,10 @@ class Spec:
     """One training run of the study: built once, on the driver; it reaches the loop as this TrainConfig."""
 
     phase: str
-    cell: str
+    cell: Cell
     config: TrainConfig = field(repr=False)
     key: str = ""  # the run's identity in the tables: phase + config fingerprint
-    short: str = ""  # the cell as a run name spells it (short_label); "" = its label
+    short: str = ""  # the cell's part of the run name; "" = the cell's short name (Cell.short)
 
     def __post_init__(self):
         if not self.key:
@@ -255,7 +211,12 @@ class Spec:
         """The run's name, what differs first: 'b1024 λ0.16 lr3.2 scan s0' (MLflow's run column is narrow; the
         verdict's mark goes in front once the run ends, runner.train_and_track). The lr with the 4 digits the
         tables and findings write (lr0.5657, not lr0.566): a name is found by the number a table gives."""
-        return f"{self.short or self.cell} lr{self.config.base_lr:.4g} {self.phase} s{self.config.seed}"
+        return f"{self.short or self.cell.short} lr{self.config.base_lr:.4g} {self.phase} s{self.config.seed}"
+
+    def identity(self, study: str) -> dict[str, str]:
+        """The row's identity columns (tables.IDENTITY): which study, run, phase and cell, the cell's axes typed."""
+        return {"study": study, "trial_key": self.key, "phase": self.phase, "cell": self.cell.label,
+                "axes": self.cell.column}
 
 
 def steps_per_epoch(cfg: TrainConfig, n_train: int) -> int:
@@ -279,18 +240,16 @@ def scan_config(study: Study, full: TrainConfig, n_train: int) -> TrainConfig:
 def scan_specs(study: Study, n_train: int) -> list[Spec]:
     if not study.preset.scan_steps:
         return []
-    return [Spec("scan", cell_label(cell), scan_config(study, study.config(cell, base_lr=lr, seed=study.seed + s),
-                                                       n_train), short=short_label(cell))
+    return [Spec("scan", cell, scan_config(study, study.config(cell, base_lr=lr, seed=study.seed + s), n_train))
             for cell in study.cells() for lr in study.lrs() for s in range(study.preset.seeds)]
 
 
 def refine_specs(study: Study, scan_rows, n_train: int) -> list[Spec]:
     """One more scan lr per cell whose frontier lies inside the grid, every seed: a pure function of the scan."""
     mid = frontier.refine_lrs(scan_rows)
-    return [Spec("refine", cell_label(cell),
-                 scan_config(study, study.config(cell, base_lr=mid[cell_label(cell)], seed=study.seed + s), n_train),
-                 short=short_label(cell))
-            for cell in study.cells() if cell_label(cell) in mid for s in range(study.preset.seeds)]
+    return [Spec("refine", cell, scan_config(study, study.config(cell, base_lr=mid[cell.label], seed=study.seed + s),
+                                             n_train))
+            for cell in study.cells() if cell.label in mid for s in range(study.preset.seeds)]
 
 
 def replicate_seeds(study: Study) -> int:
@@ -305,10 +264,8 @@ def replicate_specs(study: Study, rows, n_train: int) -> list[Spec]:
     if not study.preset.scan_steps:
         return []
     need = frontier.replication_needed(rows, replicate_seeds(study))
-    return [Spec("replicate", cell_label(cell),
-                 scan_config(study, study.config(cell, base_lr=lr, seed=study.seed + s), n_train),
-                 short=short_label(cell))
-            for cell in study.cells() for lr, have in sorted(need.get(cell_label(cell), {}).items())
+    return [Spec("replicate", cell, scan_config(study, study.config(cell, base_lr=lr, seed=study.seed + s), n_train))
+            for cell in study.cells() for lr, have in sorted(need.get(cell.label, {}).items())
             for s in range(replicate_seeds(study)) if study.seed + s not in have]
 
 
@@ -319,9 +276,8 @@ def full_specs(study: Study, scan_rows) -> list[Spec]:
     seeds = study.preset.seeds if chosen is None else replicate_seeds(study)
     out = []
     for cell in study.cells():
-        label = cell_label(cell)
-        lrs = study.lrs() if chosen is None else chosen.get(label, [])
-        out += [Spec("full", label, study.config(cell, base_lr=lr, seed=study.seed + s), short=short_label(cell))
+        lrs = study.lrs() if chosen is None else chosen.get(cell.label, [])
+        out += [Spec("full", cell, study.config(cell, base_lr=lr, seed=study.seed + s))
                 for lr in lrs for s in range(seeds)]
     return out
 

@@ -1,5 +1,4 @@
-"""The stable region as pure functions over the results table (rows as dicts or a pyarrow Table): reruns offline,
-no Ray, no plotting.
+"""The stable region as pure functions over the results table (rows as dicts or a pyarrow Table): no Ray, no plots.
 
 Per cell (one scientific setting, e.g. batch size × λ) and per tried learning rate, every run has a verdict
 (studies/training/verdict.py: trained, stalled, collapsed, diverged). An lr *trains* when a strict majority of its
@@ -293,7 +292,7 @@ def edge_kind(verdict: str) -> str:
 # ---- cells.parquet: one row per cell ----
 
 CELL_COLUMNS = {
-    "cell": pa.string(), "batch_size": pa.int64(), "model": pa.string(), "clipping": pa.string(),
+    "cell": pa.string(), "axes": pa.string(), "batch_size": pa.int64(), "model": pa.string(), "clipping": pa.string(),
     "lambda": pa.float64(), "augment_strength": pa.float64(), "lrs_tried": pa.int64(),
     "frontier": pa.string(), "max_stable_lr": pa.float64(), "max_stable_lr_at_edge": pa.bool_(),
     "first_unstable_lr": pa.float64(), "first_unstable_verdict": pa.string(), "first_unstable_kind": pa.string(),
@@ -338,8 +337,9 @@ def cell_row(cell: str, rows: list[dict], best_k: int | None) -> dict[str, Any]:
     held = holds_count(full, stable.lr) if scan and stable else (0, 0)
     accs = _accuracies(full).get(acc_lr, {}) if acc_lr is not None else {}
     return {
-        "cell": cell, "batch_size": first["batch_size"], "model": first["model"], "clipping": first["clipping"],
-        "lambda": first["lambda"], "augment_strength": first.get("augment_strength"), "lrs_tried": len(f.lrs),
+        "cell": cell, "axes": first.get("axes"), "batch_size": first["batch_size"], "model": first["model"],
+        "clipping": first["clipping"], "lambda": first["lambda"], "augment_strength": first.get("augment_strength"),
+        "lrs_tried": len(f.lrs),
         "frontier": f.state, "max_stable_lr": stable and stable.lr, "max_stable_lr_at_edge": f.at_grid_top,
         "first_unstable_lr": fail and fail.lr, "first_unstable_verdict": fail and fail.verdict,
         "first_unstable_kind": fail and edge_kind(fail.verdict), "max_stable_lr_at_low_edge": f.at_floor(stable),

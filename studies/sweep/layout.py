@@ -1,52 +1,42 @@
-"""The map a study's cells are shown as, a pure function of their labels (no Ray, no plotting): rows (the batch
-size, else the first other axis that varies: augmentation in studies/augmentation.py), columns (λ, 'no clipping'
-last), and a map per value of any further axis (a facet), for the tables, the words, the figures and the MLflow
-metric names of the cells."""
+"""The map a study's cells are shown as, a pure function of their axes (cells.axes_of; no Ray, no plotting):
+rows (the batch size, else the first other axis that varies: augmentation in studies/augmentation.py), columns
+(λ, 'no clipping' last), and a map per value of any further axis (a facet), for the tables, the words, the figures
+and the MLflow metric names of the cells."""
 from __future__ import annotations
 
+import json
 import math
-import re
-import typing
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
-from studies.training.config import TrainConfig, lambda_label
+from studies.sweep.cells import SHORT, axes_of
+from studies.training.config import lambda_label
 
 
 def rows_of(table: pa.Table | list[dict]) -> list[dict[str, Any]]:
     return table.to_pylist() if isinstance(table, pa.Table) else list(table)
 
 
-_AXIS = re.compile(r" (?=[A-Za-z_][A-Za-z0-9_]*=)")  # a label's "axis=value" parts (a JSON value may hold spaces)
 ROW_WORDS = {"batch_size": ("batch", "as the batch grows"),
              "augment_strength": ("augmentation", "as augmentation grows")}
-# Short axis names, the one spelling for run names ('b1024 λ0.16', design.short_label) and metric-name prefixes
-# ('b1024', 'aug0.5').
-SHORT = {"batch_size": "b", "augment_strength": "aug", "base_lr": "lr", "seed": "s"}
 NO_LAMBDA = lambda_label(None)  # 'none': λ's label without clipping, as cell labels and tables store it
 NO_CLIPPING = "no clipping"  # that column as the maps, tables and words name it
 
 
-def cell_axes(label: str) -> dict[str, str]:
-    """A cell's coordinates from its label: 'batch_size=256 lambda=0.01' -> {'batch_size': '256', 'lambda':
-    '0.01'} (the axes in the grid's order, values as the label writes them)."""
-    return dict(part.split("=", 1) for part in _AXIS.split(label.strip()) if "=" in part)
+def axis_text(axis: str, v) -> str:
+    """An axis value as the cell's label writes it: '256', '0.5', 'none' (λ without clipping), JSON for a dict."""
+    if axis == "lambda":
+        return lambda_label(v)
+    return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
 
 
-def _value(text: str):
-    """A label's value as a number where it is one (sorting 0.5 before 1.0), else as text; 'none' (no clipping)
-    sorts last."""
-    if text.lower() == NO_LAMBDA:
+def _value(v):
+    """An axis value for sorting: numbers as they are (0.5 before 1.0), None (no clipping) last, else as text."""
+    if v is None:
         return math.inf
-    try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            return text
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else axis_text("", v)
 
 
 def value_text(v) -> str:
@@ -67,7 +57,7 @@ class Layout:
     """How a study's cells are drawn and tabled: the map's rows (the batch size, else the first axis that varies
     but λ), its columns (λ, with 'no clipping' last; else the other axes), and one map per value of any further
     axis that varies (a facet: e.g. augment_strength=0.5 in a batch × λ × augmentation grid). Axes of one value
-    are left out. A pure function of the cells' labels."""
+    are left out. A pure function of the cells' axes."""
 
     row_axis: str = "batch_size"
     col_axes: tuple[str, ...] = ()
@@ -76,9 +66,9 @@ class Layout:
     @staticmethod
     def of(cells: pa.Table | list[dict]) -> Layout:
         rows = rows_of(cells)
-        labels = [cell_axes(c["cell"]) for c in rows]
+        labels = [axes_of(c) for c in rows]
         axes = list(dict.fromkeys(k for lab in labels for k in lab))
-        varying = [a for a in axes if len({lab.get(a) for lab in labels}) > 1]
+        varying = [a for a in axes if len({json.dumps(lab.get(a), sort_keys=True) for lab in labels}) > 1]
         if "batch_size" in varying or not [a for a in varying if a != "lambda"]:
             row = "batch_size"
         else:
@@ -109,23 +99,23 @@ class Layout:
     def row(self, c: dict):
         if self.row_axis == "batch_size":
             return int(c["batch_size"])
-        return _value(cell_axes(c["cell"]).get(self.row_axis, "-"))
+        return _value(axes_of(c).get(self.row_axis, "-"))
 
     def col(self, c: dict) -> str:
         if self.col_axes == ("lambda",):  # the row's own λ (null: no clipping)
-            return lambda_column(lambda_label(c["lambda"]) if "lambda" in c else cell_axes(c["cell"])["lambda"])
-        axes = cell_axes(c["cell"])
-        return " ".join(f"{a}={axes[a]}" for a in self.col_axes if a in axes)
+            return lambda_column(lambda_label(c["lambda"] if "lambda" in c else axes_of(c)["lambda"]))
+        axes = axes_of(c)
+        return " ".join(f"{a}={axis_text(a, axes[a])}" for a in self.col_axes if a in axes)
 
     def facet(self, c: dict) -> str:
-        axes = cell_axes(c["cell"])
-        return " ".join(f"{a}={axes[a]}" for a in self.facet_axes if a in axes)
+        axes = axes_of(c)
+        return " ".join(f"{a}={axis_text(a, axes[a])}" for a in self.facet_axes if a in axes)
 
     def coords(self, c: dict) -> tuple[str, Any, str]:
         return self.facet(c), self.row(c), self.col(c)
 
     def order(self, c: dict) -> tuple:
-        axes = cell_axes(c["cell"])
+        axes = axes_of(c)
         return (*(sort_key(_value(axes.get(a, ""))) for a in self.facet_axes), sort_key(self.row(c)),
                 *(sort_key(_value(axes.get(a, ""))) for a in self.col_axes))
 
@@ -184,7 +174,8 @@ def cell_metrics(cells: pa.Table) -> list[tuple[str, float, int]]:
     spread over seeds: `max_stable_lr_min/…`, `max_stable_lr_max/…` (the seeds' own frontiers), `best_val_acc_sd/…`."""
     rows = cells.to_pylist()
     lay = Layout.of(rows)
-    steps = typing.get_type_hints(TrainConfig).get(lay.row_axis) is int  # batch sizes; not augmentation's 0.5
+    # a series over the rows where they are whole numbers (batch sizes; not augmentation's 0.5): MLflow steps
+    steps = all(isinstance(lay.row(c), int) for c in rows)
     out = []
     for c in rows:
         cell, row = metric_path(lay, c), lay.row(c)

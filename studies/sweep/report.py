@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 import storage
 from studies.sweep import cell_curves, figures, findings, frontier, layout
-from studies.sweep.design import Analysis, Study, cell_label
+from studies.sweep.design import Analysis, Study
 from studies.training.config import lambda_label, public_name
 from studies.training.mlflow_app import DEFAULT_VIEW_TAG
 from studies.training.mlflow_ui import save_view, ui_link
@@ -150,7 +150,7 @@ def cell_views(study: Study) -> list[tuple[str, str, dict[str, Any]]]:
     order; listed under "Views" by the cell's label, for comparing a cell's lrs in the runs table and its charts."""
     out = []
     for cell in study.cells():
-        label = cell_label(cell)
+        label = cell.label
         key = "cell-" + re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")
         out.append((key, label, {**study_view(study), "searchFilter": cell_filter(label)}))
     return out
@@ -201,7 +201,7 @@ def experiment_description(study: Study) -> str:
         f"(\"Views\" → {VIEW}). {GENAI_HINT}",
         "- **One cell's runs** (to compare its lrs, in the table or its charts): pick the cell under \"Views\" "
         "(saved when the study ends), or paste its filter into the search box:", "",
-        *[f"  - `{cell_filter(cell_label(c))}`" for c in study.cells()[:MAX_CELL_LINES]]])
+        *[f"  - `{cell_filter(c.label)}`" for c in study.cells()[:MAX_CELL_LINES]]])
 
 
 MAX_CELL_LINES = 40  # a description has room for that many cells' filters (MLflow keeps 8000 characters)

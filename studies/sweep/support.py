@@ -17,6 +17,7 @@ class CellRow:
     place of the row's string keys (`lam` is the `lambda` column); a key a row lacks reads None."""
 
     cell: str = ""
+    axes: str | None = None  # the cell's axes, typed (JSON: cells.axes_of reads it)
     batch_size: int | None = None
     model: str | None = None
     clipping: str | None = None

@@ -15,8 +15,10 @@ from studies.training.config import TrainConfig, public_name
 from studies.training.summary import RunSummary
 from studies.training.tracking import code_version
 
-# Study-side identity of a row: which study, which trial (its content, not Tune's id), which phase.
-IDENTITY = {"study": pa.string(), "trial_key": pa.string(), "phase": pa.string(), "cell": pa.string()}
+# Study-side identity of a row: which study, which trial (its content, not Tune's id), which phase, which cell
+# (its label, and its axes typed: JSON, cells.Cell.column).
+IDENTITY = {"study": pa.string(), "trial_key": pa.string(), "phase": pa.string(), "cell": pa.string(),
+            "axes": pa.string()}
 # The TrainConfig fields a row carries: the values the trial actually ran with, each column named by its public
 # name (clip_threshold is `lambda`: λ, null without clipping).
 CONFIG_COLUMNS = ("model", "batch_size", "clipping", "clip_threshold", "base_lr", "augment_strength", "seed",

@@ -7,7 +7,8 @@ from typing import Any
 
 from ray import tune
 
-from studies.sweep.design import Spec, Study, cell_label, short_label
+from studies.sweep.cells import Cell
+from studies.sweep.design import Spec, Study
 from studies.sweep.tune import ProgressPrinter, TrialEnv, fit, train_specs, trainable
 from studies.training.config import TrainConfig, public_name
 from studies.training.summary import OBJECTIVE, RunSummary
@@ -19,10 +20,10 @@ def tpe_space(ranges: dict[str, tuple[float, float, bool]]):
     return {k: optuna.distributions.FloatDistribution(lo, hi, log=log) for k, (lo, hi, log) in ranges.items()}
 
 
-def tpe_trial(config: dict[str, Any], env: TrialEnv, base: TrainConfig, cell: str, short: str = "") -> None:
+def tpe_trial(config: dict[str, Any], env: TrialEnv, base: TrainConfig, cell: Cell) -> None:
     """The trainable of a TPE trial: the searched values onto the cell's config; its name shows what TPE chose."""
-    chosen = short_label({k: v for k, v in config.items() if k != "base_lr"})
-    train_specs([Spec("tpe", cell, base.replace(**config), short=f"{short} {chosen}".strip())], env)
+    chosen = Cell(tuple((k, v) for k, v in config.items() if k != "base_lr")).short
+    train_specs([Spec("tpe", cell, base.replace(**config), short=f"{cell.short} {chosen}".strip())], env)
 
 
 def tpe_rows(table) -> list[dict]:
@@ -50,7 +51,7 @@ def run_tpe(study: Study, env: TrialEnv, concurrency: int, lock=None, watcher=No
                             evaluated_rewards=[RunSummary.from_scalars(r).objective() for r in rows] or None)
     printer = ProgressPrinter()
     printer.expect("tpe", remaining)
-    fit(study, trainable(tpe_trial, base, env=env, base=base, cell=cell_label(cell), short=short_label(cell)),
+    fit(study, trainable(tpe_trial, base, env=env, base=base, cell=cell),
         tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency),
                         num_samples=remaining, reuse_actors=True), "tpe", lock, printer, watcher)
     return len(tpe_rows(table)) >= study.preset.trials

@@ -74,7 +74,7 @@ def train_spec(spec: Spec, env: TrialEnv, table: storage.ResultsTable) -> RunSum
     record = runner.RunRecord(
         env.tracking_uri, env.experiment, spec.label, parent_run_id=env.parent_run_id, source=env.source,
         reuse_key=f"{env.study_id}:{spec.key}",
-        tags={"study": env.study, "cell": spec.cell, "phase": spec.phase, "trial_key": spec.key,
+        tags={"study": env.study, "cell": spec.cell.label, "phase": spec.phase, "trial_key": spec.key,
               "lambda": cfg.lambda_label, "seed": str(cfg.seed)},
         system_metrics=spec.phase not in frontier.SCAN_PHASES)  # scans last seconds: no monitor thread for them
     launch = runner.Launch(  # this process is the trial's: its reports and checkpoints go to Tune
@@ -83,8 +83,7 @@ def train_spec(spec: Spec, env: TrialEnv, table: storage.ResultsTable) -> RunSum
     summary = runner.train_and_track(cfg, record=record, launch=launch)
     table.append_epochs(tables.epoch_rows(spec.key, summary.history))
     # The row last: once it exists the run is done, and --resume skips it.
-    table.append([tables.results_row({"study": env.study, "trial_key": spec.key, "phase": spec.phase,
-                                      "cell": spec.cell}, cfg, summary, hardware(), git_commit())])
+    table.append([tables.results_row(spec.identity(env.study), cfg, summary, hardware(), git_commit())])
     return summary
 
 

@@ -80,8 +80,7 @@ def record_hung(specs: list[Spec], env, table: storage.ResultsTable) -> list[str
             summary.mlflow_run_id = tracker.run_id
         except Exception as e:  # the row matters more than the run's status
             print(f"warning: MLflow run of {spec.label} not marked failed ({storage.uri.one_line(e)})", flush=True)
-        table.append([tables.results_row({"study": env.study, "trial_key": spec.key, "phase": spec.phase,
-                                          "cell": spec.cell}, spec.config, summary, hardware(), git_commit())])
+        table.append([tables.results_row(spec.identity(env.study), spec.config, summary, hardware(), git_commit())])
         lines.append(f"{spec.label}: {error}")
     return lines
 
