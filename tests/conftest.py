@@ -29,12 +29,37 @@ def tiny_data(tmp_path_factory):
     return storage.prepare_dataset("synthetic", str(root), seed=0, n_train=512, n_val=128).uri
 
 
+# The longest tests that share no module-scoped set-up, longest first (each 30 s to 4 min on 2 busy cores).
+SLOW_FIRST = (
+    "tests/test_sweep_run.py::test_three_phase_study_end_to_end_and_independent_of_concurrency",
+    "tests/test_gpu_bench.py::test_smoke_prints_every_result_on_cpu",
+    "tests/test_training_runner.py::test_in_process_equals_torch_trainer_and_resume_after_kill",
+    "tests/test_training_runner.py::test_one_rank_stuck_before_the_all_reduce_ends_the_whole_group_which_resumes",
+    "tests/test_training_runner.py::test_train_py_prints_only_what_a_user_needs",
+    "tests/test_faults.py::test_a_shard_read_that_never_returns_ends_the_run_and_is_recorded_hung",
+    "tests/test_sweep_run.py::test_a_new_output_gets_its_own_mlflow_runs",
+)
+
+
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test`: --dist loadgroup) the tests of a file that share a module-scoped set-up
     (a two-node cluster, a reference study, an S3 server) stay in one process, so it is built once; every other
-    test is scheduled on its own, which keeps both processes busy to the end."""
+    test is scheduled on its own, which keeps both processes busy to the end.
+
+    xdist hands out the groups first (most tests first), then the single tests in collection order, each to the
+    process that is free; the suite's wall time is the busier process's sum, so the longest single tests are
+    collected first (SLOW_FIRST): a 4-minute test handed out last would leave the other process idle that long.
+    Only tests outside a group move, so a file's module-scoped set-up is still built once without xdist too."""
+    grouped = set()
     for item in items:
         defs = getattr(item, "_fixtureinfo", None)
         scopes = {d[-1].scope for n, d in (defs.name2fixturedefs.items() if defs else ()) if d}
         if scopes & {"module", "class", "package"}:
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+            grouped.add(item.nodeid)
+
+    def rank(item):
+        name = item.nodeid.split("[")[0]
+        return SLOW_FIRST.index(name) if name in SLOW_FIRST and item.nodeid not in grouped else len(SLOW_FIRST)
+
+    items.sort(key=rank)
