@@ -27,8 +27,10 @@ def data_root(tmp_path_factory):
 
 
 def flags(tmp_path, name, data_root, *extra):
+    # 10 runs: 6 scans (lr 0.4 and 1.6 train at both λs, 25.6 diverges), 2 refinements, 2 full runs. Batch 64, not
+    # 32: the smoke scan budget (8192 examples) in 160 steps instead of 320, for the reference and each fault.
     return ["--smoke-test", "--output", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
-            "--data-root", data_root, "--name", name, "--batch-sizes", "32", "--lambdas", "0.04", "none",
+            "--data-root", data_root, "--name", name, "--batch-sizes", "64", "--lambdas", "0.04", "none",
             "--lrs", "0.4", "1.6", "25.6", "--max-steps", "48", "--full-top", "1", "--max-concurrent", "1", *extra]
 
 
