@@ -1,8 +1,9 @@
 # Both targets do all set-up on a fresh machine: create .venv and install the project if missing.
 PY ?= python3
 # Test processes (pytest-xdist), each with its own local Ray; tests sharing a module-scoped set-up stay together
-# (tests/conftest.py). One process leaves a core idle a third of the time (process and cluster start-ups,
-# one-worker phases): 2 fill 2 cores (pytest 13m41 → 10m49 from a fresh clone on 2 cores); 1 = sequential.
+# and the longest other tests are handed out first (tests/conftest.py). One process leaves a core idle a third of
+# the time (process and cluster start-ups, one-worker phases): 2 fill 2 cores (pytest 13m41 → 10m49 from a fresh
+# clone on 2 cores); 1 = sequential.
 TEST_WORKERS ?= 2
 VENV := .venv
 STAMP := $(VENV)/.installed
