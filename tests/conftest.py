@@ -41,6 +41,7 @@ SLOW_FIRST = (
 )
 
 
+@pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test`: --dist loadgroup) the tests of a file that share a module-scoped set-up
     (a two-node cluster, a reference study, an S3 server) stay in one process, so it is built once; every other
@@ -50,16 +51,30 @@ def pytest_collection_modifyitems(config, items):
     process that is free; the suite's wall time is the busier process's sum, so the longest single tests are
     collected first (SLOW_FIRST): a 4-minute test handed out last would leave the other process idle that long.
     Only tests outside a group move, so a file's module-scoped set-up is still built once without xdist too."""
-    grouped = set()
+    groups = {}
     for item in items:
         defs = getattr(item, "_fixtureinfo", None)
         scopes = {d[-1].scope for n, d in (defs.name2fixturedefs.items() if defs else ()) if d}
         if scopes & {"module", "class", "package"}:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
-            grouped.add(item.nodeid)
+            groups[item.nodeid] = item.nodeid.split("::")[0]
+            item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
 
     def rank(item):
         name = item.nodeid.split("[")[0]
-        return SLOW_FIRST.index(name) if name in SLOW_FIRST and item.nodeid not in grouped else len(SLOW_FIRST)
+        return SLOW_FIRST.index(name) if name in SLOW_FIRST and item.nodeid not in groups else len(SLOW_FIRST)
 
     items.sort(key=rank)
+    yield  # xdist's own hook (in each worker) names a grouped test "<nodeid>@<group>": its scheduler groups by that
+    if getattr(config.option, "loadgroup", False):
+        for item in items:
+            if item.nodeid in groups:
+                _name_group(item, groups[item.nodeid])
+
+
+def _name_group(item, group: str) -> None:
+    """xdist 3.8 writes the "@group" suffix to `item._nodeid`, where pytest 9 no longer keeps a node's id (`_id`, a
+    NodeId): the suffix was lost and every test scheduled alone, so each process rebuilt a file's module-scoped
+    set-up (the faults' reference study, the two-node platform, the UI's study) for each run of its tests."""
+    from _pytest.nodeid import NodeId
+
+    item._id = NodeId.parse(f"{item.nodeid}@{group}")
