@@ -24,6 +24,9 @@ from studies.training.schedule import run_length
 # Per run, besides its steps: the MLflow run, the model build, the results row and Tune's hand-over of the next
 # run. Measured on the laptop study (2 cores): wall time of a scan trial's 4 runs minus 4 × (steps × step time).
 RUN_OVERHEAD_S = 1.5
+# Per study, outside its runs: Ray's start, the data's preparation, the MLflow runs, the report and its figures.
+# Measured: a 2-cell laptop study (37 runs) took 385 s from the command, 354 s of them its phases.
+STUDY_OVERHEAD_S = 30.0
 EVAL_COST = 0.35  # an evaluation pass per example ≈ a forward pass ≈ this fraction of a training step's
 
 
@@ -243,7 +246,7 @@ def render(study: Study, bounds: list[PhaseBound], seconds: list[float] | None, 
     exact = all(b.exact for b in bounds)
     le = "" if exact else "≤ "
     rows.append(("all", f"{le}{sum(b.count for b in bounds)}", "", f"{le}{sum(b.examples for b in bounds) / 1e6:.2f} M",
-                 f"{le}{_minutes(sum(seconds))}" if seconds else "-"))
+                 f"{le}{_minutes(sum(seconds) + STUDY_OVERHEAD_S)}" if seconds else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = [f"dry run of study {study.name}: {len(study.cells())} cells × {len(study.lrs())} lr(s); nothing was "
              "written (no output folder, MLflow run, data or Ray)"]
@@ -256,7 +259,8 @@ def render(study: Study, bounds: list[PhaseBound], seconds: list[float] | None, 
         lines.append(f"time: {concurrency} trial(s) at once ({where}); a step here: "
                      + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in kinds.items())
                      + f" ({cfg.precision}, channels_last={cfg.channels_last}, {int(cfg.cpus_per_worker)} thread(s) "
-                       f"a trial); + {RUN_OVERHEAD_S:g} s a run; data loading not counted")
+                       f"a trial); + {RUN_OVERHEAD_S:g} s a run and {STUDY_OVERHEAD_S:.0f} s a study (Ray, data, "
+                       "report); data loading not counted")
     else:
         lines.append(f"time: not estimated ({why_untimed})")
     lines += [f"budget: {n}" for n in notes]
