@@ -10,16 +10,23 @@ from studies.training.config import TrainConfig
 from tests.test_sweep_phases import run_all, study
 
 
-def test_the_dry_run_prints_every_phase_and_writes_nothing(tmp_path, capsys):
+def test_the_dry_run_prints_every_phase_and_writes_nothing(tmp_path, capsys, monkeypatch):
     import ray
 
+    from studies.training import runner
+
+    def no_ray(*a, **kw):
+        raise AssertionError("a dry run started Ray")
+
+    monkeypatch.setattr(ray, "init", no_ray)  # this process may hold another test's Ray already
+    monkeypatch.setattr(runner, "init_ray", no_ray)
     out, db = tmp_path / "out", tmp_path / "m.db"
     res = agc_lambda.main(["--dry-run", "--output", str(out), "--tracking-uri", f"sqlite:///{db}",
                            "--batch-sizes", "64", "1024", "--lambdas", "0.01", "none", "--data-root",
                            str(tmp_path / "data")])
     text = capsys.readouterr().out
     assert res["complete"] and res["dry_run"]
-    assert not out.exists() and not db.exists() and not (tmp_path / "data").exists() and not ray.is_initialized()
+    assert not out.exists() and not db.exists() and not (tmp_path / "data").exists()
     rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ")}
     # laptop: 4 cells × 8 lrs, 1 seed; scans of ≥ 96 steps and ≥ 20480 examples after no warmup
     assert rows["scan"].split()[1:4] == ["32", "b64", "320"] and "b1024 96" in rows["scan"]

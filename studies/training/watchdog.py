@@ -135,9 +135,9 @@ def record_stall(incidents: str, stall: Stall) -> None:
     """Keep the stall under `incidents` (a folder per run: one JSON file per stall), where the study's driver
     reads it once the run's retries are spent (read_stalls)."""
     fs, path = storage.uri.resolve(incidents)
-    record = {**asdict(stall), "text": stall.text(), "time": time.time(), "pid": os.getpid()}
-    storage.uri.write_bytes_atomic(fs, f"{path}/{time.time():.3f}-{uuid.uuid4().hex[:8]}.json",
-                                   json.dumps(record).encode())
+    now = time.time_ns()  # in the name to the nanosecond: two stalls within a millisecond keep their order
+    record = {**asdict(stall), "text": stall.text(), "time": now / 1e9, "pid": os.getpid()}
+    storage.uri.write_bytes_atomic(fs, f"{path}/{now:020d}-{uuid.uuid4().hex[:8]}.json", json.dumps(record).encode())
 
 
 def read_stalls(incidents: str) -> list[dict]:
@@ -154,7 +154,7 @@ def read_stalls(incidents: str) -> list[dict]:
                 out.append(json.loads(storage.uri.read_bytes(fs, info.path)))
             except (storage.StorageError, ValueError):
                 continue  # one unreadable record does not hide the others
-    return out
+    return sorted(out, key=lambda r: r.get("time", 0.0))  # by when each was kept (stable: name order on a tie)
 
 
 def end_hung_process(stall: Stall, incidents: str | None, wait_s: float = 10.0) -> None:
