@@ -257,7 +257,9 @@ def test_one_rank_stuck_before_the_all_reduce_ends_the_whole_group_which_resumes
     from the last checkpoint and the run ends whole; the stalls are kept with the rank and where each was."""
     from studies.training.watchdog import Watch, read_stalls
 
-    cfg = tiny_cfg(seed=3, num_workers=2, max_steps=24, checkpoint_every_epochs=1, max_failures=1, stall_timeout=8)
+    # 20 s: a fixed limit holds for the set-up too, which took 8.3 s on a loaded 2-core machine (a fresh-clone suite:
+    # both ranks ended at step 0 and the one restart was spent before the real stall at step 13)
+    cfg = tiny_cfg(seed=3, num_workers=2, max_steps=24, checkpoint_every_epochs=1, max_failures=1, stall_timeout=20)
     t0 = time.time()
     out = runner.run_torch_trainer(cfg, tiny_data, name="stuck", storage_path=str(tmp_path / "ray"),
                                    test_crash=(13, str(tmp_path / "stuck"), 1),
@@ -266,7 +268,7 @@ def test_one_rank_stuck_before_the_all_reduce_ends_the_whole_group_which_resumes
     assert (tmp_path / "stuck").exists()  # rank 1 really stopped once
     assert out.status == "completed" and out.steps == 24
     stalls = read_stalls(str(tmp_path / "incidents"))
-    assert stalls and all(s["step"] == 13 and s["limit_s"] == 8 for s in stalls)
+    assert stalls and all(s["step"] == 13 and s["limit_s"] == 20 for s in stalls)
     assert {s["where"] for s in stalls} <= {"step or its gradient all-reduce"}
     print(f"a two-worker run with a stuck rank: {len(stalls)} stall(s) kept, whole run {took:.0f} s")
-    assert took < 150
+    assert took < 200
