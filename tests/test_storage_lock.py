@@ -218,7 +218,7 @@ def test_s3_renew_recognises_its_own_etag_after_a_lost_response(s3_bucket):  # n
         pass  # released: the adopted ETag was the lease's real one
 
 
-def test_s3_heartbeat_that_cannot_renew_stops_the_study_writing(s3_bucket, monkeypatch):  # noqa: F811
+def test_s3_heartbeat_that_cannot_renew_stops_the_study_writing(s3_bucket, monkeypatch, capsys):  # noqa: F811
     from botocore.exceptions import EndpointConnectionError
 
     monkeypatch.setattr(leases, "_RETRY_S", (0.05, 0.05))
@@ -229,7 +229,11 @@ def test_s3_heartbeat_that_cannot_renew_stops_the_study_writing(s3_bucket, monke
         time.sleep(0.05)
     with pytest.raises(lock.LeaseLost, match="could not renew the lease .*before it expires"):
         held.check()
-    assert not held._thread.is_alive()  # ended with a message, not killed by an uncaught botocore error
+    # lost() can turn true before the heartbeat has printed and returned (or through check()'s own expiry test,
+    # while the heartbeat still retries): give the thread its moment, then it must have ended with its message
+    held._thread.join(timeout=5)
+    assert not held._thread.is_alive()
+    assert "warning: could not renew the lease" in capsys.readouterr().err  # the heartbeat said why it ended
     held.release()
 
 
