@@ -260,7 +260,8 @@ def render(study: Study, bounds: list[PhaseBound], seconds: list[float] | None, 
                      + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in kinds.items())
                      + f" ({cfg.precision}, channels_last={cfg.channels_last}, {int(cfg.cpus_per_worker)} thread(s) "
                        f"a trial); + {RUN_OVERHEAD_S:g} s a run and {STUDY_OVERHEAD_S:.0f} s a study (Ray, data, "
-                       "report); data loading not counted")
+                       "report); every run at its full length (one that diverges ends early, so such a phase takes "
+                       "less); data loading not counted")
     else:
         lines.append(f"time: not estimated ({why_untimed})")
     lines += [f"budget: {n}" for n in notes]
