@@ -147,14 +147,16 @@ def read_stalls(incidents: str) -> list[dict]:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except OSError:
         return []
-    out = []
-    for info in sorted(infos, key=lambda i: i.base_name):
+    kept = []
+    for info in infos:
         if info.type == pafs.FileType.File and info.base_name.endswith(".json"):
             try:
-                out.append(json.loads(storage.uri.read_bytes(fs, info.path)))
+                kept.append((info.base_name, json.loads(storage.uri.read_bytes(fs, info.path))))
             except (storage.StorageError, ValueError):
                 continue  # one unreadable record does not hide the others
-    return sorted(out, key=lambda r: r.get("time", 0.0))  # by when each was kept (stable: name order on a tie)
+    # By when each was kept (the record's time: it also orders a folder whose older files carry the earlier
+    # millisecond names); the name, which holds the nanosecond, breaks a tie.
+    return [r for _, r in sorted(kept, key=lambda k: (k[1].get("time", 0.0), k[0]))]
 
 
 def end_hung_process(stall: Stall, incidents: str | None, wait_s: float = 10.0) -> None:
