@@ -36,9 +36,9 @@ def free_port() -> int:
 
 
 def http(url: str, body: dict | None = None, auth: tuple[str, str] | None = None,
-         token: str | None = None) -> tuple[int, dict | str]:
+         token: str | None = None, method: str | None = None) -> tuple[int, dict | str]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method=method)
     if auth:
         req.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
     if token:
@@ -78,6 +78,16 @@ def session_pids(sid: int) -> list[int]:
             if int(fields[3]) == sid:  # field 6 of stat: session id
                 pids.append(int(d.name))
     return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes have used so far (those still alive)."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # stat fields 14, 15: utime, stime
+    return total / tick
 
 
 def kill_session(sid: int) -> int:
@@ -220,7 +230,7 @@ def team_mlflow(pg: dict, s3: dict, bucket: str, tmp: Path):
         code, body = http(f"{url}/api/2.0/mlflow/users/create", {"username": worker[0], "password": worker[1]},
                           auth=admin)
         assert code == 200, body
-        yield {"url": url, "admin": admin, "worker": worker, "log": log}
+        yield {"url": url, "admin": admin, "worker": worker, "log": log, "proc": server}
     finally:
         stop(server)
 

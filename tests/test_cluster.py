@@ -3,6 +3,7 @@
 # storage (moto's S3 API), the team MLflow server of platform/mlflow/start.sh (PostgreSQL, S3 artifacts, basic
 # auth). Studies arrive as `ray job submit`; a node is lost by SIGKILLing its whole session.
 import json
+import secrets
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from tests.services import (
     ROOT,
     RayNode,
     clean_env,
+    cpu_seconds,
     http,
     mlflow_runs,
     postgres,
@@ -22,6 +24,7 @@ from tests.services import (
     ray_logs,
     s3_keys,
     s3_server,
+    session_pids,
     tags,
     team_mlflow,
 )
@@ -63,6 +66,33 @@ def platform(tmp_path_factory):
             for node in (second, head):
                 if node is not None:
                     node.stop()
+
+
+def test_the_team_server_checks_a_password_once_and_a_change_at_once(platform):
+    # platform/mlflow/start.sh turns on MLflow's credential cache: without it every request runs the password's
+    # scrypt hash, which made hashing the team server's main work under a study's logging.
+    from werkzeug.security import check_password_hash, generate_password_hash
+
+    server = platform["mlflow"]
+    api = f"{server['url']}/api/2.0/mlflow"
+    probe = ("probe", secrets.token_hex(12))
+    assert http(f"{api}/users/create", {"username": probe[0], "password": probe[1]}, auth=server["admin"])[0] == 200
+    hashed, t0 = generate_password_hash(probe[1]), time.process_time()
+    check_password_hash(hashed, probe[1])
+    one_hash = time.process_time() - t0  # what one check costs on this machine
+    pids = session_pids(server["proc"].pid)
+    before = cpu_seconds(pids)
+    for _ in range(20):
+        assert http(f"{api}/experiments/search", {"max_results": 1}, auth=probe)[0] == 200
+    spent = cpu_seconds(pids) - before
+    print(f"\n20 authenticated requests: {spent:.2f} s of the server's CPU; one password check {one_hash:.3f} s")
+    assert spent < 20 * one_hash / 2, (spent, one_hash)  # unchecked each time: 20 checks would cost 20 × one_hash
+    # A password changed through the API holds from the next request: the old one is refused, not remembered.
+    new = secrets.token_hex(12)
+    assert http(f"{api}/users/update-password", {"username": probe[0], "password": new}, auth=server["admin"],
+                method="PATCH")[0] == 200
+    assert http(f"{api}/experiments/search", {"max_results": 1}, auth=probe)[0] == 401
+    assert http(f"{api}/experiments/search", {"max_results": 1}, auth=(probe[0], new))[0] == 200
 
 
 def hang_dump(tmp: Path) -> Path:

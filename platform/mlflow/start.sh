@@ -9,6 +9,7 @@
 #   MLFLOW_HOST (default 127.0.0.1), MLFLOW_PORT (default 5000), MLFLOW_ALLOWED_HOSTS (needed when not loopback)
 #   MLFLOW_S3_ENDPOINT_URL, AWS_* / GOOGLE_APPLICATION_CREDENTIALS   how the server reaches the artifact store
 #   MLFLOW_AUTH_DEFAULT_PERMISSION (default READ: everyone reads everything, writes only their own experiments)
+#   MLFLOW_AUTH_CACHE_TTL_S (default 60): seconds a checked password is remembered (see the ini below; 0: off)
 # Extra arguments go to `mlflow server`.
 set -euo pipefail
 
@@ -27,6 +28,12 @@ port="${MLFLOW_PORT:-5000}"
 
 # The auth app reads its settings from an ini file; write it at run time (no secrets in it: the admin password
 # comes from MLFLOW_AUTH_ADMIN_PASSWORD, which MLflow reads itself).
+# auth_cache_ttl_seconds: a checked user:password is remembered for that long (MLflow keeps it off by default).
+# Without it every request runs the password's scrypt hash (~100 ms of CPU here): one worker then serves at most
+# ~10 authenticated requests a second, and a cluster's trials logging metrics kept the server busy hashing (the
+# two-node tests: 147 s of the server's CPU, nearly all of it). A password change, a deletion or an admin flag set
+# through the API takes effect at once (one worker, and MLflow drops that user's entries); a change made in the
+# database directly, after at most the TTL. MLFLOW_AUTH_CACHE_TTL_S=0 turns it off.
 auth_dir="${MLFLOW_AUTH_CONFIG_DIR:-$(mktemp -d -t mlflow-auth.XXXXXX)}"
 mkdir -p "$auth_dir"
 export MLFLOW_AUTH_CONFIG_PATH="$auth_dir/basic_auth.ini"
@@ -36,6 +43,7 @@ default_permission = ${MLFLOW_AUTH_DEFAULT_PERMISSION:-READ}
 database_uri = ${MLFLOW_AUTH_DATABASE_URI}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 grant_default_workspace_access = false
+auth_cache_ttl_seconds = ${MLFLOW_AUTH_CACHE_TTL_S:-60}
 INI
 )
 
