@@ -13,8 +13,9 @@ def _grid_flags(tmp_path, name, *extra):
     # The smoke preset's data and scan budget (≥ 8192 examples: 128 steps at batch 64, 64 at 128), enough for
     # this data to leave chance loss; lr 25.6 blows up. The full runs are as long as batch 64's scan, so they can
     # confirm its frontier (shorter ones are flagged in a budget note, and did not hold). Batches 64 and 128, not
-    # 32 and 64: the same examples in half the steps, ~40% less time for every phase (the test runs the study, then
-    # every phase after its scan again); each phase still runs, and without clipping batch 128 stays undecided (no lr trains in its scan).
+    # 32 and 64: the same examples in half the steps, ~40% less time for every phase (the test runs the study,
+    # then every phase after its scan again); each phase still runs, and without clipping batch 128 stays
+    # undecided (no lr trains in its scan).
     return ["--smoke-test", *common_flags(tmp_path, name), "--batch-sizes", "64", "128", "--lambdas", "0.04", "none",
             "--lrs", "0.4", "1.6", "25.6", "--full-top", "1", "--max-steps", "160", "--replicates", "2", *extra]
 
