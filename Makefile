@@ -3,7 +3,8 @@ PY ?= python3
 # Test processes (pytest-xdist), each with its own local Ray; tests sharing a module-scoped set-up stay together
 # and the longest other tests are handed out first (tests/conftest.py). One process leaves a core idle a third of
 # the time (process and cluster start-ups, one-worker phases): 2 fill 2 cores (pytest 13m41 → 10m49 from a fresh
-# clone on 2 cores); 1 = sequential.
+# clone on 2 cores, on the suite of then); 1 = sequential. Today's suite is CPU-bound with 2 (~93 % of both cores
+# busy, 15m51 from a fresh clone): a third process makes it no faster.
 TEST_WORKERS ?= 2
 VENV := .venv
 STAMP := $(VENV)/.installed
