@@ -111,14 +111,18 @@ def run_until(tmp_path, name, data_root, ready, sig, *extra):
             proc.wait()
 
 
-def resume(tmp_path, name, data_root):
-    cmd = [sys.executable, str(ROOT / "studies" / "agc_lambda.py"), *flags(tmp_path, name, data_root, "--resume")]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+def resume(tmp_path, name, data_root, capsys):
+    """--resume in this process, on the test session's Ray (what a user's next command does, without a process and
+    a local Ray of its own to start: the faults are in the runs before it); -> what it printed."""
+    capsys.readouterr()
+    out = agc_lambda.main(flags(tmp_path, name, data_root, "--resume"))
+    printed = capsys.readouterr().out
+    assert out["complete"], printed[-3000:]
+    return printed
 
 
-def test_killed_stopped_interrupted_killed_then_resumed_to_the_uninterrupted_numbers(tmp_path, data_root, reference):
+def test_killed_stopped_interrupted_killed_then_resumed_to_the_uninterrupted_numbers(tmp_path, data_root, reference,
+                                                                                       capsys):
     # One study through every way a driver stops, each resumed: SIGKILL mid-scan (an OOM kill, a lost VM),
     # SIGTERM (a scheduler or `ray job stop`), Ctrl-C, then SIGKILL again once the scan is done (mid-full).
     from mlflow.tracking import MlflowClient
@@ -146,7 +150,7 @@ def test_killed_stopped_interrupted_killed_then_resumed_to_the_uninterrupted_num
     # Mid-full: once the first full run's row is in (the scan may have ended in the Ctrl-C'd run already).
     run_until(tmp_path, "faults", data_root, lambda r: len(r) > scans, signal.SIGKILL, "--resume")
     assert rows < table(tmp_path, "faults").read().num_rows < len(reference)
-    out = resume(tmp_path, "faults", data_root)
+    out = resume(tmp_path, "faults", data_root, capsys)
     assert "scan:" not in out and "full:" in out  # only full runs were left
     check_whole(tmp_path, "faults", reference)
 
@@ -243,7 +247,8 @@ builtins.open = _full_disk_open
 '''
 
 
-def test_results_disk_full_mid_study_stops_it_in_one_line_then_resume_completes(tmp_path, data_root, reference):
+def test_results_disk_full_mid_study_stops_it_in_one_line_then_resume_completes(tmp_path, data_root, reference,
+                                                                                capsys):
     # ENOSPC on the results folder after 2 rows (issue 31, items 3 and 5): the study stops within the driver's
     # probe interval plus a margin, with one line naming the folder and the fix; nothing written is lost or half
     # there, no MLflow run is left RUNNING; once space is freed, --resume ends with the uninterrupted rows.
@@ -289,7 +294,7 @@ def test_results_disk_full_mid_study_stops_it_in_one_line_then_resume_completes(
     assert runs and all(r.info.status != "RUNNING" for r in runs)
     (parent,) = [r for r in runs if r.data.tags.get("role") == "study"]
     assert parent.info.status == "KILLED" and parent.data.tags["status"] == "interrupted"
-    resume(tmp_path, "full", data_root)  # space freed (no injection): the rest of the study runs
+    resume(tmp_path, "full", data_root, capsys)  # space freed (no injection): the rest of the study runs
     check_whole(tmp_path, "full", reference)
 
 
