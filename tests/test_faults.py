@@ -111,11 +111,25 @@ def run_until(tmp_path, name, data_root, ready, sig, *extra):
             proc.wait()
 
 
+RESUME_S = 400  # the whole resumed study; a few runs take ~30 s here
+
+
 def resume(tmp_path, name, data_root, capsys):
     """--resume in this process, on the test session's Ray (what a user's next command does, without a process and
-    a local Ray of its own to start: the faults are in the runs before it); -> what it printed."""
+    a local Ray of its own to start: the faults are in the runs before it); -> what it printed. Bounded as the
+    process it replaced was: past RESUME_S it raises in the study's driver loop."""
+
+    def too_long(*_):
+        raise TimeoutError(f"--resume of {name!r} still running after {RESUME_S} s")
+
     capsys.readouterr()
-    out = agc_lambda.main(flags(tmp_path, name, data_root, "--resume"))
+    before = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(RESUME_S)
+    try:
+        out = agc_lambda.main(flags(tmp_path, name, data_root, "--resume"))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
     printed = capsys.readouterr().out
     assert out["complete"], printed[-3000:]
     return printed
