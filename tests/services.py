@@ -66,13 +66,19 @@ def wait_for(check, what: str, timeout: float, proc: subprocess.Popen | None = N
     raise AssertionError(f"{what} not ready after {timeout:.0f}s:\n{tail()}")
 
 
+def _stat(pid: int | str) -> list[str]:
+    """/proc/<pid>/stat after the command name (which may hold spaces): fields 3, 4, … of proc(5) at index 0, 1, ….
+    OSError when the process is gone."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def session_pids(sid: int) -> list[int]:
     """Processes of the session a start_new_session child leads: ours, found by id."""
     pids = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                fields = _stat(d.name)
             except OSError:
                 continue
             if int(fields[3]) == sid:  # field 6 of stat: session id
@@ -85,7 +91,7 @@ def cpu_seconds(pids: list[int]) -> float:
     tick, total = os.sysconf("SC_CLK_TCK"), 0
     for pid in pids:
         with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = _stat(pid)
             total += int(fields[11]) + int(fields[12])  # stat fields 14, 15: utime, stime
     return total / tick
 
