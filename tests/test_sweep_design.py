@@ -144,3 +144,21 @@ def test_replication_reruns_the_deciding_lrs_at_the_seeds_they_lack_and_full_run
 def test_replicates_below_one_is_refused():
     with pytest.raises(ValueError, match="--replicates must be >= 1"):
         design.Study("s", design.Preset(grid={"batch_size": [64]}, fixed={}, replicates=0), TrainConfig())
+
+
+def test_the_order_tag_sorts_a_studys_runs_cell_by_cell_each_in_lr_order():
+    # From the typed cell, never its label: numbers by size (64 before 256 before 1024), no clipping last.
+    cells = Cell.grid({"batch_size": [1024, 64, 256], "clip_threshold": [0.04, None, 0.01]})
+    runs = [(c, lr, phase) for c in cells
+            for lr, phase in ((3.2, "scan"), (0.4, "full"), (12.8, "scan"), (0.4, "scan"), (0.5657, "refine"))]
+    keys = {r: design.Spec(r[2], r[0], TrainConfig(base_lr=r[1])).order for r in runs}
+    ordered = [(c.value("batch_size"), c.value("clip_threshold"), lr, ph) for c, lr, ph in sorted(runs, key=keys.get)]
+    assert ordered[:6] == [(64, 0.01, 0.4, "scan"), (64, 0.01, 0.4, "full"), (64, 0.01, 0.5657, "refine"),
+                           (64, 0.01, 3.2, "scan"), (64, 0.01, 12.8, "scan"), (64, 0.04, 0.4, "scan")]
+    assert [r[:2] for r in ordered[::5]] == [(b, lam) for b in (64, 256, 1024) for lam in (0.01, 0.04, None)]
+    assert all(design.STUDY_ORDER < k for k in keys.values())  # the study run first
+    # a seed sorts after the phase; a JSON axis (spaces in its text) is one value
+    seeds = sorted(design.Spec("scan", cells[0], TrainConfig(seed=s)).order for s in (10, 2))
+    assert [k.split()[-1] for k in seeds] == ["000002", "000010"]
+    (wide,) = Cell.grid({"batch_size": [64], "model_overrides": [{"width": 8}], "clip_threshold": [None]})
+    assert design.Spec("scan", wide, TrainConfig()).order.split(" ")[1:4] == ['~{"width":', '8}', "~none"]

@@ -96,22 +96,6 @@ def test_params_are_the_settings_that_took_effect():
     assert p["warmup_epochs"] == "1.0" and p["epochs"] == "5.0"
 
 
-def test_the_order_tag_sorts_a_studys_runs_cell_by_cell_each_in_lr_order():
-    from studies.training import run_note
-
-    runs = [(b, lam, lr, phase) for b in (1024, 64, 256) for lam in ("0.04", "none", "0.01")
-            for lr, phase in ((3.2, "scan"), (0.4, "full"), (12.8, "scan"), (0.4, "scan"), (0.5657, "refine"))]
-    keys = {r: run_note.order_key(f"batch_size={r[0]} lambda={r[1]}", _cfg(base_lr=r[2]), r[3]) for r in runs}
-    ordered = sorted(runs, key=keys.get)
-    assert ordered[:6] == [(64, "0.01", 0.4, "scan"), (64, "0.01", 0.4, "full"), (64, "0.01", 0.5657, "refine"),
-                           (64, "0.01", 3.2, "scan"), (64, "0.01", 12.8, "scan"), (64, "0.04", 0.4, "scan")]
-    assert [r[:2] for r in ordered[::5]] == [(b, lam) for b in (64, 256, 1024) for lam in ("0.01", "0.04", "none")]
-    assert all(run_note.STUDY_ORDER < k for k in keys.values())  # the study run first
-    # a value with a space in it (a JSON axis) stays one value
-    spaced = run_note.order_key('batch_size=64 model_overrides={"width": 8} lambda=none', _cfg(), "scan")
-    assert spaced.startswith(keys[64, "none", 0.4, "scan"].split(" ")[0] + ' ~{"width": 8} ~none ')
-
-
 # ---- the training view, whatever link a user follows (studies/training/mlflow_app.py) ----
 
 def test_the_server_app_stores_the_training_view_before_mlflows_ui_starts():

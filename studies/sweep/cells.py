@@ -60,6 +60,12 @@ class Cell:
         return " ".join(text(k, v) for k, v in self.axes)
 
     @property
+    def order(self) -> list[str]:
+        """The cell's axis values as texts that sort as the values do (the `order` tag's first part)."""
+        return [sortable(v) if k != "clip_threshold" or v is not None else sortable(lambda_label(v))
+                for k, v in self.axes]
+
+    @property
     def short(self) -> str:
         """The cell as a run name spells it, readable in a narrow column: 'b1024 λ0.16', 'b256 aug0.5'."""
         def text(k, v):
@@ -77,6 +83,15 @@ class Cell:
     def column(self) -> str:
         """The tables' `axes` column: {"batch_size": 256, "lambda": 0.01} (JSON, in the grid's order)."""
         return json.dumps({public_name(k): v for k, v in self.axes})
+
+
+def sortable(value: Any) -> str:
+    """A value as text that sorts as the value does: numbers by size (a fixed-width decimal), then anything else
+    as its label spells it ('none', no clipping: last, as in the tables)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        v = float(value)
+        return f"{v:024.9f}" if v >= 0 else f"-{-v:023.9f}"
+    return "~" + (json.dumps(value) if isinstance(value, (dict, list)) else str(value))
 
 
 _PART = re.compile(r" (?=[A-Za-z_][A-Za-z0-9_]*=)")  # a label's "axis=value" parts (a JSON value may hold spaces)

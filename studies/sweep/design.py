@@ -21,7 +21,7 @@ from typing import Any
 
 import storage
 from studies.sweep import frontier, knobs, tables
-from studies.sweep.cells import VARIANTS, Cell  # noqa: F401  (VARIANTS re-exported)
+from studies.sweep.cells import VARIANTS, Cell, sortable  # noqa: F401  (VARIANTS re-exported)
 from studies.sweep.knobs import Also, at_least, knob
 from studies.training.config import TrainConfig, lambda_label, public_name
 from studies.training.flags import grid_flag
@@ -192,6 +192,10 @@ def design_params(study: Study, concurrency: int) -> dict[str, str]:
 
 # ---- the trials of each phase: plain data, a pure function of the study (and the scan's results) ----
 
+PHASE_ORDER = ("scan", "refine", "replicate", "full", "tpe")
+STUDY_ORDER = "!"  # the study run's `order` tag: before every trial's (theirs start with a digit or '~')
+
+
 @dataclass(frozen=True)
 class Spec:
     """One training run of the study: built once, on the driver; it reaches the loop as this TrainConfig."""
@@ -212,6 +216,14 @@ class Spec:
         verdict's mark goes in front once the run ends, runner.train_and_track). The lr with the 4 digits the
         tables and findings write (lr0.5657, not lr0.566): a name is found by the number a table gives."""
         return f"{self.short or self.cell.short} lr{self.config.base_lr:.4g} {self.phase} s{self.config.seed}"
+
+    @property
+    def order(self) -> str:
+        """The run's MLflow `order` tag: its cell's values (in the grid's order), its base lr, phase and seed.
+        Sorted by it, a study's runs table lists each cell together, its runs in lr order (a full run beside its
+        scan)."""
+        rank = PHASE_ORDER.index(self.phase) if self.phase in PHASE_ORDER else len(PHASE_ORDER)
+        return " ".join([*self.cell.order, sortable(self.config.base_lr), str(rank), f"{self.config.seed:06d}"])
 
     def identity(self, study: str) -> dict[str, str]:
         """The row's identity columns (tables.IDENTITY): which study, run, phase and cell, the cell's axes typed."""

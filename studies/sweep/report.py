@@ -130,7 +130,7 @@ VIEW = "study"  # the saved view of the runs table every printed link opens
 
 
 def study_view(study: Study) -> dict[str, Any]:
-    """The runs table the printed link opens: sorted by the trials' `order` tag (run_note.order_key), so the study
+    """The runs table the printed link opens: sorted by the trials' `order` tag (design.Spec.order), so the study
     run comes first and each cell's runs follow together in lr order (a full run beside its scan), listed flat
     (MLflow nests children only when sorting by date); its first columns, visible at 1,500 px: the verdict, the
     phase and the verdict's reason in numbers, then the grid axes, base lr, seed (where a study has several) and

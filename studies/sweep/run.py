@@ -8,10 +8,9 @@ from typing import Any
 
 import storage
 from studies.sweep import cluster, record, report
-from studies.sweep.design import Study, budget_notes, design_params
+from studies.sweep.design import STUDY_ORDER, Study, budget_notes, design_params
 from studies.training import runner
 from studies.training.mlflow_ui import describe_experiment, save_view, source_tags
-from studies.training.run_note import STUDY_ORDER
 from studies.training.tracking import Tracker, check_tracking_uri, hardware
 
 PROBE_S = {True: 2.0, False: 30.0}  # how often the driver probes the results folder: local, object store

@@ -75,7 +75,7 @@ def train_spec(spec: Spec, env: TrialEnv, table: storage.ResultsTable) -> RunSum
         env.tracking_uri, env.experiment, spec.label, parent_run_id=env.parent_run_id, source=env.source,
         reuse_key=f"{env.study_id}:{spec.key}",
         tags={"study": env.study, "cell": spec.cell.label, "phase": spec.phase, "trial_key": spec.key,
-              "lambda": cfg.lambda_label, "seed": str(cfg.seed)},
+              "lambda": cfg.lambda_label, "seed": str(cfg.seed), "order": spec.order},
         system_metrics=spec.phase not in frontier.SCAN_PHASES)  # scans last seconds: no monitor thread for them
     launch = runner.Launch(  # this process is the trial's: its reports and checkpoints go to Tune
         dataset_uri=env.dataset_uri, storage_path=env.storage_path, reports=runner.tune_reports(), quiet=True,

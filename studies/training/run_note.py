@@ -1,7 +1,7 @@
 """What a training run says about itself on its MLflow page: a description (MLflow's note) whose first line is its
 verdict and the reason in numbers, then its learning rate (base and peak named as such), its phase and what its
-charts show; a short `reason` tag for the runs table; the params that took effect; and an `order` tag that sorts a
-study's runs cell by cell, each cell's in lr order. Pure functions of the config, the summary and the run's tags."""
+charts show; a short `reason` tag for the runs table; and the params that took effect. Pure functions of the config, the
+summary and the run's tags. (A study's trials also carry an `order` tag, from the sweep: design.Spec.order.)"""
 from __future__ import annotations
 
 import math
@@ -23,8 +23,6 @@ PHASES = {
             "its frontier",
     "tpe": "a trial of the TPE search",
 }
-PHASE_ORDER = ("scan", "refine", "replicate", "full", "tpe")
-STUDY_ORDER = "!"  # the study run's `order` tag: before every trial's (theirs start with a digit or '~')
 
 
 def _g(v: float | None) -> str:
@@ -134,33 +132,6 @@ def effective_params(cfg: TrainConfig) -> dict[str, str]:
     if not cfg.use_gpu:
         out.pop("gpus_per_worker", None)
     return out
-
-
-def _sortable(text: str) -> str:
-    """A value as text that sorts as the value does: numbers by size (a fixed-width decimal), then anything else
-    ('none': no clipping, last as in the tables)."""
-    try:
-        v = float(text)
-    except ValueError:
-        return "~" + text
-    return f"{v:024.9f}" if v >= 0 else f"-{-v:023.9f}"
-
-
-def order_key(cell: str, cfg: TrainConfig, phase: str | None) -> str:
-    """The `order` tag: the cell's values in its label's order, then the base lr, the phase, the seed. Sorted by
-    it, a study's runs table lists each cell together, its runs in lr order (a full run beside its scan)."""
-    import re
-
-    keys = list(re.finditer(r"(?:^| )([A-Za-z_][A-Za-z0-9_.]*)=", cell))
-    values = [cell[k.end(): keys[i + 1].start() if i + 1 < len(keys) else len(cell)] for i, k in enumerate(keys)]
-    rank = PHASE_ORDER.index(phase) if phase in PHASE_ORDER else len(PHASE_ORDER)
-    return " ".join([*map(_sortable, values), _sortable(str(cfg.base_lr)), str(rank), f"{cfg.seed:06d}"])
-
-
-def trial_tags(cfg: TrainConfig, tags: dict[str, Any] | None) -> dict[str, str]:
-    """Tags a run gets when it starts: `order` where it belongs to a cell of a study."""
-    tags = tags or {}
-    return {"order": order_key(tags["cell"], cfg, tags.get("phase"))} if tags.get("cell") else {}
 
 
 def describe(tracker, cfg: TrainConfig, s: RunSummary, tags: dict[str, Any] | None = None) -> None:

@@ -252,8 +252,7 @@ class RunRecord:
         """The run's MLflow run (a new one, or the one its reuse key names), with its params and dataset."""
         tracker = Tracker.create(
             self.tracking_uri, self.experiment, self.run_name,
-            tags={**(self.source or source_tags()), "hardware": hardware(), "model": cfg.model, **(self.tags or {}),
-                  **run_note.trial_tags(cfg, self.tags)},
+            tags={**(self.source or source_tags()), "hardware": hardware(), "model": cfg.model, **(self.tags or {})},
             parent_run_id=self.parent_run_id, reuse_tag=("run_key", self.reuse_key) if self.reuse_key else None,
         )
         tracker.log_params(run_note.effective_params(cfg))
