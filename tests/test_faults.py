@@ -1,5 +1,5 @@
 """Faults injected into a running study: the driver killed (SIGKILL, mid-scan and mid-full), stopped (SIGTERM),
-interrupted (SIGINT), the tracking server down, the results disk full (ENOSPC) (a lost trial process or node:
+interrupted (SIGINT), the results disk full (ENOSPC) then the tracking server down (a lost trial process or node:
 tests/test_cluster.py). After each, the study is resumed (or recovers by itself) and must hold exactly one row and
 one MLflow run per trial, none left RUNNING, with the numbers of an uninterrupted run."""
 import os
@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -114,7 +115,7 @@ def run_until(tmp_path, name, data_root, ready, sig, *extra):
 RESUME_S = 400  # the whole resumed study; a few runs take ~30 s here
 
 
-def resume(tmp_path, name, data_root, capsys):
+def resume(tmp_path, name, data_root, capsys, tracking_uri=None):
     """--resume in this process, on the test session's Ray (what a user's next command does, without a process and
     a local Ray of its own to start: the faults are in the runs before it); -> what it printed. Bounded as the
     process it replaced was: past RESUME_S it raises in the study's driver loop."""
@@ -125,8 +126,11 @@ def resume(tmp_path, name, data_root, capsys):
     capsys.readouterr()
     before = signal.signal(signal.SIGALRM, too_long)
     signal.alarm(RESUME_S)
+    argv = flags(tmp_path, name, data_root, "--resume")
+    if tracking_uri:
+        argv[argv.index("--tracking-uri") + 1] = tracking_uri
     try:
-        out = agc_lambda.main(flags(tmp_path, name, data_root, "--resume"))
+        out = agc_lambda.main(argv)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, before)
@@ -169,56 +173,65 @@ def test_killed_stopped_interrupted_killed_then_resumed_to_the_uninterrupted_num
     check_whole(tmp_path, "faults", reference)
 
 
-def test_tracking_server_down_for_seconds_mid_study(tmp_path, data_root, reference):
-    # The team server goes away for a few seconds (a restart, a network blip): training goes on, MLflow's client
-    # retries, metrics are buffered; every run ends up on the server once, none left RUNNING.
-    port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+class TrackingServer:
+    """`mlflow server` over the test's sqlite store, on one port for its whole life: blip_when(ready) takes it away
+    for a few seconds (a restart, a network blip) once `ready(rows)` holds, then starts it again on that port."""
 
-    def start():
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    def __init__(self, tmp_path: Path):
+        self.tmp, self.port = tmp_path, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.outage: list[float] = []  # when it went down, when it was back
+        self.rows_at_outage = 0  # the study's rows when it went down
+        self.procs: list[subprocess.Popen] = []  # every server process started, ended on exit
+        self.thread: threading.Thread | None = None
+
+    def _start(self) -> None:
+        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.tmp}/mlflow.db",
+               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        proc = subprocess.Popen(cmd, cwd=self.tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
-        wait_for(lambda: http(f"http://127.0.0.1:{port}/health")[0] == 200, "mlflow server", 90, proc)
-        return proc
+        self.procs.append(proc)
+        wait_for(lambda: http(f"{self.uri}/health")[0] == 200, "mlflow server", 90, proc)
 
-    servers = [start()]
-    outage = []
+    def blip_when(self, ready: Callable[[int], bool], name: str) -> None:
+        def blip():
+            t = table(self.tmp, name)
+            deadline = time.time() + 200
+            while time.time() < deadline:
+                try:
+                    self.rows_at_outage = t.read().num_rows
+                    if ready(self.rows_at_outage):
+                        break
+                except Exception:
+                    pass
+                time.sleep(0.3)
+            os.killpg(self.procs[-1].pid, signal.SIGKILL)
+            self.procs[-1].wait()
+            self.outage.append(time.time())
+            time.sleep(4)
+            self._start()
+            self.outage.append(time.time())
 
-    def blip():
-        t = table(tmp_path, "outage")
-        deadline = time.time() + 200
-        while time.time() < deadline:
-            try:
-                if t.read().num_rows >= 2:
-                    break
-            except Exception:
-                pass
-            time.sleep(0.3)
-        os.killpg(servers[0].pid, signal.SIGKILL)
-        servers[0].wait()
-        outage.append(time.time())
-        time.sleep(4)
-        servers.append(start())
-        outage.append(time.time())
+        self.thread = threading.Thread(target=blip, daemon=True)
+        self.thread.start()
 
-    th = threading.Thread(target=blip, daemon=True)
-    th.start()
-    try:
-        study = flags(tmp_path, "outage", data_root)
-        study[study.index("--tracking-uri") + 1] = f"http://127.0.0.1:{port}"
-        out = agc_lambda.main(study)
-        th.join(timeout=120)
-    finally:
-        for p in servers:
+    def __enter__(self) -> "TrackingServer":
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout=120)
+        for p in self.procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-    assert len(outage) == 2 and outage[1] - outage[0] >= 4  # the server really was down mid-study
-    assert out["complete"] and "failed" not in out["results"].column("status").to_pylist()
-    check_whole(tmp_path, "outage", reference)
 
 
 # Loaded by every Python process of the study (driver and Ray workers, through PYTHONPATH): the disk holding the
@@ -261,11 +274,14 @@ builtins.open = _full_disk_open
 '''
 
 
-def test_results_disk_full_mid_study_stops_it_in_one_line_then_resume_completes(tmp_path, data_root, reference,
-                                                                                capsys):
+def test_results_disk_full_then_the_tracking_server_down_mid_resume_lose_nothing(tmp_path, data_root, reference,
+                                                                                 capsys):
     # ENOSPC on the results folder after 2 rows (issue 31, items 3 and 5): the study stops within the driver's
     # probe interval plus a margin, with one line naming the folder and the fix; nothing written is lost or half
     # there, no MLflow run is left RUNNING; once space is freed, --resume ends with the uninterrupted rows.
+    # The study logs to a tracking server, which goes away for a few seconds in the middle of the resume (a
+    # restart, a network blip): training goes on, MLflow's client retries, metrics are buffered; every run ends up
+    # on the server once, none left RUNNING. (Two faults in one study: each alone would rerun the whole study.)
     from mlflow.tracking import MlflowClient
 
     from studies.sweep.run import PROBE_S
@@ -276,39 +292,46 @@ def test_results_disk_full_mid_study_stops_it_in_one_line_then_resume_completes(
     folder = tmp_path / "out" / "full" / "results" / "results"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "NFNET_TEST_FULL_FOLDER": str(folder), "NFNET_TEST_FULL_AFTER": "2",
            "PYTHONPATH": os.pathsep.join([str(inject), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    cmd = [sys.executable, str(ROOT / "studies" / "agc_lambda.py"), *flags(tmp_path, "full", data_root)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    out: list[str] = []
-    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
-    reader.start()
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None and len(list(folder.glob("part-*.parquet"))) < 2:
-            time.sleep(0.2)
-        full_at = time.time()  # from here on every write to the folder fails
-        proc.wait(timeout=PROBE_S[True] + 90)
-        took = time.time() - full_at
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    reader.join(timeout=30)
-    text = "".join(out)
-    assert proc.returncode == 2, text[-3000:]
-    assert text.strip().splitlines()[-1] == (
-        f"agc_lambda.py: error: cannot write {folder}: no space left on the device (ENOSPC); free space there, then "
-        "continue the study with --resume (the rows written so far are kept)"), text[-3000:]
-    print(f"stopped {took:.1f} s after the disk filled up")
-    assert took < PROBE_S[True] + 60  # the probe interval, plus a margin for Tune to stop a trial on 2 busy cores
-    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith("part-")) == []  # no temp, no probe
-    assert table(tmp_path, "full").read().num_rows == 2  # what was written is all there, and whole
-    c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = c.search_runs([c.get_experiment_by_name("full").experiment_id], max_results=1000)
-    assert runs and all(r.info.status != "RUNNING" for r in runs)
-    (parent,) = [r for r in runs if r.data.tags.get("role") == "study"]
-    assert parent.info.status == "KILLED" and parent.data.tags["status"] == "interrupted"
-    resume(tmp_path, "full", data_root, capsys)  # space freed (no injection): the rest of the study runs
+    with TrackingServer(tmp_path) as server:
+        argv = flags(tmp_path, "full", data_root)
+        argv[argv.index("--tracking-uri") + 1] = server.uri
+        proc = subprocess.Popen([sys.executable, str(ROOT / "studies" / "agc_lambda.py"), *argv], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        out: list[str] = []
+        reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
+        reader.start()
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline and proc.poll() is None and len(list(folder.glob("part-*.parquet"))) < 2:
+                time.sleep(0.2)
+            full_at = time.time()  # from here on every write to the folder fails
+            proc.wait(timeout=PROBE_S[True] + 90)
+            took = time.time() - full_at
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        reader.join(timeout=30)
+        text = "".join(out)
+        assert proc.returncode == 2, text[-3000:]
+        assert text.strip().splitlines()[-1] == (
+            f"agc_lambda.py: error: cannot write {folder}: no space left on the device (ENOSPC); free space there, "
+            "then continue the study with --resume (the rows written so far are kept)"), text[-3000:]
+        print(f"stopped {took:.1f} s after the disk filled up")
+        assert took < PROBE_S[True] + 60  # the probe interval, plus a margin for Tune to stop a trial on 2 busy cores
+        assert sorted(p.name for p in folder.iterdir() if not p.name.startswith("part-")) == []  # no temp, no probe
+        assert table(tmp_path, "full").read().num_rows == 2  # what was written is all there, and whole
+        c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+        runs = c.search_runs([c.get_experiment_by_name("full").experiment_id], max_results=1000)
+        assert runs and all(r.info.status != "RUNNING" for r in runs)
+        (parent,) = [r for r in runs if r.data.tags.get("role") == "study"]
+        assert parent.info.status == "KILLED" and parent.data.tags["status"] == "interrupted"
+
+        server.blip_when(lambda rows: rows >= 4, "full")  # once 2 of the resume's 8 runs are done
+        resume(tmp_path, "full", data_root, capsys, server.uri)  # space freed (no injection): the rest of it runs
+    assert len(server.outage) == 2 and server.outage[1] - server.outage[0] >= 4  # it really was down,
+    assert 4 <= server.rows_at_outage < len(reference)  # in the middle of the resume
+    assert "failed" not in table(tmp_path, "full").read().column("status").to_pylist()
     check_whole(tmp_path, "full", reference)
 
 
