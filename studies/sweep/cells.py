@@ -62,7 +62,7 @@ class Cell:
     @property
     def order(self) -> list[str]:
         """The cell's axis values as texts that sort as the values do (the `order` tag's first part)."""
-        return [sortable(v) if k != "clip_threshold" or v is not None else sortable(lambda_label(v))
+        return [sortable(lambda_label(v)) if k == "clip_threshold" and v is None else sortable(v)  # 'none', as labelled
                 for k, v in self.axes]
 
     @property
