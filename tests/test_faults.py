@@ -16,7 +16,7 @@ import pytest
 from studies import agc_lambda
 from studies.sweep import design
 from studies.training.config import TrainConfig
-from tests.services import free_port, http, wait_for
+from tests.services import free_port, http, stop, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -27,10 +27,12 @@ def data_root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("shared-data"))  # one data root: the same configs, the same trial keys
 
 
-def flags(tmp_path, name, data_root, *extra):
+def flags(tmp_path, name, data_root, *extra, tracking_uri=None):
     # 10 runs: 6 scans (lr 0.4 and 1.6 train at both λs, 25.6 diverges), 2 refinements, 2 full runs. Batch 64, not
     # 32: the smoke scan budget (8192 examples) in 160 steps instead of 320, for the reference and each fault.
-    return ["--smoke-test", "--output", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+    # MLflow: the test's sqlite store, or a server over it (TrackingServer).
+    return ["--smoke-test", "--output", str(tmp_path / "out"),
+            "--tracking-uri", tracking_uri or f"sqlite:///{tmp_path}/mlflow.db",
             "--data-root", data_root, "--name", name, "--batch-sizes", "64", "--lambdas", "0.04", "none",
             "--lrs", "0.4", "1.6", "25.6", "--max-steps", "48", "--full-top", "1", "--max-concurrent", "1", *extra]
 
@@ -126,11 +128,8 @@ def resume(tmp_path, name, data_root, capsys, tracking_uri=None):
     capsys.readouterr()
     before = signal.signal(signal.SIGALRM, too_long)
     signal.alarm(RESUME_S)
-    argv = flags(tmp_path, name, data_root, "--resume")
-    if tracking_uri:
-        argv[argv.index("--tracking-uri") + 1] = tracking_uri
     try:
-        out = agc_lambda.main(argv)
+        out = agc_lambda.main(flags(tmp_path, name, data_root, "--resume", tracking_uri=tracking_uri))
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, before)
@@ -229,9 +228,7 @@ class TrackingServer:
         if self.thread is not None:
             self.thread.join(timeout=120)
         for p in self.procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+            stop(p)
 
 
 # Loaded by every Python process of the study (driver and Ray workers, through PYTHONPATH): the disk holding the
@@ -293,8 +290,7 @@ def test_results_disk_full_then_the_tracking_server_down_mid_resume_lose_nothing
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "NFNET_TEST_FULL_FOLDER": str(folder), "NFNET_TEST_FULL_AFTER": "2",
            "PYTHONPATH": os.pathsep.join([str(inject), *filter(None, [os.environ.get("PYTHONPATH")])])}
     with TrackingServer(tmp_path) as server:
-        argv = flags(tmp_path, "full", data_root)
-        argv[argv.index("--tracking-uri") + 1] = server.uri
+        argv = flags(tmp_path, "full", data_root, tracking_uri=server.uri)
         proc = subprocess.Popen([sys.executable, str(ROOT / "studies" / "agc_lambda.py"), *argv], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         out: list[str] = []
