@@ -1,4 +1,4 @@
-"""What the MLflow UI shows beyond metrics (studies/training/mlflow_ui.py): the dataset input of a run."""
+"""What the MLflow UI shows beyond metrics (studies/training/mlflow_ui.py): the dataset input of a run, its curves."""
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -28,6 +28,30 @@ def test_a_dataset_insert_lost_to_a_concurrent_trial_is_retried_and_linked_once(
     inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
     assert racer.calls == 2 and len(inputs) == 1
     assert inputs[0].dataset.name == tiny_data.rstrip("/").rsplit("/", 1)[-1]
+
+
+def test_curves_png_is_drawn_for_a_run_evaluated_twice_and_not_for_a_scan(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from studies.training.tracking import Tracker
+
+    def artifacts(history):
+        tracker = Tracker.create(f"sqlite:///{tmp_path}/m.db", "curves", "run")
+        mlflow_ui.log_curves(tracker, history, title="run")
+        names = {a.path for a in tracker.client.list_artifacts(tracker.run_id)}
+        if "curves.png" in names:
+            path = tracker.client.download_artifacts(tracker.run_id, "curves.png", str(tmp_path))
+            img = np.asarray(Image.open(path).convert("L"))
+            assert img.shape[1] > 400 and len(np.unique(img)) > 20  # a drawn figure, not a blank canvas
+        return names
+
+    train = [{"step": 16 * (i + 1), "train_loss": 2.3 - 0.1 * i, "train_acc": 0.1 + 0.05 * i} for i in range(6)]
+    val = [{**h, "val_loss": h["train_loss"] + 0.05, "val_acc": h["train_acc"] - 0.02} for h in train]
+    assert "curves.png" not in artifacts(train)  # a scan: six epochs, never evaluated
+    assert "curves.png" not in artifacts([*train[:5], val[5]])  # evaluated once, at its end: no val curve
+    assert "curves.png" in artifacts([train[0], val[1], train[2], val[3]])  # evaluated every other epoch
+    assert "curves.png" in artifacts(val)
 
 
 def test_a_dataset_that_cannot_be_linked_after_its_retries_is_raised(tmp_path, tiny_data):
