@@ -137,10 +137,14 @@ def build(cfg: TrainConfig, dataset_uri: str, ctx: WorkerContext):
     model = nfnet.create_model(cfg.model, num_classes=man.num_classes, **cfg.model_overrides).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    # One fused kernel for the whole update on the GPU; the multi-tensor (foreach) path on CPU.
-    fused = device.type == "cuda"
-    opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
-                          nesterov=cfg.nesterov, foreach=not fused, fused=fused)
+    # One fused kernel for the whole update on the GPU; on CPU torch's multi-tensor path, as nfnet.optim.SGD (the
+    # same bits, without torch.optim's per-process import of torch._dynamo and its per-step machinery).
+    if device.type == "cuda":
+        opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
+                              nesterov=cfg.nesterov, fused=True)
+    else:
+        opt = nfnet.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
+                              nesterov=cfg.nesterov)
     net = model
     if ctx.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(

@@ -78,7 +78,7 @@ class Training:
     ctx: WorkerContext
     model: torch.nn.Module
     net: torch.nn.Module  # the model as trained: DDP-wrapped and/or compiled
-    opt: torch.optim.Optimizer
+    opt: torch.optim.SGD | nfnet.optim.SGD  # torch's fused SGD on CUDA, its multi-tensor update as nfnet.optim on CPU
     augment: nfnet.Augment
     val: Callable[[], Iterable] | None  # -> this rank's (images, labels) chunks of the validation split
     total: int  # steps to run
