@@ -3,12 +3,12 @@ updates on the CPU.
 
 It computes what `torch.optim.SGD(..., foreach=True)` computes, op for op (the same `torch._foreach_*` calls in
 the same order, so the same bits: tests/test_nfnet_optim.py), without that class's per-step machinery. Why:
-- the step: on the laptop study's model (NF-ResNet width 8, batch 64, one CPU thread) `torch.optim.SGD.step`
-  took ~0.5 ms of an ~11.6 ms training step (its hooks, profiler scopes and regrouping of tensors by device and
-  dtype at every step); the same update here is four multi-tensor ops per group;
 - the start: `torch.optim.Optimizer` imports `torch._dynamo` on first use (its methods are wrapped to be skipped
   by the compiler), ~1.2-1.9 s of CPU in every process that trains: each Tune trial's process, each test
-  process.
+  process;
+- the step: on the laptop study's model (NF-ResNet width 8, one CPU thread) `torch.optim.SGD.step` took 0.20 ms
+  and this one 0.14 ms (its hooks, profiler scopes and regrouping of tensors by device and dtype at every step are
+  not here), of an ~11-13 ms step at batch 64: within the noise of a whole training run.
 Its state_dict is `torch.optim.SGD`'s (momentum buffers by parameter index, the groups' settings), so a
 checkpoint of either loads into the other. On CUDA the training loop keeps torch's fused SGD (one kernel)."""
 from __future__ import annotations

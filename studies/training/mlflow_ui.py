@@ -123,8 +123,8 @@ def describe_experiment(client, experiment_id: str, description: str) -> None:
 def log_curves(tracker: Tracker, history: list[dict[str, Any]], title: str = "") -> None:
     """The run's loss and accuracy per epoch, train beside val, as `curves.png`: for a run evaluated at least twice
     (a curve needs two points). A run that never evaluates (a study's scan) gets none: its train loss per step is in
-    MLflow's metrics and in the study's `cell_curves.png`, beside its cell's other lrs, and the figure alone took
-    ~0.3 s of CPU per run, ~45 s over the 134 scan runs of the laptop study on 2 cores."""
+    MLflow's metrics and in the study's `cell_curves.png`, beside its cell's other lrs, and the figure took ~0.25 s
+    of CPU per run, ~35 s over the 134 scan runs of the laptop study on 2 cores."""
     if sum("val_loss" in h for h in history) < 2:
         return
     import matplotlib
