@@ -158,7 +158,9 @@ def step_seconds(cfg: TrainConfig, data: DataSize, steps: int = 3) -> float:
             model = model.to(memory_format=torch.channels_last)
         params = [q for q in model.parameters() if q.requires_grad]
         agc = nfnet.agc_parameters(model) if cfg.clipping == "agc" else None
-        opt = torch.optim.SGD(params, lr=0.0, momentum=cfg.momentum)  # lr 0: only the time matters here
+        opt = loop.optimizer(model, cfg, device)  # the trial's own SGD
+        for g in opt.param_groups:
+            g["lr"] = 0.0  # only the time matters here
         images = torch.randint(0, 256, (cfg.local_batch_size, 3, data.image_size, data.image_size),
                                dtype=torch.uint8, device=device)
         labels = torch.arange(len(images), device=device) % data.num_classes

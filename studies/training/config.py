@@ -176,7 +176,7 @@ class TrainConfig:
         if self.clipping != "none" and not (self.clip_threshold or 0) > 0:
             bad(f"clip_threshold (λ for AGC) must be > 0, got {self.clip_threshold}; use clipping='none' to disable",
                 "clip_threshold")
-        if self.nesterov and self.momentum == 0:  # torch.optim.SGD would refuse it inside the first trial
+        if self.nesterov and self.momentum == 0:  # the SGD would refuse it inside the first trial
             bad("nesterov needs a momentum > 0, got momentum 0.0; turn nesterov off or use a momentum in (0, 1)",
                 "nesterov")
         g = self.gpus_per_worker

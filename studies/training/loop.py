@@ -128,6 +128,15 @@ def evaluate(model, chunks, augment, ctx: WorkerContext, batch: int, channels_la
     return loss / max(n, 1), correct / max(n, 1)
 
 
+def optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+    """The run's SGD: one fused kernel for the whole update on the GPU; on CPU torch's multi-tensor path, as
+    nfnet.optim.SGD (the same bits, without torch.optim's per-process import of torch._dynamo)."""
+    groups = param_groups(model, cfg.weight_decay)
+    if device.type == "cuda":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
+    return nfnet.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
 def build(cfg: TrainConfig, dataset_uri: str, ctx: WorkerContext):
     """Model, optimizer, data and augmentation for one worker."""
     device = ctx.device
@@ -137,14 +146,7 @@ def build(cfg: TrainConfig, dataset_uri: str, ctx: WorkerContext):
     model = nfnet.create_model(cfg.model, num_classes=man.num_classes, **cfg.model_overrides).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    # One fused kernel for the whole update on the GPU; on CPU torch's multi-tensor path, as nfnet.optim.SGD (the
-    # same bits, without torch.optim's per-process import of torch._dynamo and its per-step machinery).
-    if device.type == "cuda":
-        opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
-                              nesterov=cfg.nesterov, fused=True)
-    else:
-        opt = nfnet.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
-                              nesterov=cfg.nesterov)
+    opt = optimizer(model, cfg, device)
     net = model
     if ctx.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(
