@@ -29,10 +29,21 @@ BIN = Path(sys.executable).parent
 NO_PG = "PostgreSQL binaries (initdb, pg_ctl) not found; run platform/ci/install-test-deps.sh as root"
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on now, never one this process handed out before. The kernel may give a port just
+    closed to the next bind(0): a Ray node asks for five ports in a row, and CI once got the dashboard's port again
+    for metrics export, which `ray start` refuses."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
+    raise RuntimeError(f"no fresh port in 100 tries; {len(_GIVEN)} handed out already")
 
 
 def http(url: str, body: dict | None = None, auth: tuple[str, str] | None = None,
