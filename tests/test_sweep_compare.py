@@ -49,6 +49,18 @@ def test_a_lower_bound_agrees_with_anything_above_it_and_the_same_map_agrees_eve
     assert "4 of 4 cells within one √2 step; findings the same" in text
 
 
+def test_none_below_the_grid_agrees_with_a_frontier_up_to_one_step_above_its_smallest_lr():
+    """'none' says the frontier lies below the smallest lr tried (0.1 here): a seed that trained at 0.1 is one
+    step from it at most; one that trained up to 0.4 contradicts it."""
+    below = frontier.frontier_table(_rows({(1024, "none"): "ddddd"}))
+    at_floor = frontier.frontier_table(_rows({(1024, "none"): "tdddd"}, seed=10))
+    higher = frontier.frontier_table(_rows({(1024, "none"): "tttdd"}, seed=10))
+    (p,) = compare.pair_cells(below, at_floor)
+    assert (p.a, p.b, p.steps, p.agree) == ("none", "0.1", 0.0, True)
+    (p,) = compare.pair_cells(higher, below)
+    assert p.steps == pytest.approx(4.0) and not p.agree
+
+
 def test_the_script_reads_two_outputs_and_refuses_a_folder_without_a_map(tmp_path, capsys):
     for name in ("seed0", "seed10"):
         (tmp_path / name / "s").mkdir(parents=True)

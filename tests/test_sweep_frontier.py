@@ -61,7 +61,57 @@ def test_a_cell_where_nothing_trains_is_undecided_or_none_never_a_number():
     assert "undecided" in findings.cell_sentence(64, "λ=0.01", cells[u])
     # Diverged runs count at the start loss: every lr the same, so the curve is flat.
     assert cells[n]["lr_sensitivity"] == pytest.approx(0.0)
-    assert frontier.full_phase_lrs(rows, top=2) == {u: [], n: []} and frontier.refine_lrs(rows) == {}
+    assert frontier.full_phase_lrs(rows, top=2) == {u: [], n: []}
+    # Nothing to refine where nothing trains; a cell below the grid tries the lr √2 below its smallest.
+    assert frontier.refine_lrs(rows) == {n: 0.07071}
+    assert findings.cell_sentence(1024, "no clipping", cells[n]) == \
+        "batch 1024, no clipping: no lr trains — every lr tried diverged"
+
+
+def test_a_cell_whose_smallest_lr_already_fails_by_an_instability_lies_below_the_grid():
+    """Measured on the laptop preset with 128-step scans: batch 1024 without clipping collapsed at 0.025 and 0.05,
+    was held at chance at 0.1 and 0.2 and diverged above. A longer scan cannot help there (the study used to say
+    "raise --scan-steps"): even the smallest lr is too large. So the cell is `none`, its smallest lr is its first
+    failing lr (replicated like any deciding lr), and the refinement tries √2 below it."""
+    a, lrs = "batch_size=1024 lambda=none", (0.025, 0.05, 0.1, 0.2, 0.4)
+    scan = _lrs(a, 1024, "none", "ccssd", lrs=lrs)
+    (c,) = _cell(scan)
+    assert (c["frontier"], c["max_stable_lr"], c["first_unstable_lr"], c["first_unstable_verdict"],
+            c["first_unstable_kind"]) == ("none", None, 0.025, "collapsed", "instability")
+    assert c["max_stable_lr_by_seed"] == [0.0]  # the seed's own frontier: below the grid
+    assert findings.cell_sentence(1024, "no clipping", c) == (
+        "batch 1024, no clipping: no lr trains — the smallest lr tried, 0.025, already collapses: the frontier lies "
+        "below the grid (smaller lrs: --lr-range)")
+    assert frontier.refine_lrs(scan) == {a: 0.01768}
+    assert frontier.replication_needed(scan, 3) == {a: {0.025: {0}}}
+
+    # Replicated: a majority of the smallest lr's seeds fails by an instability, so the bound rests on it.
+    two_of_three = scan + [_row(a, 1024, "none", 0.025, v, seed=s, phase="replicate") for s, v in ((1, "t"), (2, "c"))]
+    (c,) = _cell(two_of_three)
+    assert c["frontier"] == "none" and (c["first_unstable_failed"], c["first_unstable_decided"]) == (2, 3)
+    assert findings.support_text(c) == "none (0.025 fails 2/3)"
+    assert "already collapses (in 2/3 seeds)" in findings.cell_sentence(1024, "no clipping", c)
+    assert frontier.replication_needed(two_of_three, 3) == {}  # the fixed point
+    assert sorted(zip(c["seed_list"], c["max_stable_lr_by_seed"])) == [(0, 0.0), (1, 0.025), (2, 0.0)]
+
+    # Split seeds (trained, collapsed, stalled): no majority of instabilities, and none trains: undecided.
+    split = scan + [_row(a, 1024, "none", 0.025, v, seed=s, phase="replicate") for s, v in ((1, "t"), (2, "s"))]
+    (c,) = _cell(split)
+    assert c["frontier"] == "undecided" and c["first_unstable_lr"] is None
+    assert frontier.replication_needed(split, 3) == {}
+    # 1 of 2 decided seeds is not a majority either, whatever the severer failure.
+    (c,) = _cell(_lrs(a, 1024, "none", "sdd", lrs=lrs[:3]) + [_row(a, 1024, "none", 0.025, "d", seed=1)])
+    assert c["frontier"] == "undecided"
+    # A smallest lr that stalls is a budget limit (too slow for the scan), not a frontier below the grid.
+    (c,) = _cell(_lrs(a, 1024, "none", "sccdd", lrs=lrs))
+    assert c["frontier"] == "undecided" and "raise --scan-steps" in findings.cell_sentence(1024, "no clipping", c)
+
+    # The refinement below the grid trains: the frontier is found there, bracketed by the smallest grid lr.
+    found = scan + [_row(a, 1024, "none", 0.01768, "t", phase="refine")]
+    (c,) = _cell(found)
+    assert (c["frontier"], c["max_stable_lr"], c["first_unstable_lr"], c["max_stable_lr_at_low_edge"]) == \
+        ("found", 0.01768, 0.025, True)
+    assert frontier.replication_needed(found, 3) == {a: {0.01768: {0}, 0.025: {0}}}
 
 
 def test_seeds_that_disagree_go_by_a_strict_majority():
@@ -133,7 +183,8 @@ def test_findings_state_both_effects_with_numbers_and_say_when_not_shown():
     edge = summary("tdd", "tttttt")  # AGC trains up to the largest lr tried: the ratio is a lower bound too
     assert "at batch 1024 AGC λ=0.01 trains up to lr ≥3.2, ≥32× the 0.1 without clipping" + ONE in edge
     nothing = summary("ddd", "tts")
-    assert "(no lr trains at the largest batch)" in nothing and "where no lr trains without clipping" in nothing
+    assert "(no lr tried trains at the largest batch, down to 0.1)" in nothing
+    assert "where no lr tried trains without clipping (down to 0.1)" in nothing
     hidden = summary("ttttd", "ttttd")  # no fall, and AGC only 1×
     assert hidden.count("NOT SHOWN") == 2
     undecided = summary("sss", "tttss")  # no-clipping undecided at batch 1024: neither effect can be read

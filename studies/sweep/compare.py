@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from studies.sweep.effects import effects_of
 from studies.sweep.findings import frontier_text
-from studies.sweep.frontier import FOUND
+from studies.sweep.frontier import FOUND, NONE
 from studies.sweep.layout import grids_of, rows_of
 
 STEP = math.log(math.sqrt(2))  # one step of the refined grid
@@ -29,11 +29,17 @@ class CellPair:
     @property
     def agree(self) -> bool:
         """Within one √2 step; two undecided (or two 'none') cells agree; a lower bound '≥x' agrees with any
-        frontier at or above one step below x."""
+        frontier at or above one step below x; 'none' (below the smallest lr tried, L) with any frontier up to one
+        step above L."""
         return self.steps is not None and self.steps <= 1 + 0.01  # the refined lrs are stored to 4 digits
 
 
 def _steps(a: dict, b: dict) -> float | None:
+    states = {a["frontier"], b["frontier"]}
+    if states == {FOUND, NONE}:  # 'none' lies below its smallest lr tried: a found frontier there or below agrees
+        found, below = (a, b) if a["frontier"] == FOUND else (b, a)
+        lowest = below["lowest_lr_tried"]
+        return max(0.0, math.log(found["max_stable_lr"] / lowest) / STEP) if lowest else None
     if a["frontier"] != FOUND or b["frontier"] != FOUND:
         return 0.0 if a["frontier"] == b["frontier"] else None
     x, y = a["max_stable_lr"], b["max_stable_lr"]

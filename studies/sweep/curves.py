@@ -238,7 +238,7 @@ def plot_frontier_scaling(cells: pa.Table | list[dict], results: pa.Table | list
                           title: str = ""):
     """`frontier_scaling.png`: the frontier's peak lr (base × B/256) vs batch size, log-log, a line per column
     (λ, no clipping) through its measured frontiers, the fitted slope α in the legend (with its range over seeds);
-    lower bounds (≥, ▲: the largest lr tried) and cells where every lr diverged (<, ▼ at the smallest lr tried)
+    lower bounds (≥, ▲: the largest lr tried) and cells below the grid (`none`: <, ▼ at the smallest lr tried)
     drawn open and left out of the fit; the linear-scaling rule (α = 1) dashed through the measured frontiers at
     the smallest batch; where the runs measured the gradient noise scale (`gns` in `results`), McCandlish et al.'s
     ε_max / (1 + B_noise/B) dotted per column, ε_max fitted to its measured frontiers."""

@@ -2,7 +2,8 @@
 design, and the trials of each phase as Specs, a pure function of the design (and of the scan's results):
 
   scan    short runs of every lr × seed, past the warmup at a constant lr: where does the cell train at all?
-  refine  one more lr per cell, the geometric midpoint between its frontier and the first lr that fails (√2)
+  refine  one more lr per cell, the geometric midpoint between its frontier and the first lr that fails (√2); in
+          a cell whose smallest lr already fails by an instability, the lr √2 below it
   replicate  the lrs that decide each cell (best, frontier, first failure) rerun until each has `replicates`
           seeds; rounds repeat while the majority moves the frontier onto lrs that have fewer
   full    the whole budget at the cell's best lrs that train, and at its frontier (does it hold?), at every
@@ -257,7 +258,8 @@ def scan_specs(study: Study, n_train: int) -> list[Spec]:
 
 
 def refine_specs(study: Study, scan_rows, n_train: int) -> list[Spec]:
-    """One more scan lr per cell whose frontier lies inside the grid, every seed: a pure function of the scan."""
+    """One more scan lr per cell whose frontier lies inside the grid or below it, every seed: a pure function of
+    the scan."""
     mid = frontier.refine_lrs(scan_rows)
     return [Spec("refine", cell, scan_config(study, study.config(cell, base_lr=mid[cell.label], seed=study.seed + s),
                                              n_train))

@@ -62,7 +62,7 @@ def _beneath(ax, k: int):
 
 
 def _spread(c: dict) -> tuple[float, float] | None:
-    """The range of the seeds' own frontiers of a cell (0: every lr diverged for that seed); None when there is
+    """The range of the seeds' own frontiers of a cell (0: below the grid for that seed); None when there is
     none to draw (one seed, or every seed agrees)."""
     lo, hi = c.get("max_stable_lr_min"), c.get("max_stable_lr_max")
     if lo is None or hi is None or lo == hi or len(c.get("seed_list") or []) < 2:
@@ -168,7 +168,7 @@ def _draw_cell(ax, i: int, c: dict, runs: list[dict]) -> set[str]:
     spread = _spread(c)
     if spread:
         lo, hi = spread
-        low = lo or min(x.lr for x in tried) / 2 ** 0.5  # 0 (every lr diverged): left of them all
+        low = lo or min(x.lr for x in tried) / 2 ** 0.5  # 0 (`none`: below the grid): left of them all
         ax.plot([low, hi], [i, i], zorder=1, gid=SPREAD_GID, **SPREAD_STYLE)
         drawn.add("spread")
     if c["frontier"] == FOUND and c["frontier_holds"] is False:
@@ -186,7 +186,7 @@ def _lr_text(v: float) -> str:
 def cell_text(c: dict) -> str:
     """A cell of the stability map: the frontier and, where its lrs were replicated, the seeds that trained there
     and the next lr with its seeds' commonest failure ('lr 0.4 (3/3)', '0.5657 collapses 2/3'); the seeds' own
-    frontiers where they differ ('seeds 0.2828–0.4'; none: every lr diverged for a seed); the best accuracy, mean
+    frontiers where they differ ('seeds 0.2828–0.4'; none: below the grid for a seed); the best accuracy, mean
     ± sd over seeds; 'NOT held (full run)' where the frontier did not train over the full budget."""
     state = c["frontier"]
     lines = [f"lr {frontier_text(c)}" if state == FOUND else "no lr trains" if state == NONE else "undecided"]

@@ -39,10 +39,13 @@ from studies.sweep.support import support_text as _support_text
 
 
 def support_text(c: CellRow | dict | None) -> str:
-    """A cell's frontier with the agreement it rests on: '0.4 (3/3; 0.5657 fails 3/3)', '≥3.2 (2/3)'; the bare
-    frontier where no deciding lr was replicated (one seed each)."""
+    """A cell's frontier with the agreement it rests on: '0.4 (3/3; 0.5657 fails 3/3)', '≥3.2 (2/3)', 'none
+    (0.025 fails 3/3)' (the smallest lr tried fails: below the grid); the bare frontier where no deciding lr was
+    replicated (one seed each)."""
     c = as_row(c)
     text = frontier_text(c)
+    if c is not None and c.frontier == NONE and (c.first_unstable_decided or 0) > 1:
+        return f"{text} ({c.first_unstable_lr:g} fails {c.first_unstable_failed}/{c.first_unstable_decided})"
     if c is None or not c.found or not (c.max_stable_lr_decided or 0) > 1:
         return text
     out = f"{text} ({c.max_stable_lr_trained}/{c.max_stable_lr_decided}"
@@ -86,7 +89,14 @@ def cell_sentence(row, col: str, c: CellRow | dict, row_name: str = "batch", fac
     c = as_row(c)
     head, start = f"{facet + ', ' if facet else ''}{row_name} {value_text(row)}, {col}", c.start_loss
     if c.frontier == NONE:
-        return f"{head}: no lr trains — every lr tried diverged"
+        counts = c.scan_counts if c.scan_trials else (c.full_trained, c.full_stalled, c.full_collapsed,
+                                                      c.full_diverged)
+        if c.first_unstable_lr is None or not any(counts[:3]):  # (rows written before first_unstable was set)
+            return f"{head}: no lr trains — every lr tried diverged"
+        return (f"{head}: no lr trains — the smallest lr tried, {c.first_unstable_lr:g}, already "
+                f"{FAILS.get(c.first_unstable_verdict, 'diverges')}"
+                f"{_seeds(c.first_unstable_failed, c.first_unstable_decided)}: the frontier lies below the grid "
+                "(smaller lrs: --lr-range)")
     if not c.found:
         return (f"{head}: undecided — no lr trained in the scan ({c.scan_stalled} stalled, "
                 f"{c.scan_collapsed or 0} collapsed, {c.scan_diverged} diverged; start loss {_f(start)}): "
@@ -176,8 +186,9 @@ def frontier_markdown(cells: pa.Table) -> str:
     if not grids:
         return ""
     lines = _md_table("Largest base lr that trains (per 256 examples; ≥ = up to the largest lr tried, a lower "
-                      "bound; undecided = no lr trained in the scan; none = every lr diverged; (k/n) = seeds that "
-                      "trained there; then the next lr and the seeds that failed at it)", grids, support_text)
+                      "bound; undecided = no lr trained in the scan; none = the smallest lr tried already fails; "
+                      "(k/n) = seeds that trained there; then the next lr and the seeds that failed at it)", grids,
+                      support_text)
     if any(spread_text(c) != "-" for g in grids for c in g.at.values()):
         lines += _md_table("The seeds' own frontiers (min–max over seeds)", grids, spread_text)
     lines += _md_table("Scan runs trained / stalled / collapsed / diverged", grids, lambda c: _counts(c, " / "))
@@ -240,7 +251,8 @@ def _fall_text(e: FrontierFall, g: Grid) -> str:
     if e.why in (Why.NO_EFFECT, Why.NOT_COMPARABLE):
         return (f"NOT SHOWN: without clipping the largest lr that trains does not fall from {first} to "
                 f"{value_text(e.last)} ({a} → {z}).")
-    ratio = f" (no lr trains at the largest {g.layout.row_name})" if e.ratio.infinite else \
+    ratio = f" (no lr tried trains at the largest {g.layout.row_name}, down to {e.high.lowest_lr_tried:g})" \
+        if e.ratio.infinite else \
         f" (÷{BOUND_MARK[e.ratio.bound]}{e.ratio.value:.3g})"
     sup = _support_text(e.support)
     if e.shown:
@@ -288,7 +300,8 @@ def _agc_text(e: AgcFrontier, g: Grid) -> str:
         return f"NOT SHOWN: at {last} the frontier without clipping is {z}{seen}, so AGC cannot be compared."
     if e.why is Why.NO_EFFECT:
         return f"NOT SHOWN: at {last} the best AGC setting ({e.column}, lr {best}) is not ≥ 2× no clipping's {z}."
-    times = "where no lr trains without clipping" if e.ratio.infinite else \
+    times = f"where no lr tried trains without clipping (down to {e.control.lowest_lr_tried:g})" \
+        if e.ratio.infinite else \
         f"{BOUND_MARK[e.ratio.bound]}{e.ratio.value:.3g}× the {z} without clipping"
     sup = _support_text(e.support)
     if e.why is Why.WITHIN_SPREAD:

@@ -13,8 +13,11 @@ seeds' commonest failure (a tie goes to the more severe: diverged, then collapse
               stalled: too slow for the scan, or held at chance by clipping).
   edges       `≥` a frontier at the largest lr tried (a lower bound); `≤` a best lr at the smallest (the optimum
               may lie lower). A frontier at the smallest is still bracketed (the next lr fails): not a bound.
-  undecided   no lr of the cell trains, but not every one diverged: the scan was too short to tell (never a
-              number). `none`: every tried lr diverged.
+  none        no lr of the cell trains and the smallest lr tried already fails by an instability (a strict
+              majority of its seeds collapsed or diverged): the frontier lies below the grid, and that smallest lr
+              is the cell's first failing lr (replicated like any deciding lr). Every lr diverging is one case.
+  undecided   no lr of the cell trains, and the smallest lr tried did not fail by an instability in a majority of
+              its seeds (it stalled, or its seeds split): the scan was too short to tell (never a number).
   LR sensitivity  mean over the lr grid of min(final loss, start loss) − the best of them (Wortsman et al.
               2023): what is lost by not tuning the lr; one number, no threshold, 0 = a flat curve.
 
@@ -91,6 +94,11 @@ class LrResult:
         return 2 * self.counts[TRAINED] > self.decided
 
     @property
+    def unstable(self) -> bool:
+        """A strict majority of its decided seeds collapsed or diverged: the lr is too large (not merely slow)."""
+        return 2 * sum(self.counts[v] for v in INSTABILITIES) > self.decided
+
+    @property
     def verdict(self) -> str:
         """The lr's verdict: trained (a majority), else the commonest failure (a tie: the more severe)."""
         if self.trains:
@@ -126,7 +134,8 @@ class Frontier:
     lrs: list[LrResult] = field(default_factory=list)
     best: LrResult | None = None  # the best lr that trains
     max_stable: LrResult | None = None  # the frontier (max_stable_lr): the largest lr up to which all from `best` train
-    first_unstable: LrResult | None = None  # the next lr above it (first_unstable_lr; None: the largest lr tried)
+    first_unstable: LrResult | None = None  # the next lr above it (first_unstable_lr; None: the largest lr tried;
+    #                                         in a `none` cell the smallest lr tried, which already fails)
     start: float = float("nan")
 
     @property
@@ -143,8 +152,9 @@ def frontier_of(rows: list[dict]) -> Frontier:
     start = start_loss(rows)
     training = [x for x in lrs if x.trains]
     if not training:
-        state = NONE if lrs and all(x.verdict == DIVERGED for x in lrs) else UNDECIDED
-        return Frontier(state, lrs, start=start)
+        if lrs and lrs[0].unstable:  # even the smallest lr is too large: the frontier lies below the grid
+            return Frontier(NONE, lrs, first_unstable=lrs[0], start=start)
+        return Frontier(UNDECIDED, lrs, start=start)
     best = min(training, key=lambda x: (x.loss, x.lr))
     i = lrs.index(best)
     while i + 1 < len(lrs) and lrs[i + 1].trains:
@@ -160,18 +170,22 @@ def lr_sensitivity(rows: list[dict]) -> float | None:
 
 def refine_lrs(scan: pa.Table | list[dict]) -> dict[str, float]:
     """Per cell whose frontier lies inside the grid: the geometric midpoint between the frontier and the first lr
-    that fails (a factor-2 grid refined to √2 there). A pure function of the scan's rows: the same at any
-    concurrency."""
+    that fails (a factor-2 grid refined to √2 there); per `none` cell, whose smallest lr already fails by an
+    instability, the lr √2 below it, where its frontier may lie. A pure function of the scan's rows: the same at
+    any concurrency."""
     out = {}
     for cell, rows in by_cell(rows_of(scan), ("scan",)).items():
         f = frontier_of(rows)
         if f.state == FOUND and f.first_unstable is not None:
             out[cell] = float(f"{math.sqrt(f.max_stable.lr * f.first_unstable.lr):.4g}")
+        elif f.state == NONE:
+            out[cell] = float(f"{f.first_unstable.lr / math.sqrt(2):.4g}")
     return out
 
 
 def deciding_lrs(f: Frontier) -> list[float]:
-    """The lrs a cell's frontier rests on: its best lr, the frontier, the first lr that fails above it."""
+    """The lrs a cell's frontier rests on: its best lr, the frontier, the first lr that fails above it (in a
+    `none` cell: the smallest lr tried, whose instability puts the frontier below the grid)."""
     return sorted({x.lr for x in (f.best, f.max_stable, f.first_unstable) if x is not None})
 
 
@@ -210,7 +224,7 @@ def seed_view(rows: list[dict], seed: int) -> list[dict]:
 
 
 def frontier_value(f: Frontier) -> float | None:
-    """A frontier as a number: its lr, 0 when every lr diverged, None when undecided."""
+    """A frontier as a number: its lr, 0 when it lies below the grid (`none`), None when undecided."""
     return f.max_stable.lr if f.state == FOUND else 0.0 if f.state == NONE else None
 
 

@@ -6,8 +6,8 @@ after warmup), by least squares on log peak lr against log batch. α = 1 is the 
 it. What a team needs to extrapolate to a batch it has not run.
 
 Only measured frontiers enter the fit. Left out, and marked wherever the points are written: `≥` a frontier at
-the largest lr tried (a lower bound), `<` a cell where every lr diverged (the frontier lies below the smallest lr
-tried: an upper bound), `?` an undecided cell. A frontier AT the smallest lr tried stays in: it trained there and
+the largest lr tried (a lower bound), `<` a `none` cell (its smallest lr tried already fails: the frontier lies
+below it, an upper bound), `?` an undecided cell. A frontier AT the smallest lr tried stays in: it trained there and
 failed at the next lr, so it is bracketed like any other (only its best lr, not the frontier, may lie lower).
 The uncertainty, where the deciding lrs were replicated: α fitted to each seed's own frontiers (a cell that lacks
 the seed reads its majority), given as the range over seeds. Pure functions of cells.parquet; the figure is
@@ -109,7 +109,7 @@ def _mark(value: float | None, c: CellRow) -> str:
 
 
 def cell_point(c: CellRow | dict, value: float | None = None, own: bool = False) -> Point:
-    """A cell's frontier as a point: its majority frontier, or (own) a seed's `value` (0: every lr diverged)."""
+    """A cell's frontier as a point: its majority frontier, or (own) a seed's `value` (0: `none`, below the grid)."""
     c = as_row(c)
     b = int(c.batch_size)
     if not own:

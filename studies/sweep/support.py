@@ -195,7 +195,7 @@ def best_lr_text(lr: float | None, c: CellRow | dict) -> str:
 
 
 def frontier_lr(c: CellRow | dict | None) -> float | None:
-    """A cell's frontier as a number for comparisons: 0 when no lr trains (every lr diverged), None when
+    """A cell's frontier as a number for comparisons: 0 when it lies below the grid (`none`), None when
     undecided or missing."""
     c = as_row(c)
     if c is None or c.frontier not in (FOUND, NONE):
@@ -204,7 +204,7 @@ def frontier_lr(c: CellRow | dict | None) -> float | None:
 
 
 def seed_values(c: CellRow) -> dict[int, float | None]:
-    """seed -> that seed's own frontier (0: every lr diverged; None: undecided)."""
+    """seed -> that seed's own frontier (0: below the grid, `none`; None: undecided)."""
     return dict(zip(c.seed_list, c.max_stable_lr_by_seed))
 
 
