@@ -308,3 +308,10 @@ def test_frontier_scaling_draws_mccandlishs_curve_where_the_noise_scale_was_meas
     assert ys[-1] / ys[0] == pytest.approx((1 + 256 / 64) / (1 + 256 / 1024))  # linear below B_noise, flat above
     assert "McCandlish: ε_max / (1 + B_noise/B), B_noise ≈ 256" in [t.get_text() for t in ax.get_legend().get_texts()]
     figures.close(fig)
+
+
+def test_a_cell_below_the_grid_shows_its_smallest_lr_failing_with_its_seeds():
+    rows = _per_lr(C, 256, {0.1: "dtd", 0.2: "d", 0.4: "d"})  # 0.1 fails in 2 of 3 seeds: below the grid
+    (cell,) = frontier.frontier_table(rows).to_pylist()
+    assert cell["frontier"] == "none"
+    assert figures.cell_text(cell).split("\n")[:2] == ["no lr trains", "0.1 diverges 2/3"]

@@ -190,9 +190,11 @@ def cell_text(c: dict) -> str:
     ± sd over seeds; 'NOT held (full run)' where the frontier did not train over the full budget."""
     state = c["frontier"]
     lines = [f"lr {frontier_text(c)}" if state == FOUND else "no lr trains" if state == NONE else "undecided"]
-    if state == FOUND and (c.get("max_stable_lr_decided") or 0) > 1:
-        lines[0] += f" ({c['max_stable_lr_trained']}/{c['max_stable_lr_decided']})"
-        if c["first_unstable_lr"] is not None:
+    replicated = (c.get("max_stable_lr_decided") if state == FOUND else c.get("first_unstable_decided")) or 0
+    if state in (FOUND, NONE) and replicated > 1:
+        if state == FOUND:
+            lines[0] += f" ({c['max_stable_lr_trained']}/{c['max_stable_lr_decided']})"
+        if c["first_unstable_lr"] is not None:  # in a `none` cell: the smallest lr tried, already failing
             verb = FAILS.get(c["first_unstable_verdict"], "fails")  # why it failed: stalls, collapses, diverges
             lines.append(f"{c['first_unstable_lr']:g} {verb} "
                          f"{c['first_unstable_failed']}/{c['first_unstable_decided']}")
