@@ -11,7 +11,7 @@ import statistics
 import sys
 
 from studies.agc_lambda import SMOKE_DATA
-from studies.sweep import figures, findings, frontier
+from studies.sweep import figures, findings, frontier, scaling
 from studies.sweep.cli import run_study_cli
 from studies.sweep.design import Analysis, Preset, log_grid
 
@@ -45,7 +45,7 @@ GRID_FLAGS = {"variant": (str, "model variants: bn_resnet, nf_resnet, nf_resnet+
 def analyze(study, results, epochs):
     cells = frontier.frontier_table(results, best_k=study.preset.best_k)
     target = study.preset.target_acc
-    curves = frontier.batch_scaling(results, epochs, target)
+    curves = scaling.batch_scaling(results, epochs, target)
     # The noise scale is measured on the NF models only: splitting a batch would change a BN model's statistics.
     gns_values = [p["gns"] for pts in curves.values() for p in pts if math.isfinite(p["gns"])]
     gns = statistics.median(gns_values) if gns_values else None

@@ -11,7 +11,8 @@ below it, an upper bound), `?` an undecided cell. A frontier AT the smallest lr 
 failed at the next lr, so it is bracketed like any other (only its best lr, not the frontier, may lie lower).
 The uncertainty, where the deciding lrs were replicated: α fitted to each seed's own frontiers (a cell that lacks
 the seed reads its majority), given as the range over seeds. Pure functions of cells.parquet; the figure is
-curves.py's."""
+curves.py's. At the end, the batch-scaling study's accuracy and steps to a target per batch size (Fig. 2a;
+Shallue et al. 2018), from the results and epochs tables."""
 from __future__ import annotations
 
 import enum
@@ -20,8 +21,8 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from studies.sweep.frontier import NONE
-from studies.sweep.layout import NO_CLIPPING, grids_of, rows_of
+from studies.sweep.frontier import NONE, SCAN_PHASES, num
+from studies.sweep.layout import NO_CLIPPING, Layout, grids_of, rows_of
 from studies.sweep.support import CellRow, Effect, Why, as_row, seed_values
 
 REFERENCE_BATCH = 256  # base lrs are per 256 examples
@@ -263,3 +264,46 @@ def scaling_lines(cells: pa.Table | list[dict], no_clip: str = NO_CLIPPING) -> l
     """The finding: 'without clipping the frontier's peak lr does not grow with the batch (α = …); with AGC
     λ=0.01 α = …', each with its range over seeds and what was left out of the fit."""
     return [scaling_text(scaling_call(law), no_clip) for law in laws(cells)]
+
+
+# ---- batch scaling (Fig. 2a; Shallue et al. 2018): accuracy and steps to a target over batch sizes ----
+
+def steps_to_target(epochs: pa.Table | list[dict], target: float, metric: str = "val_acc") -> dict[str, int]:
+    """First step at which each trial's `metric` reached `target` (Shallue et al. 2018); trials that never
+    did are absent."""
+    out: dict[str, int] = {}
+    for r in sorted(rows_of(epochs), key=lambda r: (r["trial_key"], r["step"])):
+        v = r.get(metric)
+        if r["trial_key"] not in out and v is not None and not math.isnan(v) and v >= target:
+            out[r["trial_key"]] = int(r["step"])
+    return out
+
+
+def batch_scaling(results: pa.Table | list[dict], epochs: pa.Table | list[dict], target: float,
+                  metric: str = "best_val_acc") -> dict[str, list[dict]]:
+    """Per column of the map (a model variant) and batch size, over the full runs: best accuracy, fewest steps
+    to `target`, the gradient noise scale measured (NF models only: BN's batch statistics forbid the split)."""
+    reach = steps_to_target(epochs, target)
+    out: dict[str, dict[int, dict]] = {}
+    rows = rows_of(results)
+    lay = Layout.of(rows)
+    for r in sorted(rows, key=lay.order):
+        if r.get("phase") in SCAN_PHASES:
+            continue
+        v, b = " ".join(filter(None, (lay.facet(r), lay.col(r)))), int(r["batch_size"])
+        d = out.setdefault(v, {}).setdefault(b, {"batch_size": b, "acc": math.nan, "steps": None,
+                                                 "trials": 0, "diverged": 0, "gns": []})
+        d["trials"] += 1
+        d["diverged"] += r["status"] == "diverged"
+        acc = num(r.get(metric))
+        if r["status"] == "completed" and not math.isnan(acc) and (math.isnan(d["acc"]) or acc > d["acc"]):
+            d["acc"] = acc
+        s = reach.get(r["trial_key"])
+        if s is not None and (d["steps"] is None or s < d["steps"]):
+            d["steps"] = s
+        if not math.isnan(num(r.get("gns"))):
+            d["gns"].append(num(r["gns"]))
+    for by_b in out.values():
+        for d in by_b.values():
+            d["gns"] = sum(d["gns"]) / len(d["gns"]) if d["gns"] else math.nan
+    return {v: [by_b[b] for b in sorted(by_b)] for v, by_b in out.items()}
