@@ -6,6 +6,19 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+def pytest_configure(config):
+    """Torch threads of this pytest process: its share of the cores. `make test` runs 2 processes on 2 cores;
+    with torch's default (a thread per core) each one's in-process tensor work ran 2 threads beside the other's
+    work, and every parallel region waited on a thread the other process held. The in-process tensor tests
+    (loop, loaders, AGC, augmentation, models, signal, checkpoint, compare, optim) took 63-69 s with 2 threads each
+    (92-103 s of CPU), 50 s with 1 (64 s of CPU). Runs in a study's trial set their own (cpus_per_worker)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if workers:  # an xdist worker; the controller runs no test
+        import torch
+
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the whole test session."""

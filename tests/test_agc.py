@@ -7,8 +7,6 @@ import torch.nn.functional as F
 
 from nfnet import adaptive_grad_clip_, agc, agc_parameters, create_model
 
-torch.set_num_threads(2)
-
 
 def reference_clip(w: torch.Tensor, g: torch.Tensor, lam: float, eps: float = 1e-3) -> torch.Tensor:
     """Plain per-unit loop, straight from the paper's definition."""

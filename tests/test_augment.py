@@ -6,8 +6,6 @@ import torch.nn.functional as F
 
 from nfnet.augment import Augment
 
-torch.set_num_threads(2)
-
 
 def batch(n=16, size=32, seed=0):
     gen = torch.Generator().manual_seed(seed)

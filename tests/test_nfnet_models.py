@@ -7,8 +7,6 @@ from torch import nn
 from nfnet import MODELS, create_model, list_models
 from nfnet.layers import DropPath, NFBlock, ScaledAct, ScaledStdConv2d, SqueezeExcite
 
-torch.set_num_threads(2)
-
 # NFNet paper, Table 1 (millions of parameters, 1000 classes).
 PARAMS_M = {"nfnet_f0": 71.5, "nfnet_f1": 132.6, "nfnet_f2": 193.8, "nfnet_f3": 254.9, "nfnet_f4": 316.1,
             "nfnet_f5": 377.2, "nfnet_f6": 438.4}

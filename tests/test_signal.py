@@ -4,7 +4,6 @@ import torch
 from nfnet import create_model
 from nfnet.signal import signal_propagation
 
-torch.set_num_threads(2)
 ALPHA = 0.2
 
 

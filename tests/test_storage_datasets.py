@@ -9,7 +9,6 @@ import storage
 from storage import StorageError
 from storage.synthetic import generate
 
-torch.set_num_threads(2)
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 SMALL = dict(n_train=600, n_val=200, rows_per_shard=256)
 

@@ -6,8 +6,6 @@ import torch
 import storage
 from storage.loaders import ResidentLoader, local_shuffle
 
-torch.set_num_threads(2)
-
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):

@@ -19,7 +19,6 @@ from storage import StorageError, sources
 from storage.loaders import read_shards
 from storage.synthetic import generate
 
-torch.set_num_threads(2)
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
 
