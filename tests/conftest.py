@@ -16,7 +16,8 @@ def pytest_configure(config):
     if workers:  # an xdist worker; the controller runs no test
         import torch
 
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS
+        torch.set_num_threads(max(1, cores // workers))
 
 
 @pytest.fixture(scope="session")
