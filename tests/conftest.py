@@ -16,8 +16,9 @@ def pytest_configure(config):
     if workers:  # an xdist worker; the controller runs no test
         import torch
 
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS
-        torch.set_num_threads(max(1, cores // workers))
+        from studies.sweep.cluster import usable_cores
+
+        torch.set_num_threads(max(1, usable_cores() // workers))
 
 
 @pytest.fixture(scope="session")

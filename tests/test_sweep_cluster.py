@@ -53,3 +53,16 @@ def test_autoscaling_cluster_is_sized_by_its_maximum_and_path_checked(tmp_path, 
                                                           "a": {"max_workers": 5, "resources": {"GPU": 1}},
                                                           "b": {"max_workers": 1, "resources": {"GPU": 8}}}})
     assert gcp == {"CPU": 4.0, "GPU": 8.0 + 1.0}  # cap 2 nodes: the 8-GPU one, then one 1-GPU
+
+
+def test_usable_cores_reads_the_affinity_and_falls_back_where_there_is_none(monkeypatch):
+    import os
+
+    if hasattr(os, "sched_getaffinity"):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5})
+        assert cluster.usable_cores() == 3  # the process's share, not the machine's cores
+        monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 7)
+    assert cluster.usable_cores() == 7  # macOS: no affinity call
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert cluster.usable_cores() == 1

@@ -14,6 +14,14 @@ if TYPE_CHECKING:
     from studies.sweep.design import Study
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the OS has one (Linux: a container's or taskset's
+    share, not the machine's), else every core (macOS has no sched_getaffinity)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 @dataclass
 class Capacity:
     """What the cluster has now and, on an autoscaling cluster, the most it can grow to (the autoscaler's node

@@ -193,7 +193,7 @@ def concurrency_here(study: Study) -> tuple[int, str]:
     """Trials at once as a study started here would run them (its --max-concurrent, or what fits this machine)."""
     import torch
 
-    cpus, gpus = len(os.sched_getaffinity(0)), torch.cuda.device_count()
+    cpus, gpus = cluster.usable_cores(), torch.cuda.device_count()
     if study.max_concurrent:
         return study.max_concurrent, "--max-concurrent"
     n = cluster.cluster_concurrency(study.fixed, {"CPU": cpus, "GPU": gpus})
