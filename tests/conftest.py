@@ -27,7 +27,9 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        from studies.training.runner import start_local_ray  # started once more if Ray's first start fails
+
+        start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False

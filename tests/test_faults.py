@@ -100,7 +100,7 @@ def run_until(tmp_path, name, data_root, ready, sig, *extra):
                 except Exception:
                     pass
             time.sleep(0.3)
-        assert proc.poll() is None, "the study finished before the fault"
+        assert proc.poll() is None, "the study finished before the fault:\n" + "".join(lines)[-4000:]
         if sig == signal.SIGKILL:
             os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         else:

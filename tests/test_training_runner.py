@@ -272,3 +272,40 @@ def test_one_rank_stuck_before_the_all_reduce_ends_the_whole_group_which_resumes
     assert {s["where"] for s in stalls} <= {"step or its gradient all-reduce"}
     print(f"a two-worker run with a stuck rank: {len(stalls)} stall(s) kept, whole run {took:.0f} s")
     assert took < 200
+
+
+def test_a_local_ray_that_fails_to_start_is_started_once_more_its_leftovers_ended(monkeypatch, capsys):
+    # Injected: the first ray.init fails as Ray's does when the raylet exits for a slow dashboard agent, after
+    # having started processes of its own (here a sleeping child); the second start succeeds.
+    import subprocess
+    import sys
+
+    import ray
+
+    calls, children = [], []
+
+    def flaky_init(**kw):
+        calls.append(kw)
+        if len(calls) == 1:
+            children.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+            raise Exception("The current node timed out during startup. This could happen because ...")
+
+    monkeypatch.setattr(ray, "init", flaky_init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    runner.start_local_ray(num_cpus=1, include_dashboard=False)
+    assert calls == [{"num_cpus": 1, "include_dashboard": False}] * 2
+    assert children[0].wait(timeout=10) != 0  # the failed start's process was ended, not left running
+    err = capsys.readouterr().err
+    assert "local Ray did not start (The current node timed out during startup." in err and "2 of 2" in err
+
+    # A second failure is raised (nothing waits or loops), and bad arguments are never retried.
+    calls.clear()
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw) or (_ for _ in ()).throw(Exception("down")))
+    with pytest.raises(Exception, match="down"):
+        runner.start_local_ray(num_cpus=1)
+    assert len(calls) == 2
+    calls.clear()
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw) or (_ for _ in ()).throw(ValueError("bad")))
+    with pytest.raises(ValueError):
+        runner.start_local_ray(num_cpus=-1)
+    assert len(calls) == 1

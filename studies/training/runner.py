@@ -74,7 +74,43 @@ def init_ray(num_cpus: int | None = None) -> None:
     else:
         # A new local cluster gets Ray's default (token auth) without Ray's WARNING saying so on every start
         logging.getLogger(TOKEN_AUTH_LOGGER).setLevel(logging.ERROR)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=shown, logging_level=level)
+        start_local_ray(num_cpus=num_cpus, include_dashboard=False, log_to_driver=shown, logging_level=level)
+
+
+LOCAL_RAY_STARTS = 2
+
+
+def start_local_ray(**init_kwargs) -> None:
+    """ray.init of a new local cluster, started once more if the first start fails. Ray's raylet exits when its
+    dashboard agent has not written its port file within a fixed 15 s (ray-project/ray#65983). On 2 busy cores
+    (make test) the agent came up once 16.7 s after the raylet, 0.8 s after the raylet had exited, and ray.init
+    raised 'The current node timed out during startup' at the end of its own wait. The failed start's processes
+    (its GCS, agent, log monitor: children of this process) are ended before the next start; a second failure is
+    raised."""
+    import sys
+
+    import psutil
+    import ray
+
+    for attempt in range(1, LOCAL_RAY_STARTS + 1):
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        try:
+            ray.init(**init_kwargs)
+            return
+        except (TypeError, ValueError):  # bad arguments: starting again cannot help
+            raise
+        except Exception as e:
+            if attempt == LOCAL_RAY_STARTS or ray.is_initialized():
+                raise
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            for p in psutil.Process().children(recursive=True):
+                if p.pid not in before:
+                    try:
+                        p.kill()
+                    except psutil.Error:  # already gone
+                        pass
+            print(f"local Ray did not start ({why}); starting it again ({attempt + 1} of {LOCAL_RAY_STARTS})",
+                  file=sys.stderr, flush=True)
 
 
 def _relay(queue, rank: int):
