@@ -285,8 +285,10 @@ class RayNode:
         self.dashboard = free_port() if head_address is None else None
 
     def start(self, timeout: float = 120) -> RayNode:
+        # Every agent port given: the raylet waits for an agent's port file (and exits after a fixed 15 s, which a
+        # slow agent on 2 busy cores can miss: ray-project/ray#65983) only for a port left to the agent to choose.
         ports = ["--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
-                 "--runtime-env-agent-port", str(free_port())]
+                 "--runtime-env-agent-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port())]
         if self.head_address is None:
             cmd = ["bash", str(ROOT / "platform/ray/start-head.sh"), "--block", "--port", str(free_port()),
                    "--ray-client-server-port", str(free_port()), "--temp-dir", str(self.tmp / "ray"),
