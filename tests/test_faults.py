@@ -73,11 +73,13 @@ def check_whole(tmp_path, name, reference):
     assert all(ch.info.status != "RUNNING" for ch in children)
 
 
-def run_until(tmp_path, name, data_root, ready, sig, *extra):
-    """Start the study as its own process (and its own local Ray), send `sig` once it has begun a phase (its
-    signal handling is in place) and `ready(rows)` holds; -> what it printed."""
+def run_until(tmp_path, name, data_root, ready, sig, *extra, cluster=None):
+    """Start the study as its own process, send `sig` once it has begun a phase (its signal handling is in place)
+    and `ready(rows)` holds; -> what it printed. The process starts its own local Ray (a laptop: a SIGKILL takes
+    that Ray with it), or with `cluster` (the test session's Ray) joins that running cluster at RAY_ADDRESS, as a
+    driver on a cluster's head does: the cluster outlives the driver, and Ray ends the dead driver's trials."""
     cmd = [sys.executable, str(ROOT / "studies" / "agc_lambda.py"), *flags(tmp_path, name, data_root, *extra)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(joining(cluster) if cluster is not None else {})}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     lines: list[str] = []
@@ -139,9 +141,11 @@ def resume(tmp_path, name, data_root, capsys, tracking_uri=None):
 
 
 def test_killed_stopped_interrupted_killed_then_resumed_to_the_uninterrupted_numbers(tmp_path, data_root, reference,
-                                                                                       capsys):
-    # One study through every way a driver stops, each resumed: SIGKILL mid-scan (an OOM kill, a lost VM),
-    # SIGTERM (a scheduler or `ray job stop`), Ctrl-C, then SIGKILL again once the scan is done (mid-full).
+                                                                                       capsys, ray_cluster):
+    # One study through every way a driver stops, each resumed: SIGKILL mid-scan (an OOM kill, a lost VM: the
+    # driver and its local Ray), SIGTERM (a scheduler or `ray job stop`), Ctrl-C, then SIGKILL again once the scan
+    # is done (mid-full). The last three are drivers on a running cluster (the test session's Ray): Ray ends a
+    # stopped driver's trials, none of which may leave a row twice; and no local Ray to start (~20 s each here).
     from mlflow.tracking import MlflowClient
 
     c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -153,7 +157,8 @@ def test_killed_stopped_interrupted_killed_then_resumed_to_the_uninterrupted_num
         # Counted again now: the last trials of a SIGKILLed driver's Ray can still add their rows as it dies (in a
         # slow CI run they finished the whole scan).
         rows = table(tmp_path, "faults").read().num_rows
-        out = run_until(tmp_path, "faults", data_root, lambda r, n=rows: len(r) >= n + 1, sig, "--resume")
+        out = run_until(tmp_path, "faults", data_root, lambda r, n=rows: len(r) >= n + 1, sig, "--resume",
+                        cluster=ray_cluster)
         # finished trials are not rerun: the phase line counts them, or the scan, all done, is not run at all
         assert "already done" in out or (rows >= scans and "scan:" not in out), out[-2000:]
         assert "INTERRUPTED" in out and "--resume" in out, out[-2000:]
@@ -165,7 +170,7 @@ def test_killed_stopped_interrupted_killed_then_resumed_to_the_uninterrupted_num
         assert rows < now < len(reference)  # each run went on from the last one's rows
         rows = now
     # Mid-full: once the first full run's row is in (the scan may have ended in the Ctrl-C'd run already).
-    run_until(tmp_path, "faults", data_root, lambda r: len(r) > scans, signal.SIGKILL, "--resume")
+    run_until(tmp_path, "faults", data_root, lambda r: len(r) > scans, signal.SIGKILL, "--resume", cluster=ray_cluster)
     assert rows < table(tmp_path, "faults").read().num_rows < len(reference)
     out = resume(tmp_path, "faults", data_root, capsys)
     assert "scan:" not in out and "full:" in out  # only full runs were left
@@ -331,6 +336,19 @@ def test_results_disk_full_then_the_tracking_server_down_mid_resume_lose_nothing
     check_whole(tmp_path, "full", reference)
 
 
+def joining(cluster) -> dict[str, str]:
+    """The environment of a study process that joins the running `cluster` (the test session's Ray) at RAY_ADDRESS,
+    as a driver on a cluster's head does, instead of starting a local Ray of its own (~20 s on 2 busy cores). It is
+    given the token this process's cluster runs with, not left to read ~/.ray/auth_token: on a fresh machine two
+    test processes starting their clusters at once can each write a new token there. The cluster's workers do not
+    get the driver's environment: a fault injected through PYTHONPATH needs the study's own local Ray."""
+    from ray._raylet import AuthenticationTokenLoader
+
+    token = AuthenticationTokenLoader.instance().get_raw_token()
+    return {"RAY_ADDRESS": cluster.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": token.decode() if isinstance(token, bytes) else token}
+
+
 def run_study(tmp_path, argv, env_extra=None, timeout=400):
     """The study as its own process; -> (exit code, what it printed, seconds)."""
     cmd = [sys.executable, str(ROOT / "studies" / "agc_lambda.py"), *argv]
@@ -340,7 +358,7 @@ def run_study(tmp_path, argv, env_extra=None, timeout=400):
     return done.returncode, done.stdout + done.stderr, time.time() - t0
 
 
-def test_a_shard_read_that_never_returns_ends_the_run_and_is_recorded_hung(tmp_path):
+def test_a_shard_read_that_never_returns_ends_the_run_and_is_recorded_hung(tmp_path, ray_cluster):
     """The train shard is a named pipe nobody writes (a read that never returns, like a stuck network filesystem;
     issue 31, items 1, 2 and 5): each try of the run ends within the stall limit, the driver says what it waits
     for meanwhile, and once the retries are spent the run has a `failed` row saying where it hung; no MLflow run is
@@ -357,7 +375,8 @@ def test_a_shard_read_that_never_returns_ends_the_run_and_is_recorded_hung(tmp_p
     argv = ["--smoke-test", "--output", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
             "--name", "pipe", "--dataset", uri, "--dataset-params", "{}", "--batch-sizes", "32", "--lambdas", "0.04",
             "--lrs", "0.4", "--max-concurrent", "1", "--stall-timeout", "3"]
-    code, text, took = run_study(tmp_path, argv, {"NFNET_LAB_QUIET_S": "2"})
+    # NFNET_LAB_QUIET_S is read by the driver (its "waiting" lines), which a joining driver still gets
+    code, text, took = run_study(tmp_path, argv, {"NFNET_LAB_QUIET_S": "2", **joining(ray_cluster)})
     assert code == 0, text[-3000:]
     print(f"a hung shard read: study ended after {took:.0f} s (3 tries × 3 s stall limit)")
     waits = [ln for ln in text.splitlines() if ln.startswith("waiting ")]
