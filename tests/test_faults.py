@@ -236,9 +236,9 @@ class TrackingServer:
             stop(p)
 
 
-# Loaded by every Python process of the study (driver and Ray workers, through PYTHONPATH): the disk holding the
-# results folder fills up once it holds NFNET_TEST_FULL_AFTER parts. A write there then lands half its bytes and
-# fails with ENOSPC, as on a real full disk.
+# Loaded by every Python process of the study (driver and Ray workers, through PYTHONPATH; the workers' from the
+# job's runtime env, see joining): the disk holding the results folder fills up once it holds NFNET_TEST_FULL_AFTER
+# parts. A write there then lands half its bytes and fails with ENOSPC, as on a real full disk.
 FULL_DISK = '''
 import builtins, errno, glob, os
 
@@ -277,7 +277,7 @@ builtins.open = _full_disk_open
 
 
 def test_results_disk_full_then_the_tracking_server_down_mid_resume_lose_nothing(tmp_path, data_root, reference,
-                                                                                 capsys):
+                                                                                 capsys, ray_cluster):
     # ENOSPC on the results folder after 2 rows (issue 31, items 3 and 5): the study stops within the driver's
     # probe interval plus a margin, with one line naming the folder and the fix; nothing written is lost or half
     # there, no MLflow run is left RUNNING; once space is freed, --resume ends with the uninterrupted rows.
@@ -292,8 +292,10 @@ def test_results_disk_full_then_the_tracking_server_down_mid_resume_lose_nothing
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(FULL_DISK)
     folder = tmp_path / "out" / "full" / "results" / "results"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NFNET_TEST_FULL_FOLDER": str(folder), "NFNET_TEST_FULL_AFTER": "2",
-           "PYTHONPATH": os.pathsep.join([str(inject), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    full = {"NFNET_TEST_FULL_FOLDER": str(folder), "NFNET_TEST_FULL_AFTER": "2",
+            "PYTHONPATH": os.pathsep.join([str(inject), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    # On the session's Ray: the driver and its trials both get the full disk
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **full, **joining(ray_cluster, workers_env=full)}
     with TrackingServer(tmp_path) as server:
         argv = flags(tmp_path, "full", data_root, tracking_uri=server.uri)
         proc = subprocess.Popen([sys.executable, str(ROOT / "studies" / "agc_lambda.py"), *argv], cwd=ROOT, env=env,
@@ -336,17 +338,23 @@ def test_results_disk_full_then_the_tracking_server_down_mid_resume_lose_nothing
     check_whole(tmp_path, "full", reference)
 
 
-def joining(cluster) -> dict[str, str]:
+def joining(cluster, workers_env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a study process that joins the running `cluster` (the test session's Ray) at RAY_ADDRESS,
     as a driver on a cluster's head does, instead of starting a local Ray of its own (~20 s on 2 busy cores). It is
     given the token this process's cluster runs with, not left to read ~/.ray/auth_token: on a fresh machine two
     test processes starting their clusters at once can each write a new token there. The cluster's workers do not
-    get the driver's environment: a fault injected through PYTHONPATH needs the study's own local Ray."""
+    inherit the driver's environment: `workers_env` (a fault injected through PYTHONPATH) reaches the study's
+    workers as its job's runtime env, the way `ray job submit --runtime-env` hands one to its driver."""
+    import json
+
     from ray._raylet import AuthenticationTokenLoader
 
     token = AuthenticationTokenLoader.instance().get_raw_token()
-    return {"RAY_ADDRESS": cluster.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN": token.decode() if isinstance(token, bytes) else token}
+    env = {"RAY_ADDRESS": cluster.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": token.decode() if isinstance(token, bytes) else token}
+    if workers_env:
+        env["RAY_JOB_CONFIG_JSON_ENV_VAR"] = json.dumps({"runtime_env": {"env_vars": workers_env}})
+    return env
 
 
 def run_study(tmp_path, argv, env_extra=None, timeout=400):
@@ -395,9 +403,9 @@ def test_a_shard_read_that_never_returns_ends_the_run_and_is_recorded_hung(tmp_p
     assert took < 240
 
 
-# Loaded by every Python process of the study (through PYTHONPATH): the first backward pass after the fourth of
-# the process that trains first never returns (once in the whole study: a marker file), as a step stuck in a
-# kernel, a driver call or a page-in.
+# Loaded by every Python process of the study (through PYTHONPATH, see joining): the first backward pass after the
+# fourth of the process that trains first never returns (once in the whole study: a marker file), as a step stuck
+# in a kernel, a driver call or a page-in.
 SLEEPY_STEP = '''
 import os, time
 import torch
@@ -418,7 +426,8 @@ torch.Tensor.backward = _sleepy_backward
 '''
 
 
-def test_a_step_that_never_returns_is_ended_and_retried_to_the_uninterrupted_numbers(tmp_path, data_root, reference):
+def test_a_step_that_never_returns_is_ended_and_retried_to_the_uninterrupted_numbers(tmp_path, data_root, reference,
+                                                                                    ray_cluster):
     """One training step of the study hangs (issue 31, items 1 and 5): its run is ended after the stall limit,
     Tune retries the trial, and the study ends with the rows and MLflow runs of an uninterrupted one."""
     from studies.training.watchdog import read_stalls
@@ -429,6 +438,7 @@ def test_a_step_that_never_returns_is_ended_and_retried_to_the_uninterrupted_num
     marker = tmp_path / "stuck"
     env = {"NFNET_TEST_STUCK_MARKER": str(marker),
            "PYTHONPATH": os.pathsep.join([str(inject), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env.update(joining(ray_cluster, workers_env=env))  # on the session's Ray; its trials get the injection too
     code, text, took = run_study(tmp_path, flags(tmp_path, "stuck", data_root, "--stall-timeout", "10"), env)
     assert code == 0, text[-3000:]
     assert marker.exists()  # it really hung once
